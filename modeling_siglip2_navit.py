@@ -1,0 +1,942 @@
+# Copyright 2026 The siglip2-navit authors. Licensed under the Apache License, Version 2.0.
+"""SigLIP2 NaViT vision encoder: images of any size packed into one sequence (the Ovis2.5 vision tower).
+
+Data flow of one forward (N packed patch rows, K kept tokens, K == N unless `keep_indices` drops tokens):
+
+    pixel_values [N, C·T·p·p], grid_thws [n_images, 3]
+      -> validate (host)            every error is raised here, before any compute
+      -> PackedLayout (host, once)  token positions, attention partitions (`cu_seqlens`), RoPE/PE indices
+      -> embeddings                 patch embedding (one matmul) + resized learned PE        [K, hidden]
+      -> encoder layers             attention runs per frame (or per window) of the packed batch
+      -> post_layernorm             -> last_hidden_state [K, hidden], optional MAP pooling per image
+
+Attention never sees a dense mask over the packed batch: `flash_attention_2` runs varlen kernels on
+`cu_seqlens`, `sdpa` uses torch's varlen kernel on CUDA or one `scaled_dot_product_attention` call per group of
+equal-length sequences, `eager` does matmul + softmax per sequence (and can return the attention maps).
+"""
+
+import math
+from dataclasses import dataclass
+from typing import Callable, Optional, Sequence, Union
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from transformers.activations import ACT2FN
+from transformers.modeling_outputs import BaseModelOutputWithPooling
+from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS, PreTrainedModel
+from transformers.utils import logging
+
+from .configuration_siglip2_navit import Siglip2NavitConfig
+
+
+logger = logging.get_logger(__name__)
+
+GridLike = Union[torch.Tensor, Sequence[Sequence[int]]]
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# Packed layout: everything about token positions and attention scopes, derived once per forward on the host.
+# ----------------------------------------------------------------------------------------------------------------------
+
+
+@dataclass
+class AttentionPartition:
+    """How the K tokens of the working order split into independent attention sequences.
+
+    Sequences (frames or windows) are contiguous in the working order; `cu_seqlens` delimits them. For kernels that
+    need equal lengths, `batches` lists runs of `n` sequences of length `L` in the *grouped* order, which is the
+    working order itself when `group_index` is None, else `working[group_index]`.
+    """
+
+    cu_seqlens: torch.Tensor  # [n_seq + 1] int32, on the model's device
+    max_seqlen: int
+    seq_lens: tuple[int, ...]
+    batches: tuple[tuple[int, int], ...]  # (seq_len, n_seqs) in grouped order
+    group_index: Optional[torch.Tensor]  # [K] working -> grouped order, or None
+    group_inverse: Optional[torch.Tensor]  # [K] grouped -> working order, or None
+    grouped_seq_order: tuple[int, ...]  # sequence ids in grouped order
+
+
+@dataclass
+class PackedLayout:
+    """Host-side description of one packed batch (computed once per forward, shared by every layer)."""
+
+    grids: tuple[tuple[int, int, int], ...]
+    num_tokens: int  # K: tokens that are encoded
+    token_rows: Optional[torch.Tensor]  # [K] rows of pixel_values in working order, None = all rows in order
+    restore_index: Optional[torch.Tensor]  # [K] working -> output order, None = identity
+    positions: torch.Tensor  # [K, 2] (row, col) of each token in working order, int64 on device
+    pe_index: torch.Tensor  # [K] index into the concatenated resized PE tables, on device
+    pe_sizes: tuple[tuple[int, int], ...]  # the (h, w) of each resized PE table, in concatenation order
+    full: AttentionPartition
+    window: Optional[AttentionPartition]
+    image_token_counts: tuple[int, ...]  # output tokens per image (for pooling)
+
+
+def _partition(segment_ids: torch.Tensor, device: torch.device) -> AttentionPartition:
+    """Partition tokens by `segment_ids` (CPU, non-decreasing runs: every segment is contiguous)."""
+    _, counts = torch.unique_consecutive(segment_ids, return_counts=True)
+    seq_lens = tuple(counts.tolist())
+    cu = [0]
+    for length in seq_lens:
+        cu.append(cu[-1] + length)
+
+    # Runs of consecutive equal-length sequences can be batched without moving tokens; when a length appears in
+    # more than one run, gather the sequences of each length together (stable, so output order is recoverable).
+    runs: list[list[int]] = []
+    for length in seq_lens:
+        if runs and runs[-1][0] == length:
+            runs[-1][1] += 1
+        else:
+            runs.append([length, 1])
+    if len({length for length, _ in runs}) == len(runs):
+        batches = tuple((length, n) for length, n in runs)
+        group_index = group_inverse = None
+        grouped_seq_order = tuple(range(len(seq_lens)))
+    else:
+        by_length: dict[int, list[int]] = {}
+        for seq_id, length in enumerate(seq_lens):
+            by_length.setdefault(length, []).append(seq_id)
+        grouped_seq_order = tuple(seq_id for ids in by_length.values() for seq_id in ids)
+        batches = tuple((length, len(ids)) for length, ids in by_length.items())
+        index = torch.cat([torch.arange(cu[i], cu[i + 1]) for i in grouped_seq_order])
+        group_index = index.to(device)
+        group_inverse = torch.argsort(index).to(device)
+    return AttentionPartition(
+        cu_seqlens=torch.tensor(cu, dtype=torch.int32, device=device),
+        max_seqlen=max(seq_lens),
+        seq_lens=seq_lens,
+        batches=batches,
+        group_index=group_index,
+        group_inverse=group_inverse,
+        grouped_seq_order=grouped_seq_order,
+    )
+
+
+def _token_coordinates(grids: Sequence[tuple[int, int, int]], stride: int, window_blocks: int):
+    """(row, col, frame id, window id, image id) of every packed token, in the SPEC §3 order (CPU, int64)."""
+    frame_h, frame_w, frame_image = [], [], []
+    for image_id, (t, h, w) in enumerate(grids):
+        frame_h += [h] * t
+        frame_w += [w] * t
+        frame_image += [image_id] * t
+    frame_h_t = torch.tensor(frame_h)
+    frame_w_t = torch.tensor(frame_w)
+    frame_sizes = frame_h_t * frame_w_t
+    frame_ids = torch.repeat_interleave(torch.arange(len(frame_h)), frame_sizes)
+    frame_start = torch.cumsum(frame_sizes, 0) - frame_sizes
+    within = torch.arange(int(frame_sizes.sum())) - frame_start[frame_ids]
+
+    # within-frame index -> (block row, block col, row in block, col in block): blocks of stride×stride patches
+    blocks_w = (frame_w_t // stride)[frame_ids]
+    col_in_block = within % stride
+    row_in_block = (within // stride) % stride
+    block = within // (stride * stride)
+    block_row, block_col = block // blocks_w, block % blocks_w
+    rows = block_row * stride + row_in_block
+    cols = block_col * stride + col_in_block
+
+    # windows of window_blocks × window_blocks blocks, tiled from the top-left of each frame
+    windows_w = (frame_w_t // stride + window_blocks - 1) // window_blocks
+    windows_h = (frame_h_t // stride + window_blocks - 1) // window_blocks
+    windows_per_frame = windows_w * windows_h
+    window_start = torch.cumsum(windows_per_frame, 0) - windows_per_frame
+    window_ids = (
+        window_start[frame_ids] + (block_row // window_blocks) * windows_w[frame_ids] + block_col // window_blocks
+    )
+    image_ids = torch.tensor(frame_image)[frame_ids]
+    return rows, cols, frame_ids, window_ids, image_ids
+
+
+def build_packed_layout(
+    grids: Sequence[tuple[int, int, int]],
+    config: Siglip2NavitConfig,
+    device: torch.device,
+    keep_indices: Optional[torch.Tensor] = None,
+) -> PackedLayout:
+    """Derive token positions, attention partitions and PE indices for a packed batch (host side, once)."""
+    stride = config.hidden_stride
+    rows, cols, frame_ids, window_ids, image_ids = _token_coordinates(grids, stride, config.window_blocks)
+    if keep_indices is not None:
+        rows, cols, frame_ids = rows[keep_indices], cols[keep_indices], frame_ids[keep_indices]
+        window_ids, image_ids = window_ids[keep_indices], image_ids[keep_indices]
+    num_tokens = rows.shape[0]
+
+    has_windows = not all(config.is_full_attention_layer(i) for i in range(config.num_hidden_layers))
+    working = None
+    if has_windows:
+        # Window-major order keeps every frame contiguous and makes every window contiguous (Ovis/Qwen2.5-VL style),
+        # so no layer has to move tokens around; the output is put back in input order once at the end.
+        order = torch.argsort(window_ids, stable=True)
+        if not torch.equal(order, torch.arange(num_tokens)):
+            working = order
+    if working is not None:
+        rows, cols, frame_ids, window_ids = rows[working], cols[working], frame_ids[working], window_ids[working]
+
+    if keep_indices is None:
+        token_rows = working
+    else:
+        token_rows = keep_indices if working is None else keep_indices[working]
+
+    # Learned PE: one resized table per distinct (h, w); each token indexes its row/col in its frame's table.
+    pe_sizes: list[tuple[int, int]] = []
+    table_offset: dict[tuple[int, int], int] = {}
+    offset = 0
+    frame_table_offset, frame_width = [], []
+    for t, h, w in grids:
+        if (h, w) not in table_offset:
+            table_offset[(h, w)] = offset
+            pe_sizes.append((h, w))
+            offset += h * w
+        frame_table_offset += [table_offset[(h, w)]] * t
+        frame_width += [w] * t
+    pe_index = torch.tensor(frame_table_offset)[frame_ids] + rows * torch.tensor(frame_width)[frame_ids] + cols
+
+    image_token_counts = torch.bincount(image_ids, minlength=len(grids)).tolist()
+    return PackedLayout(
+        grids=tuple(grids),
+        num_tokens=num_tokens,
+        token_rows=None if token_rows is None else token_rows.to(device),
+        restore_index=None if working is None else torch.argsort(working).to(device),
+        positions=torch.stack([rows, cols], dim=-1).to(device),
+        pe_index=pe_index.to(device),
+        pe_sizes=tuple(pe_sizes),
+        full=_partition(frame_ids, device),
+        window=_partition(window_ids, device) if has_windows else None,
+        image_token_counts=tuple(image_token_counts),
+    )
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# Input validation: every inconsistency is a ValueError raised before any compute.
+# ----------------------------------------------------------------------------------------------------------------------
+
+
+def _grid_to_list(grid_thws: GridLike) -> list[tuple[int, int, int]]:
+    if isinstance(grid_thws, torch.Tensor):
+        grid = grid_thws
+    else:
+        try:
+            grid = torch.as_tensor(grid_thws)
+        except (TypeError, ValueError, RuntimeError) as err:
+            raise ValueError(f"`grid_thws` must be an integer array of shape [n_images, 3], got {grid_thws!r}.") from err
+    if grid.dtype.is_floating_point or grid.dtype.is_complex or grid.dtype == torch.bool:
+        raise ValueError(f"`grid_thws` must hold integers (t, h, w) in patch units, got dtype {grid.dtype}.")
+    if grid.dim() != 2 or grid.shape[-1] != 3:
+        raise ValueError(f"`grid_thws` must have shape [n_images, 3] (t, h, w per image), got {tuple(grid.shape)}.")
+    if grid.shape[0] == 0:
+        raise ValueError("`grid_thws` is empty: the batch must hold at least one image.")
+    return [tuple(int(v) for v in row) for row in grid.tolist()]  # the one host sync for the grid
+
+
+def validate_inputs(
+    pixel_values: torch.Tensor,
+    grid_thws: GridLike,
+    config: Siglip2NavitConfig,
+    keep_indices: Optional[torch.Tensor] = None,
+) -> list[tuple[int, int, int]]:
+    """Check packed inputs against the config; return `grid_thws` as a host list of (t, h, w)."""
+    if not isinstance(pixel_values, torch.Tensor):
+        raise ValueError(f"`pixel_values` must be a torch.Tensor, got {type(pixel_values).__name__}.")
+    width = config.num_channels * config.temporal_patch_size * config.patch_size**2
+    if pixel_values.dim() != 2:
+        raise ValueError(
+            f"`pixel_values` must be 2-D [num_patches, C·T·p·p = {width}] (packed patches), got shape "
+            f"{tuple(pixel_values.shape)}."
+        )
+    if pixel_values.shape[1] != width:
+        raise ValueError(
+            f"`pixel_values` rows must have C·T·p·p = {config.num_channels}·{config.temporal_patch_size}·"
+            f"{config.patch_size}·{config.patch_size} = {width} values, got {pixel_values.shape[1]}."
+        )
+    if not pixel_values.dtype.is_floating_point:
+        raise ValueError(f"`pixel_values` must be a floating-point tensor, got dtype {pixel_values.dtype}.")
+    if pixel_values.shape[0] == 0:
+        raise ValueError("`pixel_values` is empty: the batch must hold at least one patch.")
+
+    grids = _grid_to_list(grid_thws)
+    stride = config.hidden_stride
+    for i, (t, h, w) in enumerate(grids):
+        if t <= 0 or h <= 0 or w <= 0:
+            raise ValueError(f"`grid_thws[{i}]` = {(t, h, w)}: t, h and w must all be positive.")
+        if h % stride or w % stride:
+            raise ValueError(
+                f"`grid_thws[{i}]` = {(t, h, w)}: h and w must be divisible by hidden_stride={stride} "
+                "(tokens are ordered in hidden_stride × hidden_stride blocks)."
+            )
+    total = sum(t * h * w for t, h, w in grids)
+    if total != pixel_values.shape[0]:
+        raise ValueError(
+            f"`grid_thws` describes Σ t·h·w = {total} patches but `pixel_values` has {pixel_values.shape[0]} rows."
+        )
+    if keep_indices is not None:
+        _validate_keep_indices(keep_indices, total, stride)  # on the host copy made by the caller
+    if not torch.compiler.is_compiling() and not bool(torch.isfinite(pixel_values).all()):
+        raise ValueError("`pixel_values` contains NaN or infinite values.")
+    return grids
+
+
+def _validate_keep_indices(keep_indices: torch.Tensor, total: int, stride: int) -> None:
+    if not isinstance(keep_indices, torch.Tensor) or keep_indices.dim() != 1:
+        raise ValueError("`keep_indices` must be a 1-D integer tensor of row positions into `pixel_values`.")
+    if keep_indices.dtype.is_floating_point or keep_indices.dtype == torch.bool:
+        raise ValueError(f"`keep_indices` must hold integers, got dtype {keep_indices.dtype}.")
+    if keep_indices.numel() == 0:
+        raise ValueError("`keep_indices` is empty: keep at least one token.")
+    if int(keep_indices.min()) < 0 or int(keep_indices.max()) >= total:
+        raise ValueError(f"`keep_indices` must lie in [0, {total}) (rows of `pixel_values`).")
+    if keep_indices.numel() > 1 and not bool((keep_indices[1:] > keep_indices[:-1]).all()):
+        raise ValueError("`keep_indices` must be strictly increasing (no repeats, input order).")
+    group = stride * stride
+    if group > 1:
+        _, counts = torch.unique_consecutive(keep_indices // group, return_counts=True)
+        if not bool((counts == group).all()):
+            raise ValueError(
+                f"`keep_indices` must keep whole {stride}×{stride} blocks (groups of {group} consecutive rows starting "
+                f"at a multiple of {group}), so that the hidden_stride merger still sees complete blocks."
+            )
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# Attention backends. Each takes packed q, k, v [K, heads, head_dim] and an AttentionPartition and returns
+# (output [K, heads, head_dim], per-sequence attention maps or None).
+# ----------------------------------------------------------------------------------------------------------------------
+
+
+def _grouped_attention(query, key, value, partition, kernel):
+    """Run `kernel` on each batch of equal-length sequences ([n, heads, L, head_dim] views); restore token order."""
+    if partition.group_index is not None:
+        query, key, value = query[partition.group_index], key[partition.group_index], value[partition.group_index]
+    heads, head_dim = query.shape[1], query.shape[2]
+    outputs, weights = [], []
+    start = 0
+    for seq_len, n_seqs in partition.batches:
+        end = start + seq_len * n_seqs
+
+        def to_batch(x: torch.Tensor) -> torch.Tensor:
+            return x[start:end].view(n_seqs, seq_len, heads, head_dim).transpose(1, 2)
+
+        out, attn = kernel(to_batch(query), to_batch(key), to_batch(value))  # [n, heads, L, head_dim]
+        outputs.append(out.transpose(1, 2).reshape(end - start, heads, head_dim))
+        if attn is not None:
+            weights.extend(attn.unbind(0))
+        start = end
+    output = outputs[0] if len(outputs) == 1 else torch.cat(outputs, dim=0)
+    if partition.group_inverse is not None:
+        output = output[partition.group_inverse]
+    if weights:  # back to sequence order
+        ordered = [None] * len(weights)
+        for position, seq_id in enumerate(partition.grouped_seq_order):
+            ordered[seq_id] = weights[position]
+        weights = ordered
+    return output, (tuple(weights) if weights else None)
+
+
+def eager_packed_attention(
+    module: nn.Module,
+    query: torch.Tensor,
+    key: torch.Tensor,
+    value: torch.Tensor,
+    partition: AttentionPartition,
+    scaling: float,
+    dropout: float = 0.0,
+    output_attentions: bool = False,
+) -> tuple[torch.Tensor, Optional[tuple[torch.Tensor, ...]]]:
+    """Reference backend: explicit matmul + float32 softmax per sequence; can return the attention maps."""
+
+    def kernel(q, k, v):
+        scores = torch.matmul(q, k.transpose(-1, -2)) * scaling  # [n, heads, L, L]
+        probs = torch.softmax(scores, dim=-1, dtype=torch.float32).to(q.dtype)
+        probs = F.dropout(probs, p=dropout, training=dropout > 0)
+        return torch.matmul(probs, v), (probs if output_attentions else None)
+
+    return _grouped_attention(query, key, value, partition, kernel)
+
+
+def _torch_varlen_attention() -> Optional[Callable]:
+    """torch's bundled flash varlen kernel (torch >= 2.10 on CUDA), or None."""
+    try:
+        from torch.nn.attention.varlen import varlen_attn
+    except ImportError:
+        return None
+    return varlen_attn
+
+
+def sdpa_packed_attention(
+    module: nn.Module,
+    query: torch.Tensor,
+    key: torch.Tensor,
+    value: torch.Tensor,
+    partition: AttentionPartition,
+    scaling: float,
+    dropout: float = 0.0,
+    output_attentions: bool = False,
+) -> tuple[torch.Tensor, None]:
+    """torch varlen kernel on CUDA half precision; else one SDPA call per group of equal-length sequences."""
+    if query.is_cuda and query.dtype in (torch.float16, torch.bfloat16) and dropout == 0.0:
+        varlen_attn = _torch_varlen_attention()
+        if varlen_attn is not None:
+            cu = partition.cu_seqlens
+            out = varlen_attn(query, key, value, cu, cu, partition.max_seqlen, partition.max_seqlen, scale=scaling)
+            return out, None
+
+    def kernel(q, k, v):
+        return F.scaled_dot_product_attention(q, k, v, dropout_p=dropout, scale=scaling), None
+
+    return _grouped_attention(query, key, value, partition, kernel)
+
+
+_FLASH_VARLEN: dict[str, Callable] = {}
+
+
+def _flash_attn_varlen_func() -> Callable:
+    """Import `flash_attn.flash_attn_varlen_func` lazily (flash-attn is an optional dependency)."""
+    if "fn" not in _FLASH_VARLEN:
+        try:
+            from flash_attn import flash_attn_varlen_func
+        except ImportError as err:
+            raise ImportError(
+                "attn_implementation='flash_attention_2' needs the `flash-attn` package (pip install "
+                "'siglip2-navit[flash]' or pip install flash-attn --no-build-isolation), or the `kernels` package "
+                "for transformers' hub kernels. Use attn_implementation='sdpa' otherwise."
+            ) from err
+        _FLASH_VARLEN["fn"] = flash_attn_varlen_func
+    return _FLASH_VARLEN["fn"]
+
+
+def flash_packed_attention(
+    module: nn.Module,
+    query: torch.Tensor,
+    key: torch.Tensor,
+    value: torch.Tensor,
+    partition: AttentionPartition,
+    scaling: float,
+    dropout: float = 0.0,
+    output_attentions: bool = False,
+) -> tuple[torch.Tensor, None]:
+    """flash-attn varlen kernel over the whole packed batch."""
+    cu = partition.cu_seqlens
+    max_len = partition.max_seqlen
+    out = _flash_attn_varlen_func()(
+        query, key, value, cu, cu, max_len, max_len, dropout_p=dropout, softmax_scale=scaling, causal=False
+    )
+    return out, None
+
+
+def _registered_attention(name: str) -> Callable:
+    """Adapt a function registered in transformers' AttentionInterface (e.g. a hub flash kernel) to packed inputs."""
+    interface = ALL_ATTENTION_FUNCTIONS.get_interface(name, sdpa_packed_attention)
+    if interface is sdpa_packed_attention:
+        return sdpa_packed_attention
+    varlen = "flash" in name
+
+    def packed(module, query, key, value, partition, scaling, dropout=0.0, output_attentions=False):
+        if varlen:  # transformers' flash interface: [1, heads, K, head_dim] + cu_seq_lens kwargs
+            out, _ = interface(
+                module,
+                query.transpose(0, 1).unsqueeze(0),
+                key.transpose(0, 1).unsqueeze(0),
+                value.transpose(0, 1).unsqueeze(0),
+                attention_mask=None,
+                dropout=dropout,
+                scaling=scaling,
+                is_causal=False,
+                cu_seq_lens_q=partition.cu_seqlens,
+                cu_seq_lens_k=partition.cu_seqlens,
+                max_length_q=partition.max_seqlen,
+                max_length_k=partition.max_seqlen,
+            )
+            return out.reshape(query.shape), None
+
+        def kernel(q, k, v):
+            out, weights = interface(module, q, k, v, attention_mask=None, dropout=dropout, scaling=scaling)
+            return out.transpose(1, 2), weights  # interfaces return [n, L, heads, head_dim]
+
+        return _grouped_attention(query, key, value, partition, kernel)
+
+    return packed
+
+
+PACKED_ATTENTION_FUNCTIONS: dict[str, Callable] = {
+    "eager": eager_packed_attention,
+    "sdpa": sdpa_packed_attention,
+    "flash_attention_2": flash_packed_attention,
+}
+
+
+def get_packed_attention_interface(attn_implementation: Optional[str]) -> Callable:
+    """The packed attention function for `config._attn_implementation` (resolved once per forward)."""
+    name = attn_implementation or "sdpa"
+    if name in PACKED_ATTENTION_FUNCTIONS:
+        return PACKED_ATTENTION_FUNCTIONS[name]
+    try:
+        return _registered_attention(name)
+    except KeyError as err:
+        raise ValueError(
+            f"Unknown attn_implementation {name!r}: use 'sdpa', 'eager', 'flash_attention_2' or a function "
+            "registered with transformers' AttentionInterface."
+        ) from err
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# Rotary position embedding (2D)
+# ----------------------------------------------------------------------------------------------------------------------
+
+
+def rope_cos_sin(positions: torch.Tensor, head_dim: int, theta: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """cos/sin [K, head_dim] (float32) of the 2D RoPE for tokens at `positions` [K, 2] = (row, col)."""
+    quarter = head_dim // 4
+    inv_freq = 1.0 / (theta ** (torch.arange(quarter, device=positions.device, dtype=torch.float32) * 4 / head_dim))
+    angles = positions.to(torch.float32)[:, :, None] * inv_freq  # [K, 2, head_dim/4]
+    angles = angles.flatten(1)  # [K, head_dim/2] = concat(row·inv_freq, col·inv_freq)
+    emb = torch.cat([angles, angles], dim=-1)  # [K, head_dim]
+    return emb.cos(), emb.sin()
+
+
+def rotate_half(x: torch.Tensor) -> torch.Tensor:
+    half = x.shape[-1] // 2
+    return torch.cat([-x[..., half:], x[..., :half]], dim=-1)
+
+
+def apply_rotary_pos_emb(
+    query: torch.Tensor, key: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Rotate q, k [K, heads, head_dim] in float32 and cast back."""
+    cos, sin = cos.unsqueeze(1), sin.unsqueeze(1)  # [K, 1, head_dim]
+    q, k = query.float(), key.float()
+    q_rot = q * cos + rotate_half(q) * sin
+    k_rot = k * cos + rotate_half(k) * sin
+    return q_rot.to(query.dtype), k_rot.to(key.dtype)
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# Modules
+# ----------------------------------------------------------------------------------------------------------------------
+
+
+class Siglip2NavitEmbeddings(nn.Module):
+    """Patch embedding (stored in Conv2d layout, computed as one matmul) plus the resized learned PE."""
+
+    def __init__(self, config: Siglip2NavitConfig):
+        super().__init__()
+        self.config = config
+        self.embed_dim = config.hidden_size
+        self.patch_embedding = nn.Conv2d(
+            in_channels=config.num_channels * config.temporal_patch_size,
+            out_channels=config.hidden_size,
+            kernel_size=config.patch_size,
+            stride=config.patch_size,
+        )
+        self.position_embedding_size = config.image_size // config.patch_size
+        if config.preserve_original_pe:
+            self.position_embedding = nn.Embedding(self.position_embedding_size**2, config.hidden_size)
+        self._pe_cache: dict = {}
+
+    def resized_position_embedding(self, height: int, width: int) -> torch.Tensor:
+        """The learned PE table resized to (height, width) patches, raster order: [height·width, hidden]."""
+        weight = self.position_embedding.weight
+        side = self.position_embedding_size
+        cacheable = not (torch.is_grad_enabled() and weight.requires_grad) and not torch.compiler.is_compiling()
+        key = (height, width, weight.data_ptr(), weight._version, weight.device, weight.dtype)
+        if cacheable and key in self._pe_cache:
+            return self._pe_cache[key]
+        table = weight.reshape(side, side, -1).permute(2, 0, 1).unsqueeze(0).float()  # [1, hidden, P, P]
+        if (height, width) != (side, side) or self.config.pe_antialias:
+            table = F.interpolate(
+                table,
+                size=(height, width),
+                mode=self.config.pe_interpolation,
+                align_corners=False,
+                antialias=self.config.pe_antialias,
+            )
+        table = table[0].permute(1, 2, 0).reshape(height * width, -1).to(weight.dtype)
+        if cacheable:
+            if len(self._pe_cache) > 256:
+                self._pe_cache.clear()
+            self._pe_cache[key] = table
+        return table
+
+    def forward(self, pixel_values: torch.Tensor, layout: PackedLayout) -> torch.Tensor:
+        weight = self.patch_embedding.weight
+        if layout.token_rows is not None:
+            pixel_values = pixel_values[layout.token_rows]
+        pixel_values = pixel_values.to(device=weight.device, dtype=weight.dtype)
+        embeddings = F.linear(pixel_values, weight.reshape(self.embed_dim, -1), self.patch_embedding.bias)  # [K, D]
+        if self.config.preserve_original_pe:
+            tables = [self.resized_position_embedding(h, w) for h, w in layout.pe_sizes]
+            table = tables[0] if len(tables) == 1 else torch.cat(tables, dim=0)
+            embeddings = embeddings + table[layout.pe_index]
+        return embeddings
+
+
+class Siglip2NavitAttention(nn.Module):
+    """Multi-head self-attention over packed sequences, with 2D RoPE on queries and keys."""
+
+    def __init__(self, config: Siglip2NavitConfig):
+        super().__init__()
+        self.config = config
+        self.embed_dim = config.hidden_size
+        self.num_heads = config.num_attention_heads
+        self.head_dim = self.embed_dim // self.num_heads
+        self.scale = self.head_dim**-0.5
+        self.dropout = config.attention_dropout
+        self.is_causal = False
+        self.q_proj = nn.Linear(self.embed_dim, self.embed_dim)
+        self.k_proj = nn.Linear(self.embed_dim, self.embed_dim)
+        self.v_proj = nn.Linear(self.embed_dim, self.embed_dim)
+        self.out_proj = nn.Linear(self.embed_dim, self.embed_dim)
+
+    def forward(
+        self,
+        hidden_states: torch.Tensor,
+        position_embeddings: Optional[tuple[torch.Tensor, torch.Tensor]],
+        partition: AttentionPartition,
+        attention_interface: Callable,
+        output_attentions: bool = False,
+    ) -> tuple[torch.Tensor, Optional[tuple[torch.Tensor, ...]]]:
+        num_tokens = hidden_states.shape[0]
+        shape = (num_tokens, self.num_heads, self.head_dim)
+        query = self.q_proj(hidden_states).view(shape)  # [K, heads, head_dim]
+        key = self.k_proj(hidden_states).view(shape)
+        value = self.v_proj(hidden_states).view(shape)
+        if position_embeddings is not None:
+            query, key = apply_rotary_pos_emb(query, key, *position_embeddings)
+
+        attn_output, attn_weights = attention_interface(
+            self,
+            query,
+            key,
+            value,
+            partition,
+            scaling=self.scale,
+            dropout=self.dropout if self.training else 0.0,
+            output_attentions=output_attentions,
+        )
+        attn_output = self.out_proj(attn_output.reshape(num_tokens, self.embed_dim))  # [K, hidden]
+        return attn_output, attn_weights
+
+
+class Siglip2NavitMLP(nn.Module):
+    def __init__(self, config: Siglip2NavitConfig):
+        super().__init__()
+        self.activation_fn = ACT2FN[config.hidden_act]
+        self.fc1 = nn.Linear(config.hidden_size, config.intermediate_size)
+        self.fc2 = nn.Linear(config.intermediate_size, config.hidden_size)
+
+    def forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
+        return self.fc2(self.activation_fn(self.fc1(hidden_states)))
+
+
+class Siglip2NavitEncoderLayer(nn.Module):
+    """Pre-norm transformer block: x + attn(ln1(x)), then x + mlp(ln2(x))."""
+
+    def __init__(self, config: Siglip2NavitConfig, layer_idx: int):
+        super().__init__()
+        self.layer_idx = layer_idx
+        self.full_attention = config.is_full_attention_layer(layer_idx)
+        self.layer_norm1 = nn.LayerNorm(config.hidden_size, eps=config.layer_norm_eps)
+        self.self_attn = Siglip2NavitAttention(config)
+        self.layer_norm2 = nn.LayerNorm(config.hidden_size, eps=config.layer_norm_eps)
+        self.mlp = Siglip2NavitMLP(config)
+
+    def forward(
+        self,
+        hidden_states: torch.Tensor,
+        position_embeddings: Optional[tuple[torch.Tensor, torch.Tensor]],
+        partition: AttentionPartition,
+        attention_interface: Callable,
+        output_attentions: bool = False,
+    ) -> tuple[torch.Tensor, Optional[tuple[torch.Tensor, ...]]]:
+        attn_output, attn_weights = self.self_attn(
+            self.layer_norm1(hidden_states), position_embeddings, partition, attention_interface, output_attentions
+        )
+        hidden_states = hidden_states + attn_output
+        hidden_states = hidden_states + self.mlp(self.layer_norm2(hidden_states))
+        return hidden_states, attn_weights
+
+
+class Siglip2NavitEncoder(nn.Module):
+    def __init__(self, config: Siglip2NavitConfig):
+        super().__init__()
+        self.config = config
+        self.layers = nn.ModuleList([Siglip2NavitEncoderLayer(config, i) for i in range(config.num_hidden_layers)])
+        self.gradient_checkpointing = False
+
+    def forward(
+        self,
+        hidden_states: torch.Tensor,
+        layout: PackedLayout,
+        output_attentions: bool = False,
+        output_hidden_states: bool = False,
+    ) -> tuple[torch.Tensor, Optional[tuple[torch.Tensor, ...]], Optional[tuple]]:
+        """Run all layers on `hidden_states` [K, hidden] in the layout's working order.
+
+        Returns the last hidden state and (when asked) every layer's hidden states and attention maps, all in the
+        working order; the caller restores the input order.
+        """
+        implementation = self.config._attn_implementation
+        if output_attentions and implementation != "eager":
+            logger.warning_once(
+                f"output_attentions=True needs the eager attention backend; running eager instead of "
+                f"{implementation!r} for this call."
+            )
+            implementation = "eager"
+        attention_interface = get_packed_attention_interface(implementation)
+
+        position_embeddings = None
+        if self.config.use_rope:
+            head_dim = self.config.hidden_size // self.config.num_attention_heads
+            position_embeddings = rope_cos_sin(layout.positions, head_dim, self.config.rope_theta)
+
+        all_hidden_states = (hidden_states,) if output_hidden_states else None
+        all_attentions = () if output_attentions else None
+        for layer in self.layers:
+            partition = layout.full if layer.full_attention else layout.window
+            if self.gradient_checkpointing and self.training:
+                hidden_states, attn_weights = self._gradient_checkpointing_func(
+                    layer.__call__, hidden_states, position_embeddings, partition, attention_interface, output_attentions
+                )
+            else:
+                hidden_states, attn_weights = layer(
+                    hidden_states, position_embeddings, partition, attention_interface, output_attentions
+                )
+            if output_hidden_states:
+                all_hidden_states += (hidden_states,)
+            if output_attentions:
+                all_attentions += (attn_weights,)
+        return hidden_states, all_hidden_states, all_attentions
+
+
+class Siglip2NavitMultiheadAttentionPoolingHead(nn.Module):
+    """SigLIP's MAP head: one learned probe attends over all tokens of an image (names as in transformers' Siglip2)."""
+
+    def __init__(self, config: Siglip2NavitConfig):
+        super().__init__()
+        self.probe = nn.Parameter(torch.randn(1, 1, config.hidden_size))
+        self.attention = nn.MultiheadAttention(config.hidden_size, config.num_attention_heads, batch_first=True)
+        self.layernorm = nn.LayerNorm(config.hidden_size, eps=config.layer_norm_eps)
+        self.mlp = Siglip2NavitMLP(config)
+
+    def forward(self, hidden_states: torch.Tensor, token_counts: Sequence[int]) -> torch.Tensor:
+        """Pool `hidden_states` [K, hidden] (images back to back, `token_counts` each) to [n_images, hidden]."""
+        per_image = torch.split(hidden_states, list(token_counts), dim=0)
+        by_length: dict[int, list[int]] = {}
+        for image_id, count in enumerate(token_counts):
+            by_length.setdefault(count, []).append(image_id)
+        pooled: list[Optional[torch.Tensor]] = [None] * len(token_counts)
+        for ids in by_length.values():
+            batch = torch.stack([per_image[i] for i in ids])  # [n, L, hidden]
+            probe = self.probe.expand(batch.shape[0], -1, -1)
+            out = self.attention(probe, batch, batch, need_weights=False)[0]
+            out = out + self.mlp(self.layernorm(out))
+            for row, image_id in enumerate(ids):
+                pooled[image_id] = out[row, 0]
+        return torch.stack(pooled)
+
+
+class Siglip2NavitVisionTransformer(nn.Module):
+    def __init__(self, config: Siglip2NavitConfig):
+        super().__init__()
+        self.config = config
+        self.embeddings = Siglip2NavitEmbeddings(config)
+        self.encoder = Siglip2NavitEncoder(config)
+        self.post_layernorm = nn.LayerNorm(config.hidden_size, eps=config.layer_norm_eps)
+        if config.vision_use_head:
+            self.head = Siglip2NavitMultiheadAttentionPoolingHead(config)
+
+    def forward(
+        self,
+        pixel_values: torch.Tensor,
+        layout: PackedLayout,
+        output_attentions: bool = False,
+        output_hidden_states: bool = False,
+    ) -> BaseModelOutputWithPooling:
+        hidden_states = self.embeddings(pixel_values, layout)  # [K, hidden], working order
+        hidden_states, all_hidden_states, all_attentions = self.encoder(
+            hidden_states, layout, output_attentions=output_attentions, output_hidden_states=output_hidden_states
+        )
+        last_hidden_state = self.post_layernorm(hidden_states)
+
+        restore = layout.restore_index
+        if restore is not None:
+            last_hidden_state = last_hidden_state[restore]
+            if all_hidden_states is not None:
+                all_hidden_states = tuple(h[restore] for h in all_hidden_states)
+            if all_attentions is not None:
+                all_attentions = tuple(
+                    self._restore_attention_order(layer_maps, layout, self.encoder.layers[i].full_attention)
+                    for i, layer_maps in enumerate(all_attentions)
+                )
+
+        pooler_output = None
+        if self.config.vision_use_head:
+            pooler_output = self.head(last_hidden_state, layout.image_token_counts)
+        return BaseModelOutputWithPooling(
+            last_hidden_state=last_hidden_state,
+            pooler_output=pooler_output,
+            hidden_states=all_hidden_states,
+            attentions=all_attentions,
+        )
+
+    @staticmethod
+    def _restore_attention_order(maps: tuple, layout: PackedLayout, full_attention: bool) -> tuple:
+        """Frames were encoded in window-major order: put each full-attention map back in input token order."""
+        if not full_attention:
+            return maps  # window-major order keeps the input order inside each window
+        restored = []
+        cu = layout.full.cu_seqlens.tolist()
+        for seq_id, attn in enumerate(maps):
+            # frames are contiguous in both orders: the working positions of this frame's output tokens, made local
+            local = layout.restore_index[cu[seq_id] : cu[seq_id + 1]] - cu[seq_id]
+            restored.append(attn[:, local][:, :, local])
+        return tuple(restored)
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# Pretrained model
+# ----------------------------------------------------------------------------------------------------------------------
+
+
+class Siglip2NavitPreTrainedModel(PreTrainedModel):
+    config_class = Siglip2NavitConfig
+    base_model_prefix = "siglip2_navit"
+    main_input_name = "pixel_values"
+    supports_gradient_checkpointing = True
+    _no_split_modules = ["Siglip2NavitEmbeddings", "Siglip2NavitEncoderLayer", "Siglip2NavitMultiheadAttentionPoolingHead"]
+    _supports_flash_attn = True
+    _supports_flash_attn_2 = True
+    _supports_sdpa = True
+    _supports_flex_attn = False
+    _supports_attention_backend = True
+
+    def _init_weights(self, module: nn.Module) -> None:
+        """SigLIP initialisation, through `nn.init` (guarded by transformers so loaded weights are kept)."""
+        if isinstance(module, Siglip2NavitEmbeddings):
+            fan_in = module.patch_embedding.in_channels * module.patch_embedding.kernel_size[0] ** 2
+            nn.init.normal_(module.patch_embedding.weight, std=math.sqrt(1.0 / fan_in))
+            nn.init.zeros_(module.patch_embedding.bias)
+            if hasattr(module, "position_embedding"):
+                nn.init.normal_(module.position_embedding.weight, std=1.0 / math.sqrt(self.config.hidden_size))
+            module._pe_cache.clear()
+        elif isinstance(module, Siglip2NavitAttention):
+            for proj in (module.q_proj, module.k_proj, module.v_proj, module.out_proj):
+                nn.init.xavier_uniform_(proj.weight)
+                nn.init.zeros_(proj.bias)
+        elif isinstance(module, Siglip2NavitMLP):
+            nn.init.xavier_uniform_(module.fc1.weight)
+            nn.init.xavier_uniform_(module.fc2.weight)
+            nn.init.normal_(module.fc1.bias, std=1e-6)
+            nn.init.normal_(module.fc2.bias, std=1e-6)
+        elif isinstance(module, Siglip2NavitMultiheadAttentionPoolingHead):
+            nn.init.xavier_uniform_(module.probe)
+            nn.init.xavier_uniform_(module.attention.in_proj_weight)
+            nn.init.zeros_(module.attention.in_proj_bias)
+            nn.init.xavier_uniform_(module.attention.out_proj.weight)
+            nn.init.zeros_(module.attention.out_proj.bias)
+        elif isinstance(module, nn.LayerNorm):
+            nn.init.ones_(module.weight)
+            nn.init.zeros_(module.bias)
+
+
+class Siglip2NavitModel(Siglip2NavitPreTrainedModel):
+    """SigLIP2 NaViT vision encoder over packed images: `model(pixel_values, grid_thws)`.
+
+    Inputs (SPEC §3): `pixel_values` [Σ t·h·w, C·T·p·p] patch rows in hidden_stride-block order and `grid_thws`
+    [n_images, 3] (t, h, w) in patches. `keep_indices` (optional) encodes only those rows (NaViT token dropping).
+    """
+
+    def __init__(self, config: Siglip2NavitConfig):
+        super().__init__(config)
+        self.vision_model = Siglip2NavitVisionTransformer(config)
+        self.post_init()
+
+    def get_input_embeddings(self) -> nn.Module:
+        return self.vision_model.embeddings.patch_embedding
+
+    # -- the surface Ovis2.5's visual tokenizer and training monitor use --
+    def _get_block(self, layer_index: int) -> Siglip2NavitEncoderLayer:
+        return self.vision_model.encoder.layers[layer_index]
+
+    def _get_attn_weight(self, layer_index: int) -> torch.Tensor:
+        attn = self._get_block(layer_index).self_attn
+        return torch.cat([attn.q_proj.weight, attn.k_proj.weight, attn.v_proj.weight], dim=0)
+
+    def _get_pose_embed(self) -> torch.Tensor:
+        return self.vision_model.embeddings.position_embedding.weight
+
+    def forward(
+        self,
+        pixel_values: torch.Tensor,
+        grid_thws: GridLike,
+        output_hidden_states: Optional[bool] = None,
+        output_attentions: Optional[bool] = None,
+        return_dict: Optional[bool] = None,
+        keep_indices: Optional[torch.Tensor] = None,
+        **kwargs,
+    ) -> Union[BaseModelOutputWithPooling, tuple]:
+        r"""
+        Args:
+            pixel_values (`torch.FloatTensor` of shape `[Σ t·h·w, C·T·p·p]`): packed patches, any float dtype (cast
+                to the model's dtype inside).
+            grid_thws (`torch.LongTensor` / list / array of shape `[n_images, 3]`): (t, h, w) per image in patches;
+                may live on any device.
+            output_hidden_states (`bool`, *optional*): return the embeddings and every layer's output (before
+                `post_layernorm`; `hidden_states[-1]` is what Ovis2.5 merges).
+            output_attentions (`bool`, *optional*): return per-layer tuples of per-sequence maps `[heads, L, L]`
+                (eager backend).
+            keep_indices (`torch.LongTensor` of shape `[K]`, *optional*): strictly increasing rows to keep (NaViT
+                token dropping, whole hidden_stride blocks); outputs then have K rows.
+        """
+        if kwargs:
+            raise ValueError(f"Unexpected arguments {sorted(kwargs)} for {type(self).__name__}.forward.")
+        output_hidden_states = (
+            output_hidden_states if output_hidden_states is not None else self.config.output_hidden_states
+        )
+        output_attentions = output_attentions if output_attentions is not None else self.config.output_attentions
+        return_dict = return_dict if return_dict is not None else self.config.return_dict
+
+        if isinstance(keep_indices, torch.Tensor):
+            keep_indices = keep_indices.cpu()  # planned on the host, like grid_thws
+        grids = validate_inputs(pixel_values, grid_thws, self.config, keep_indices)
+        device = self.vision_model.embeddings.patch_embedding.weight.device
+        layout = build_packed_layout(grids, self.config, device, keep_indices)
+        if self.config.vision_use_head and 0 in layout.image_token_counts:
+            empty = [i for i, n in enumerate(layout.image_token_counts) if n == 0]
+            raise ValueError(f"Images {empty} keep no tokens, so their pooled output is undefined (vision_use_head).")
+
+        outputs = self.vision_model(
+            pixel_values, layout, output_attentions=output_attentions, output_hidden_states=output_hidden_states
+        )
+        if not return_dict:
+            return tuple(v for v in outputs.to_tuple())
+        return outputs
+
+    def sample_keep_indices(
+        self, grid_thws: GridLike, drop_rate: float, generator: Optional[torch.Generator] = None
+    ) -> torch.Tensor:
+        """NaViT token dropping: drop `round(drop_rate · groups)` random hidden_stride×hidden_stride groups per frame.
+
+        At least one group per frame is kept. Returns sorted row indices into the packed batch (CPU int64), ready for
+        `forward(..., keep_indices=...)`; pass a seeded `torch.Generator` for reproducible draws.
+        """
+        if not 0.0 <= float(drop_rate) <= 1.0:
+            raise ValueError(f"`drop_rate` must be in [0, 1], got {drop_rate}.")
+        stride = self.config.hidden_stride
+        group = stride * stride
+        kept, offset = [], 0
+        for i, (t, h, w) in enumerate(_grid_to_list(grid_thws)):
+            if t <= 0 or h <= 0 or w <= 0 or h % stride or w % stride:
+                raise ValueError(
+                    f"`grid_thws[{i}]` = {(t, h, w)}: t, h, w must be positive and h, w divisible by {stride}."
+                )
+            groups = (h // stride) * (w // stride)
+            n_keep = max(1, groups - round(drop_rate * groups))
+            for _ in range(t):
+                chosen = torch.randperm(groups, generator=generator)[:n_keep].sort().values
+                kept.append((offset + chosen[:, None] * group + torch.arange(group)).flatten())
+                offset += groups * group
+        return torch.cat(kept)
+
+
+__all__ = ["Siglip2NavitPreTrainedModel", "Siglip2NavitModel"]
