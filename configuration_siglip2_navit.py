@@ -177,4 +177,6 @@ class Siglip2NavitConfig(PretrainedConfig):
         return any(layer_idx == i % n for i in self.fullatt_block_indexes)
 
 
+Siglip2NavitConfig.register_for_auto_class()  # save_pretrained then writes auto_map for AutoConfig
+
 __all__ = ["Siglip2NavitConfig"]

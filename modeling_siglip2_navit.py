@@ -811,32 +811,29 @@ class Siglip2NavitPreTrainedModel(PreTrainedModel):
     _supports_attention_backend = True
 
     def _init_weights(self, module: nn.Module) -> None:
-        """SigLIP initialisation, through `nn.init` (guarded by transformers so loaded weights are kept)."""
-        if isinstance(module, Siglip2NavitEmbeddings):
-            fan_in = module.patch_embedding.in_channels * module.patch_embedding.kernel_size[0] ** 2
-            nn.init.normal_(module.patch_embedding.weight, std=math.sqrt(1.0 / fan_in))
-            nn.init.zeros_(module.patch_embedding.bias)
-            if hasattr(module, "position_embedding"):
-                nn.init.normal_(module.position_embedding.weight, std=1.0 / math.sqrt(self.config.hidden_size))
-            module._pe_cache.clear()
-        elif isinstance(module, Siglip2NavitAttention):
-            for proj in (module.q_proj, module.k_proj, module.v_proj, module.out_proj):
-                nn.init.xavier_uniform_(proj.weight)
-                nn.init.zeros_(proj.bias)
-        elif isinstance(module, Siglip2NavitMLP):
-            nn.init.xavier_uniform_(module.fc1.weight)
-            nn.init.xavier_uniform_(module.fc2.weight)
-            nn.init.normal_(module.fc1.bias, std=1e-6)
-            nn.init.normal_(module.fc2.bias, std=1e-6)
-        elif isinstance(module, Siglip2NavitMultiheadAttentionPoolingHead):
-            nn.init.xavier_uniform_(module.probe)
-            nn.init.xavier_uniform_(module.attention.in_proj_weight)
-            nn.init.zeros_(module.attention.in_proj_bias)
-            nn.init.xavier_uniform_(module.attention.out_proj.weight)
-            nn.init.zeros_(module.attention.out_proj.bias)
+        """SigLIP initialisation through `nn.init` (guarded by transformers, so loaded weights are kept).
+
+        Dispatches on modules that own parameters directly: transformers skips remote-code modules without direct
+        parameters, so the init cannot live on containers such as the attention block.
+        """
+        if isinstance(module, nn.Linear):
+            nn.init.xavier_uniform_(module.weight)
+            if module.bias is not None:
+                nn.init.zeros_(module.bias)
+        elif isinstance(module, nn.Conv2d):  # patch embedding: LeCun normal
+            fan_in = module.in_channels * module.kernel_size[0] * module.kernel_size[1]
+            nn.init.normal_(module.weight, std=math.sqrt(1.0 / fan_in))
+            nn.init.zeros_(module.bias)
+        elif isinstance(module, nn.Embedding):  # learned position embedding
+            nn.init.normal_(module.weight, std=1.0 / math.sqrt(self.config.hidden_size))
         elif isinstance(module, nn.LayerNorm):
             nn.init.ones_(module.weight)
             nn.init.zeros_(module.bias)
+        elif isinstance(module, nn.MultiheadAttention):
+            nn.init.xavier_uniform_(module.in_proj_weight)
+            nn.init.zeros_(module.in_proj_bias)
+        elif isinstance(module, Siglip2NavitMultiheadAttentionPoolingHead):
+            nn.init.xavier_uniform_(module.probe)
 
 
 class Siglip2NavitModel(Siglip2NavitPreTrainedModel):
@@ -938,5 +935,7 @@ class Siglip2NavitModel(Siglip2NavitPreTrainedModel):
                 offset += groups * group
         return torch.cat(kept)
 
+
+Siglip2NavitModel.register_for_auto_class("AutoModel")  # save_pretrained then writes auto_map + the .py files
 
 __all__ = ["Siglip2NavitPreTrainedModel", "Siglip2NavitModel"]

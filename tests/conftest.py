@@ -1,0 +1,73 @@
+"""Shared fixtures: tiny configs, packed random inputs, and a Hub-like model folder built in a temp dir."""
+
+import os
+import shutil
+from pathlib import Path
+
+import pytest
+import torch
+
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+REPO_ROOT = Path(__file__).resolve().parents[1]
+MODEL_FILES = ("configuration_siglip2_navit.py", "modeling_siglip2_navit.py", "image_processing_siglip2_navit.py")
+
+
+def tiny_config(**overrides):
+    """A few-thousand-parameter config: same code paths as so400m, milliseconds per forward."""
+    from siglip2_navit.configuration_siglip2_navit import Siglip2NavitConfig
+
+    values = dict(
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        patch_size=2,
+        image_size=16,
+        hidden_stride=2,
+        window_size=12,  # 12 px // 2 // 2 = 3 blocks per window side
+    )
+    values.update(overrides)
+    return Siglip2NavitConfig(**values)
+
+
+def tiny_model(seed: int = 0, attn_implementation: str = "sdpa", **overrides):
+    from siglip2_navit.modeling_siglip2_navit import Siglip2NavitModel
+
+    torch.manual_seed(seed)
+    config = tiny_config(**overrides)
+    config._attn_implementation = attn_implementation
+    model = Siglip2NavitModel(config).eval()
+    # random (not init-default) biases and norms so that every parameter matters in comparisons
+    with torch.no_grad():
+        for name, param in model.named_parameters():
+            if name.endswith("bias") or "norm" in name:
+                param.add_(0.1 * torch.randn_like(param))
+    return model
+
+
+def packed_inputs(config, grids, seed: int = 0):
+    """Random pixel rows for `grids` [(t, h, w), ...] and the grid tensor."""
+    generator = torch.Generator().manual_seed(seed)
+    width = config.num_channels * config.temporal_patch_size * config.patch_size**2
+    total = sum(t * h * w for t, h, w in grids)
+    return torch.randn(total, width, generator=generator), torch.tensor(grids, dtype=torch.long)
+
+
+def write_hub_folder(model, folder: Path) -> Path:
+    """save_pretrained + the remote-code .py files (and processor configs if present), as a Hub user gets it."""
+    model.save_pretrained(folder)
+    for name in MODEL_FILES + ("preprocessor_config.json", "processor_config.json"):
+        if (REPO_ROOT / name).exists():
+            shutil.copy(REPO_ROOT / name, folder / name)
+    return folder
+
+
+@pytest.fixture
+def hub_folder(tmp_path):
+    def make(model):
+        return write_hub_folder(model, tmp_path / "model")
+
+    return make

@@ -1,0 +1,611 @@
+"""Siglip2NavitModel: packing, backends, an independent reference of SPEC §4, loading, training, bad inputs."""
+
+import math
+import shutil
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+from conftest import REPO_ROOT, packed_inputs, tiny_config, tiny_model, write_hub_folder
+from torch.utils._python_dispatch import TorchDispatchMode
+
+from siglip2_navit import modeling_siglip2_navit as modeling
+from siglip2_navit.configuration_siglip2_navit import Siglip2NavitConfig
+from siglip2_navit.modeling_siglip2_navit import Siglip2NavitModel
+
+
+ODD_GRIDS = [(1, 6, 10), (1, 2, 2), (1, 14, 8), (2, 4, 6)]
+WINDOWED = dict(num_hidden_layers=3, fullatt_block_indexes=[1])  # layers 0 and 2 windowed (3×3 blocks)
+
+
+def run(model, pixel_values, grids, **kwargs):
+    return model(pixel_values, torch.as_tensor(grids), **kwargs)
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# An independent plain re-implementation of SPEC §4 (float64, loops over images/frames/windows, explicit formulas).
+# It only reads the model's state dict and config values.
+# ---------------------------------------------------------------------------------------------------------------------
+
+
+def reference_forward(model, pixel_values, grids, return_maps=False):
+    cfg = model.config
+    sd = {k: v.double() for k, v in model.state_dict().items()}
+    p, s, D, H = cfg.patch_size, cfg.hidden_stride, cfg.hidden_size, cfg.num_attention_heads
+    d = D // H
+    ct = cfg.num_channels * cfg.temporal_patch_size
+    side = cfg.image_size // p
+    window = cfg.window_size // s // p
+    x_all = pixel_values.double()
+    outputs, maps = [], []
+    offset = 0
+    for t, h, w in grids:
+        # token order (SPEC §3): frames, then s×s blocks row-major, then row/col inside the block
+        positions = [
+            (bi * s + r, bj * s + c) for bi in range(h // s) for bj in range(w // s) for r in range(s) for c in range(s)
+        ]
+        if cfg.preserve_original_pe:
+            table = sd["vision_model.embeddings.position_embedding.weight"].view(side, side, D).permute(2, 0, 1)[None]
+            pe = F.interpolate(
+                table, size=(h, w), mode=cfg.pe_interpolation, align_corners=False, antialias=cfg.pe_antialias
+            )[0]
+        for _ in range(t):
+            x = x_all[offset : offset + h * w].view(h * w, ct, p, p)
+            offset += h * w
+            tokens = F.conv2d(
+                x,
+                sd["vision_model.embeddings.patch_embedding.weight"],
+                sd["vision_model.embeddings.patch_embedding.bias"],
+            ).view(h * w, D)
+            if cfg.preserve_original_pe:
+                tokens = tokens + torch.stack([pe[:, r, c] for r, c in positions])
+            cos = sin = None
+            if cfg.use_rope:
+                angles = []
+                for r, c in positions:
+                    inv = [1.0 / cfg.rope_theta ** (2 * k / (d / 2)) for k in range(d // 4)]
+                    half = [r * f for f in inv] + [c * f for f in inv]
+                    angles.append(half + half)
+                angles = torch.tensor(angles, dtype=torch.float64)
+                cos, sin = angles.cos(), angles.sin()
+            frame_maps = []
+            for layer in range(cfg.num_hidden_layers):
+                if cfg.is_full_attention_layer(layer):
+                    groups = [list(range(h * w))]
+                else:
+                    by_window = {}
+                    for i, (r, c) in enumerate(positions):
+                        by_window.setdefault((r // s // window, c // s // window), []).append(i)
+                    groups = list(by_window.values())
+                tokens, layer_maps = reference_layer(sd, cfg, layer, tokens, cos, sin, groups)
+                frame_maps.append(layer_maps)
+            maps.append(frame_maps)
+            outputs.append(tokens)
+    hidden = torch.cat(outputs)
+    last = F.layer_norm(
+        hidden, (D,), sd["vision_model.post_layernorm.weight"], sd["vision_model.post_layernorm.bias"], cfg.layer_norm_eps
+    )
+    return (last, hidden, maps) if return_maps else (last, hidden)
+
+
+def reference_layer(sd, cfg, layer, x, cos, sin, groups):
+    pre = f"vision_model.encoder.layers.{layer}."
+    D, H = cfg.hidden_size, cfg.num_attention_heads
+    d = D // H
+
+    def linear(name, v):
+        return v @ sd[pre + name + ".weight"].T + sd[pre + name + ".bias"]
+
+    def norm(name, v):
+        return F.layer_norm(v, (D,), sd[pre + name + ".weight"], sd[pre + name + ".bias"], cfg.layer_norm_eps)
+
+    def rope(v):  # v: [L, H, d]
+        rotated = torch.cat([-v[..., d // 2 :], v[..., : d // 2]], dim=-1)
+        return v * cos[:, None] + rotated * sin[:, None]
+
+    y = norm("layer_norm1", x)
+    q = linear("self_attn.q_proj", y).view(-1, H, d)
+    k = linear("self_attn.k_proj", y).view(-1, H, d)
+    v = linear("self_attn.v_proj", y).view(-1, H, d)
+    if cos is not None:
+        q, k = rope(q), rope(k)
+    attn = torch.zeros_like(q)
+    maps = []
+    for idx in groups:
+        scores = torch.einsum("ihd,jhd->hij", q[idx], k[idx]) / math.sqrt(d)
+        probs = scores.softmax(-1)
+        attn[idx] = torch.einsum("hij,jhd->ihd", probs, v[idx])
+        maps.append(probs)
+    x = x + linear("self_attn.out_proj", attn.reshape(-1, D))
+    y = norm("layer_norm2", x)
+    x = x + linear("mlp.fc2", F.gelu(linear("mlp.fc1", y), approximate="tanh"))
+    return x, maps
+
+
+REFERENCE_CASES = {
+    "full-s2-bicubic": dict(),
+    "windowed-s2": WINDOWED,
+    "s1-bilinear-antialias": dict(hidden_stride=1, pe_interpolation="bilinear", pe_antialias=True),
+    "windowed-s1": dict(hidden_stride=1, window_size=6, **WINDOWED),
+    "no-rope-no-pe": dict(use_rope=False, preserve_original_pe=False),
+    "video-T2": dict(temporal_patch_size=2),
+}
+
+
+@pytest.mark.parametrize("case", list(REFERENCE_CASES))
+def test_matches_independent_reference(case):
+    model = tiny_model(**REFERENCE_CASES[case])
+    grids = [(1, 6, 10), (2, 4, 6), (1, 14, 8)]
+    pixel_values, _ = packed_inputs(model.config, grids)
+    out = run(model, pixel_values, grids, output_hidden_states=True)
+    ref_last, ref_hidden = reference_forward(model, pixel_values, grids)
+    torch.testing.assert_close(out.last_hidden_state.double(), ref_last, atol=2e-5, rtol=2e-5)
+    torch.testing.assert_close(out.hidden_states[-1].double(), ref_hidden, atol=2e-5, rtol=2e-5)
+
+
+@pytest.mark.parametrize("config", [dict(), WINDOWED], ids=["full", "windowed"])
+def test_eager_attention_maps_match_reference(config):
+    model = tiny_model(attn_implementation="eager", **config)
+    grids = [(1, 6, 10), (2, 4, 6)]
+    pixel_values, _ = packed_inputs(model.config, grids)
+    out = run(model, pixel_values, grids, output_attentions=True)
+    _, _, ref_maps = reference_forward(model, pixel_values, grids, return_maps=True)
+    assert len(out.attentions) == model.config.num_hidden_layers
+    for layer, layer_maps in enumerate(out.attentions):
+        expected = [m for frame in ref_maps for m in frame[layer]]  # frames in order, windows in order
+        assert len(layer_maps) == len(expected)
+        for got, want in zip(layer_maps, expected):
+            torch.testing.assert_close(got.double(), want, atol=1e-5, rtol=1e-5)
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Packing
+# ---------------------------------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("config", [dict(), WINDOWED, dict(temporal_patch_size=2, **WINDOWED)], ids=["full", "windowed", "windowed-T2"])
+@pytest.mark.parametrize("backend", ["sdpa", "eager"])
+def test_packed_equals_per_image(config, backend):
+    model = tiny_model(attn_implementation=backend, **config)
+    pixel_values, grid = packed_inputs(model.config, ODD_GRIDS)
+    packed = model(pixel_values, grid, output_hidden_states=True)
+    offset = 0
+    for i, (t, h, w) in enumerate(ODD_GRIDS):
+        rows = slice(offset, offset + t * h * w)
+        alone = model(pixel_values[rows], grid[i : i + 1], output_hidden_states=True)
+        assert (packed.last_hidden_state[rows] - alone.last_hidden_state).abs().max() <= 1e-5
+        for a, b in zip(packed.hidden_states, alone.hidden_states):
+            assert (a[rows] - b).abs().max() <= 1e-5
+        offset += t * h * w
+
+
+def test_video_frames_attend_only_within_themselves():
+    model = tiny_model()
+    grids = [(2, 4, 6)]
+    pixel_values, _ = packed_inputs(model.config, grids)
+    both = run(model, pixel_values, grids).last_hidden_state
+    first = run(model, pixel_values[:24], [(1, 4, 6)]).last_hidden_state
+    second = run(model, pixel_values[24:], [(1, 4, 6)]).last_hidden_state
+    torch.testing.assert_close(both, torch.cat([first, second]), atol=1e-6, rtol=0)
+
+
+def test_block_order_is_raster_order_regrouped():
+    """The s×s block order is only a permutation: features per patch position equal a stride-1 (raster) run."""
+    block_model = tiny_model(hidden_stride=2)
+    raster_model = tiny_model(hidden_stride=1)
+    raster_model.load_state_dict(block_model.state_dict())
+    h, w, s = 6, 10, 2
+    raster, _ = packed_inputs(block_model.config, [(1, h, w)])
+    # raster index of each token in block order
+    block_to_raster = torch.tensor(
+        [(bi * s + r) * w + bj * s + c for bi in range(h // s) for bj in range(w // s) for r in range(s) for c in range(s)]
+    )
+    block_out = run(block_model, raster[block_to_raster], [(1, h, w)]).last_hidden_state
+    raster_out = run(raster_model, raster, [(1, h, w)]).last_hidden_state
+    back = torch.empty_like(block_out)
+    back[block_to_raster] = block_out
+    torch.testing.assert_close(back, raster_out, atol=1e-5, rtol=1e-5)
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Backends
+# ---------------------------------------------------------------------------------------------------------------------
+
+
+def cpu_flash_varlen(q, k, v, cu_q, cu_k, max_q, max_k, dropout_p=0.0, softmax_scale=None, causal=False):
+    """CPU stand-in for flash_attn_varlen_func: plain softmax attention inside each [cu[i], cu[i+1]) range."""
+    assert cu_q.dtype == torch.int32 and torch.equal(cu_q, cu_k) and not causal and dropout_p == 0.0
+    bounds = cu_q.tolist()
+    assert max_q == max_k == max(b - a for a, b in zip(bounds[:-1], bounds[1:]))
+    out = torch.empty_like(q)
+    for a, b in zip(bounds[:-1], bounds[1:]):
+        scores = torch.einsum("ihd,jhd->hij", q[a:b], k[a:b]) * softmax_scale
+        out[a:b] = torch.einsum("hij,jhd->ihd", scores.softmax(-1), v[a:b])
+    return out
+
+
+@pytest.fixture
+def fake_flash(monkeypatch):
+    monkeypatch.setitem(modeling._FLASH_VARLEN, "fn", cpu_flash_varlen)
+
+
+@pytest.mark.parametrize("config", [dict(), WINDOWED], ids=["full", "windowed"])
+def test_backends_agree_forward_and_gradients(config, fake_flash):
+    results = {}
+    for backend in ("eager", "sdpa", "flash_attention_2"):
+        model = tiny_model(**config).train()
+        model.config._attn_implementation = backend
+        pixel_values, grid = packed_inputs(model.config, ODD_GRIDS)
+        pixel_values.requires_grad_(True)
+        out = model(pixel_values, grid).last_hidden_state
+        (out * torch.linspace(-1, 1, out.numel()).view_as(out)).sum().backward()
+        grads = {n: p.grad.clone() for n, p in model.named_parameters()}
+        results[backend] = (out.detach(), pixel_values.grad.clone(), grads)
+    ref_out, ref_input_grad, ref_grads = results["eager"]
+    for backend in ("sdpa", "flash_attention_2"):
+        out, input_grad, grads = results[backend]
+        assert (out - ref_out).abs().max() <= 1e-4, backend
+        assert (input_grad - ref_input_grad).abs().max() <= 1e-4, backend
+        for name, grad in grads.items():
+            assert (grad - ref_grads[name]).abs().max() <= 1e-4, (backend, name)
+
+
+def test_set_attn_implementation_switches_backend_at_runtime(hub_folder):
+    from transformers import AutoModel
+
+    folder = hub_folder(tiny_model())
+    model = AutoModel.from_pretrained(folder, trust_remote_code=True, attn_implementation="eager")
+    assert model.config._attn_implementation == "eager"
+    pixel_values, grid = packed_inputs(model.config, ODD_GRIDS)
+    eager_maps = model(pixel_values, grid, output_attentions=True).attentions
+    assert eager_maps is not None and eager_maps[0][0].shape == (4, 60, 60)
+
+    calls = []
+    original = modeling.PACKED_ATTENTION_FUNCTIONS["sdpa"]
+
+    def spy(*args, **kwargs):
+        calls.append(1)
+        return original(*args, **kwargs)
+
+    remote = __import__(type(model).__module__, fromlist=["PACKED_ATTENTION_FUNCTIONS"])  # the remote-code copy
+    remote.PACKED_ATTENTION_FUNCTIONS["sdpa"] = spy
+    try:
+        model.set_attn_implementation("sdpa")
+        assert model.config._attn_implementation == "sdpa"
+        sdpa_out = model(pixel_values, grid).last_hidden_state
+    finally:
+        remote.PACKED_ATTENTION_FUNCTIONS["sdpa"] = original
+    assert len(calls) == model.config.num_hidden_layers
+    model.set_attn_implementation("eager")
+    torch.testing.assert_close(model(pixel_values, grid).last_hidden_state, sdpa_out, atol=1e-5, rtol=1e-5)
+
+
+def test_flash_attention_without_flash_attn_is_a_clear_error(hub_folder, monkeypatch):
+    import importlib.util
+
+    if importlib.util.find_spec("flash_attn") is not None:
+        pytest.skip("flash-attn is installed here")
+    monkeypatch.delitem(modeling._FLASH_VARLEN, "fn", raising=False)
+    model = tiny_model()
+    model.config._attn_implementation = "flash_attention_2"
+    pixel_values, grid = packed_inputs(model.config, [(1, 2, 2)])
+    with pytest.raises(ImportError, match="flash-attn"):
+        model(pixel_values, grid)
+    from transformers import AutoModel
+
+    with pytest.raises((ImportError, ValueError)):
+        AutoModel.from_pretrained(hub_folder(tiny_model()), trust_remote_code=True, attn_implementation="flash_attention_2")
+
+
+def test_no_intermediate_is_quadratic_in_packed_tokens():
+    """64 small images packed: no tensor anywhere in the forward has N² elements (attention is per sequence)."""
+
+    class LargestOutput(TorchDispatchMode):
+        largest = 0
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            out = func(*args, **(kwargs or {}))
+            for t in out if isinstance(out, (tuple, list)) else (out,):
+                if isinstance(t, torch.Tensor):
+                    LargestOutput.largest = max(LargestOutput.largest, t.numel())
+            return out
+
+    grids = [(1, 2, 2), (1, 2, 4), (1, 4, 2), (1, 4, 4)] * 16
+    for backend in ("sdpa", "eager"):
+        model = tiny_model(attn_implementation=backend, hidden_size=16, intermediate_size=32, num_attention_heads=2)
+        pixel_values, grid = packed_inputs(model.config, grids)
+        n = pixel_values.shape[0]
+        LargestOutput.largest = 0
+        with torch.no_grad(), LargestOutput():
+            model(pixel_values, grid)
+        assert LargestOutput.largest < n * n / 8, (backend, LargestOutput.largest, n)
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Pooling head, outputs, drop-in surface
+# ---------------------------------------------------------------------------------------------------------------------
+
+
+def test_pooling_head_matches_manual_map_per_image():
+    model = tiny_model(vision_use_head=True)
+    pixel_values, grid = packed_inputs(model.config, ODD_GRIDS)
+    out = model(pixel_values, grid)
+    assert out.pooler_output.shape == (len(ODD_GRIDS), model.config.hidden_size)
+    head = model.vision_model.head
+    D, H = model.config.hidden_size, model.config.num_attention_heads
+    w, b = head.attention.in_proj_weight.detach(), head.attention.in_proj_bias.detach()
+    counts = [t * h * w_ for t, h, w_ in ODD_GRIDS]
+    for i, tokens in enumerate(out.last_hidden_state.detach().split(counts)):
+        q = (head.probe[0].detach() @ w[:D].T + b[:D]).view(1, H, -1)
+        k = (tokens @ w[D : 2 * D].T + b[D : 2 * D]).view(-1, H, D // H)
+        v = (tokens @ w[2 * D :].T + b[2 * D :]).view(-1, H, D // H)
+        probs = (torch.einsum("qhd,khd->hqk", q, k) / math.sqrt(D // H)).softmax(-1)
+        x = torch.einsum("hqk,khd->qhd", probs, v).reshape(1, D) @ head.attention.out_proj.weight.T
+        x = x + head.attention.out_proj.bias
+        y = F.layer_norm(x, (D,), head.layernorm.weight, head.layernorm.bias, model.config.layer_norm_eps)
+        x = x + head.mlp.fc2(F.gelu(head.mlp.fc1(y), approximate="tanh"))
+        torch.testing.assert_close(out.pooler_output[i], x[0], atol=1e-5, rtol=1e-5)
+
+
+def test_outputs_without_head_and_as_tuple():
+    model = tiny_model()
+    pixel_values, grid = packed_inputs(model.config, ODD_GRIDS)
+    out = model(pixel_values, grid, output_hidden_states=True)
+    assert out.pooler_output is None
+    assert len(out.hidden_states) == model.config.num_hidden_layers + 1
+    post = model.vision_model.post_layernorm(out.hidden_states[-1])
+    torch.testing.assert_close(post, out.last_hidden_state)
+    as_tuple = model(pixel_values, grid, output_hidden_states=True, return_dict=False)
+    torch.testing.assert_close(as_tuple[0], out.last_hidden_state)
+    assert len(as_tuple[1]) == len(out.hidden_states)
+
+
+def test_ovis_drop_in_surface():
+    model = tiny_model(num_hidden_layers=3)
+    cfg = model.config
+    for attr in ("hidden_size", "patch_size", "hidden_stride", "temporal_patch_size"):
+        assert isinstance(getattr(cfg, attr), int)
+    assert model.dtype == torch.float32 and model.device.type == "cpu"
+    assert model._get_block(-1) is model.vision_model.encoder.layers[2]
+    attn = model._get_block(1).self_attn
+    qkv = model._get_attn_weight(1)
+    assert qkv.shape == (3 * cfg.hidden_size, cfg.hidden_size)
+    torch.testing.assert_close(qkv[cfg.hidden_size : 2 * cfg.hidden_size], attn.k_proj.weight)
+    assert model._get_pose_embed() is model.vision_model.embeddings.position_embedding.weight
+    assert model.get_input_embeddings() is model.vision_model.embeddings.patch_embedding
+    # positional call, as Ovis' visual tokenizer does
+    pixel_values, grid = packed_inputs(cfg, [(1, 4, 4)])
+    assert model(pixel_values, grid, True).hidden_states is not None
+
+
+def test_grid_thws_as_list_numpy_and_tensor_agree():
+    model = tiny_model()
+    pixel_values, grid = packed_inputs(model.config, ODD_GRIDS)
+    ref = model(pixel_values, grid).last_hidden_state
+    for g in (ODD_GRIDS, np.array(ODD_GRIDS, dtype=np.int32), grid.int()):
+        torch.testing.assert_close(model(pixel_values, g).last_hidden_state, ref)
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Config, saving and loading
+# ---------------------------------------------------------------------------------------------------------------------
+
+
+def test_root_config_json_is_the_so400m_ovis_default():
+    from transformers import AutoConfig
+
+    config = AutoConfig.from_pretrained(REPO_ROOT, trust_remote_code=True)
+    default = Siglip2NavitConfig()
+    for key in ("hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads", "patch_size",
+                "image_size", "hidden_stride", "window_size", "temporal_patch_size", "pe_interpolation", "use_rope"):
+        assert getattr(config, key) == getattr(default, key), key
+    assert (config.hidden_size, config.num_hidden_layers, config.intermediate_size) == (1152, 27, 4304)
+    assert config.auto_map["AutoModel"] == "modeling_siglip2_navit.Siglip2NavitModel"
+
+
+def test_fullatt_block_indexes_string_form():
+    assert tiny_config(num_hidden_layers=4, fullatt_block_indexes="1|3").fullatt_block_indexes == [1, 3]
+    model_str = tiny_model(num_hidden_layers=3, fullatt_block_indexes="1")
+    model_list = tiny_model(num_hidden_layers=3, fullatt_block_indexes=[1])
+    pixel_values, grid = packed_inputs(model_str.config, ODD_GRIDS)
+    torch.testing.assert_close(model_str(pixel_values, grid).last_hidden_state, model_list(pixel_values, grid).last_hidden_state)
+    with pytest.raises(ValueError, match="fullatt_block_indexes"):
+        tiny_config(fullatt_block_indexes="1,3")
+    with pytest.raises(ValueError, match="out of range"):
+        tiny_config(fullatt_block_indexes=[5])
+
+
+@pytest.mark.parametrize("bad", [dict(hidden_size=30), dict(pe_interpolation="nearest"), dict(patch_size=0)])
+def test_invalid_config_raises(bad):
+    with pytest.raises(ValueError):
+        tiny_config(**bad)
+
+
+def test_save_load_round_trip_through_auto_api(hub_folder):
+    from transformers import AutoConfig, AutoModel
+
+    model = tiny_model(vision_use_head=True, **WINDOWED)
+    folder = hub_folder(model)
+    assert (folder / "model.safetensors").exists() and not list(folder.glob("*.bin"))
+    config = AutoConfig.from_pretrained(folder, trust_remote_code=True)
+    assert config.fullatt_block_indexes == [1] and config.model_type == "siglip2_navit"
+    loaded = AutoModel.from_pretrained(folder, trust_remote_code=True).eval()
+    direct = Siglip2NavitModel.from_pretrained(folder).eval()
+    pixel_values, grid = packed_inputs(model.config, ODD_GRIDS)
+    want = model(pixel_values, grid)
+    for other in (loaded, direct):
+        assert set(other.state_dict()) == set(model.state_dict())
+        got = other(pixel_values, grid)
+        torch.testing.assert_close(got.last_hidden_state, want.last_hidden_state)
+        torch.testing.assert_close(got.pooler_output, want.pooler_output)
+
+
+def test_ovis_prefixed_state_dict_loads_with_no_missing_or_unexpected_keys():
+    source = tiny_model(**WINDOWED)
+    ovis_state = {f"visual_tokenizer.vit.{k}": v.clone() for k, v in source.state_dict().items()}
+    ovis_state["llm.model.embed_tokens.weight"] = torch.zeros(3, 3)  # the rest of an Ovis checkpoint
+    prefix = "visual_tokenizer.vit."
+    tower = {k[len(prefix) :]: v for k, v in ovis_state.items() if k.startswith(prefix)}
+    target = Siglip2NavitModel(source.config).eval()
+    result = target.load_state_dict(tower, strict=True)
+    assert not result.missing_keys and not result.unexpected_keys
+    pixel_values, grid = packed_inputs(source.config, ODD_GRIDS)
+    torch.testing.assert_close(target(pixel_values, grid).last_hidden_state, source(pixel_values, grid).last_hidden_state)
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_half_precision_weights_with_fp32_pixels(hub_folder, dtype):
+    from transformers import AutoModel
+
+    model = tiny_model()
+    folder = hub_folder(model)
+    half = AutoModel.from_pretrained(folder, trust_remote_code=True, dtype=dtype).eval()
+    assert half.dtype == dtype
+    pixel_values, grid = packed_inputs(model.config, ODD_GRIDS)
+    out = half(pixel_values, grid, output_hidden_states=True)
+    assert out.last_hidden_state.dtype == dtype and out.hidden_states[-1].dtype == dtype
+    ref = model(pixel_values, grid).last_hidden_state
+    rel = (out.last_hidden_state.float() - ref).norm() / ref.norm()
+    assert rel < 3e-2, rel
+
+
+def test_device_map_auto_and_meta_init_give_same_outputs(hub_folder):
+    from transformers import AutoModel
+
+    model = tiny_model(**WINDOWED)
+    folder = hub_folder(model)
+    pixel_values, grid = packed_inputs(model.config, ODD_GRIDS)
+    want = model(pixel_values, grid).last_hidden_state
+
+    mapped = AutoModel.from_pretrained(folder, trust_remote_code=True, device_map="auto").eval()
+    torch.testing.assert_close(mapped(pixel_values, grid).last_hidden_state, want)
+
+    with torch.device("meta"):
+        empty = Siglip2NavitModel(model.config)
+    empty = empty.to_empty(device="cpu").eval()
+    empty.load_state_dict(model.state_dict())
+    torch.testing.assert_close(empty(pixel_values, grid).last_hidden_state, want)
+
+
+def test_init_weights_are_finite_and_siglip_like():
+    model = Siglip2NavitModel(tiny_config(vision_use_head=True))
+    for name, param in model.named_parameters():
+        assert torch.isfinite(param).all(), name
+    layer = model.vision_model.encoder.layers[0]
+    assert torch.all(layer.self_attn.q_proj.bias == 0)
+    assert torch.all(layer.layer_norm1.weight == 1)
+    pe = model.vision_model.embeddings.position_embedding.weight
+    assert abs(pe.std().item() - 1 / math.sqrt(model.config.hidden_size)) < 0.05
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Training
+# ---------------------------------------------------------------------------------------------------------------------
+
+
+def _grads(model, pixel_values, grid):
+    model.zero_grad()
+    out = model(pixel_values, grid).last_hidden_state
+    (out.square().mean()).backward()
+    return {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+
+
+def test_gradient_checkpointing_gives_same_gradients():
+    model = tiny_model(**WINDOWED).train()
+    pixel_values, grid = packed_inputs(model.config, ODD_GRIDS)
+    plain = _grads(model, pixel_values, grid)
+    model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    assert model.vision_model.encoder.gradient_checkpointing
+    checkpointed = _grads(model, pixel_values, grid)
+    assert plain.keys() == checkpointed.keys() and len(plain) == len(list(model.parameters()))
+    for name in plain:
+        torch.testing.assert_close(checkpointed[name], plain[name], atol=1e-6, rtol=1e-5)
+
+
+@pytest.mark.parametrize("backend", ["sdpa", "eager"])
+def test_attention_dropout_only_in_training(backend):
+    model = tiny_model(attn_implementation=backend, attention_dropout=0.5)
+    no_dropout = tiny_model(attn_implementation=backend)
+    pixel_values, grid = packed_inputs(model.config, ODD_GRIDS)
+    eval_out = model(pixel_values, grid).last_hidden_state
+    torch.testing.assert_close(eval_out, no_dropout(pixel_values, grid).last_hidden_state)
+    model.train()
+    torch.manual_seed(1)
+    a = model(pixel_values, grid).last_hidden_state
+    b = model(pixel_values, grid).last_hidden_state
+    assert (a - b).abs().max() > 1e-3 and (a - eval_out).abs().max() > 1e-3
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Bad input: ValueError naming the problem, before any compute
+# ---------------------------------------------------------------------------------------------------------------------
+
+WIDTH = 3 * 2 * 2  # tiny config: C·T·p·p
+
+
+BAD_INPUTS = {
+    "pixel_values 3-D": (torch.zeros(1, 4, WIDTH), [[1, 2, 2]], "2-D"),
+    "pixel_values wrong width": (torch.zeros(4, WIDTH + 1), [[1, 2, 2]], "C·T·p·p"),
+    "pixel_values integer": (torch.zeros(4, WIDTH, dtype=torch.long), [[1, 2, 2]], "floating"),
+    "rows != sum t*h*w": (torch.zeros(5, WIDTH), [[1, 2, 2]], "Σ t·h·w"),
+    "grid not [n, 3]": (torch.zeros(4, WIDTH), [[2, 2]], r"\[n_images, 3\]"),
+    "grid 1-D": (torch.zeros(4, WIDTH), [1, 2, 2], r"\[n_images, 3\]"),
+    "grid float": (torch.zeros(4, WIDTH), torch.tensor([[1.0, 2.0, 2.0]]), "integers"),
+    "grid zero entry": (torch.zeros(4, WIDTH), [[0, 2, 2]], "positive"),
+    "grid negative entry": (torch.zeros(4, WIDTH), [[1, -2, -2]], "positive"),
+    "h not divisible by stride": (torch.zeros(6, WIDTH), [[1, 3, 2]], "divisible by hidden_stride"),
+    "w not divisible by stride": (torch.zeros(6, WIDTH), [[1, 2, 3]], "divisible by hidden_stride"),
+    "NaN pixels": (torch.full((4, WIDTH), float("nan")), [[1, 2, 2]], "NaN or infinite"),
+    "inf pixels": (torch.full((4, WIDTH), float("inf")), [[1, 2, 2]], "NaN or infinite"),
+    "empty pixel_values": (torch.zeros(0, WIDTH), torch.zeros(0, 3, dtype=torch.long), "empty"),
+    "empty grid": (torch.zeros(4, WIDTH), torch.zeros(0, 3, dtype=torch.long), "empty"),
+    "pixel_values not a tensor": (np.zeros((4, WIDTH), dtype=np.float32), [[1, 2, 2]], "torch.Tensor"),
+}
+
+
+@pytest.mark.parametrize("case", list(BAD_INPUTS))
+def test_bad_input_raises_value_error_before_compute(case, monkeypatch):
+    pixel_values, grid, message = BAD_INPUTS[case]
+    model = tiny_model()
+
+    def no_compute(*args, **kwargs):
+        raise AssertionError("compute started before the input was validated")
+
+    monkeypatch.setattr(model.vision_model, "forward", no_compute)
+    with pytest.raises(ValueError, match=message):
+        model(pixel_values, grid)
+
+
+def test_unexpected_keyword_is_rejected():
+    model = tiny_model()
+    pixel_values, grid = packed_inputs(model.config, [(1, 2, 2)])
+    with pytest.raises(ValueError, match="Unexpected arguments"):
+        model(pixel_values, grid, attention_mask=torch.ones(4))
+
+
+def test_keep_indices_covering_everything_is_the_normal_forward():
+    model = tiny_model(**WINDOWED)
+    pixel_values, grid = packed_inputs(model.config, ODD_GRIDS)
+    full = model(pixel_values, grid, output_hidden_states=True)
+    kept = model(pixel_values, grid, output_hidden_states=True, keep_indices=torch.arange(pixel_values.shape[0]))
+    torch.testing.assert_close(kept.last_hidden_state, full.last_hidden_state, atol=0, rtol=0)
+    for a, b in zip(kept.hidden_states, full.hidden_states):
+        torch.testing.assert_close(a, b, atol=0, rtol=0)
+
+
+def test_repo_root_is_loadable_as_hub_folder(tmp_path):
+    """The three .py files at the root import with relative imports only, as transformers' remote-code loader needs."""
+    for name in ("configuration_siglip2_navit.py", "modeling_siglip2_navit.py"):
+        source = (REPO_ROOT / name).read_text()
+        assert "from siglip2_navit" not in source and "import siglip2_navit" not in source
+    shutil.copy(REPO_ROOT / "config.json", tmp_path / "config.json")
+    for name in ("configuration_siglip2_navit.py", "modeling_siglip2_navit.py"):
+        shutil.copy(REPO_ROOT / name, tmp_path / name)
+    from transformers import AutoConfig, AutoModel
+
+    config = AutoConfig.from_pretrained(tmp_path, trust_remote_code=True)
+    config.update(dict(hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=4))
+    model = AutoModel.from_config(config, trust_remote_code=True)
+    assert type(model).__name__ == "Siglip2NavitModel"
+    write_hub_folder  # noqa: B018 (the helper is exercised by the round-trip tests)
