@@ -810,6 +810,18 @@ class Siglip2NavitPreTrainedModel(PreTrainedModel):
     _supports_flex_attn = False
     _supports_attention_backend = True
 
+    if not hasattr(PreTrainedModel, "set_attn_implementation"):  # older transformers 4.5x have no runtime switch
+
+        def set_attn_implementation(self, attn_implementation: str) -> None:
+            """Switch the attention backend at runtime (the backend is read from the config at every forward)."""
+            if attn_implementation not in PACKED_ATTENTION_FUNCTIONS:
+                raise ValueError(
+                    f"attn_implementation must be one of {sorted(PACKED_ATTENTION_FUNCTIONS)}, got {attn_implementation!r}."
+                )
+            if attn_implementation == "flash_attention_2":
+                _flash_attn_varlen_func()  # a clear ImportError now rather than at the next forward
+            self.config._attn_implementation = attn_implementation
+
     def _init_weights(self, module: nn.Module) -> None:
         """SigLIP initialisation through `nn.init` (guarded by transformers, so loaded weights are kept).
 

@@ -460,7 +460,10 @@ def test_half_precision_weights_with_fp32_pixels(hub_folder, dtype):
 
     model = tiny_model()
     folder = hub_folder(model)
-    half = AutoModel.from_pretrained(folder, trust_remote_code=True, dtype=dtype).eval()
+    import transformers
+
+    dtype_kwarg = "dtype" if int(transformers.__version__.split(".")[0]) >= 5 else "torch_dtype"
+    half = AutoModel.from_pretrained(folder, trust_remote_code=True, **{dtype_kwarg: dtype}).eval()
     assert half.dtype == dtype
     pixel_values, grid = packed_inputs(model.config, ODD_GRIDS)
     out = half(pixel_values, grid, output_hidden_states=True)
