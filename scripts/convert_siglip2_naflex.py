@@ -1,0 +1,219 @@
+#!/usr/bin/env python
+# Copyright 2026 The siglip2-navit authors. Licensed under the Apache License, Version 2.0.
+"""Convert a transformers SigLIP2 naflex checkpoint into a siglip2-navit Hub model folder.
+
+SRC is a local `Siglip2VisionModel` or `Siglip2Model` folder (safetensors), e.g. a download of
+google/siglip2-so400m-patch16-naflex. Only the vision tower is taken (text tower, logit scale and bias are never
+read). The weights map one to one, except the patch embedding: naflex stores it as a Linear over patches flattened
+(row-in-patch, col-in-patch, channel); it is permuted to this model's Conv2d layout `[hidden, C, p, p]`.
+
+The written config reproduces naflex exactly: the 16x16 learned PE grid (`image_size = 16 * patch_size`) resized
+bilinear with antialias (`pe_interpolation="bilinear"`, `pe_antialias=true`), no RoPE (`use_rope=false`), full
+attention in every layer, and the MAP head (`vision_use_head=true`) carried over. `--hidden-stride` sets the token
+order: 1 (default) is naflex's raster order; 2 orders tokens in 2x2 blocks, ready for an Ovis-style merger (the
+encoder output is the same up to that permutation, since attention is permutation-equivariant).
+
+Feeding naflex-processed inputs: `naflex_to_packed(pixel_values, pixel_attention_mask, spatial_shapes)` (importable
+from this file) turns the output of transformers' `Siglip2ImageProcessor` into this model's packed `pixel_values`
+and `grid_thws`.
+
+Example:
+    python scripts/convert_siglip2_naflex.py ~/models/siglip2-so400m-patch16-naflex ./siglip2-navit-so400m-naflex \\
+        --base-model google/siglip2-so400m-patch16-naflex
+"""
+
+import argparse
+import math
+import sys
+from pathlib import Path
+from typing import Any, Dict, Tuple
+
+import torch
+
+import _checkpoint_utils as utils
+
+
+PATCH_EMBEDDING = "vision_model.embeddings.patch_embedding.weight"
+_NAFLEX_DEFAULTS = {  # transformers' Siglip2VisionConfig defaults, for fields a saved config may omit
+    "hidden_size": 768,
+    "intermediate_size": 3072,
+    "num_hidden_layers": 12,
+    "num_attention_heads": 12,
+    "num_channels": 3,
+    "num_patches": 256,
+    "patch_size": 16,
+    "hidden_act": "gelu_pytorch_tanh",
+    "layer_norm_eps": 1e-6,
+    "attention_dropout": 0.0,
+    "vision_use_head": True,
+}
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# naflex processor output -> packed inputs
+# ----------------------------------------------------------------------------------------------------------------------
+
+
+def naflex_to_packed(
+    pixel_values, pixel_attention_mask, spatial_shapes, hidden_stride: int = 1, num_channels: int = 3
+) -> Tuple[torch.Tensor, torch.Tensor]:
+    """Turn SigLIP2 naflex processor output into this model's packed `(pixel_values, grid_thws)`.
+
+    Args:
+        pixel_values: `[B, L, p·p·C]` padded patches, each flattened (row-in-patch, col-in-patch, channel), as
+            returned by transformers' `Siglip2ImageProcessor` (torch tensor or numpy array).
+        pixel_attention_mask: `[B, L]`, 1 for the real patches (the first `h·w` of each row), 0 for padding.
+        spatial_shapes: `[B, 2]` patch grid `(h, w)` of each image.
+        hidden_stride: the converted model's `config.hidden_stride`; with 2 the patches are put in 2x2-block order,
+            which needs even `h` and `w`.
+        num_channels: `C` (3 for RGB).
+
+    Returns:
+        `pixel_values` float `[Σ h·w, C·p·p]` with rows flattened (channel, row-in-patch, col-in-patch) and in
+        hidden_stride-block order, and `grid_thws` int64 `[B, 3]` = `(1, h, w)`.
+    """
+    pixel_values = torch.as_tensor(pixel_values)
+    mask = torch.as_tensor(pixel_attention_mask).bool()
+    shapes = torch.as_tensor(spatial_shapes).long().reshape(-1, 2)
+    if pixel_values.ndim != 3 or mask.shape != pixel_values.shape[:2] or shapes.shape[0] != pixel_values.shape[0]:
+        raise ValueError(
+            f"Expected pixel_values [B, L, p·p·C], pixel_attention_mask [B, L] and spatial_shapes [B, 2]; got "
+            f"{tuple(pixel_values.shape)}, {tuple(mask.shape)} and {tuple(torch.as_tensor(spatial_shapes).shape)}."
+        )
+    dim = pixel_values.shape[-1]
+    patch_size = math.isqrt(dim // num_channels)
+    if patch_size * patch_size * num_channels != dim:
+        raise ValueError(f"Patch rows of length {dim} are not p·p·{num_channels} for any integer patch size p.")
+    s = int(hidden_stride)
+    rows, grids = [], []
+    for i, (h, w) in enumerate(shapes.tolist()):
+        n = h * w
+        if n <= 0 or n > pixel_values.shape[1]:
+            raise ValueError(f"spatial_shapes[{i}] = {(h, w)} does not fit in {pixel_values.shape[1]} patches.")
+        if int(mask[i].sum()) != n or not bool(mask[i, :n].all()):
+            raise ValueError(
+                f"Image {i}: pixel_attention_mask must mark exactly its first h·w = {n} patches as real "
+                f"(got {int(mask[i].sum())} real patches)."
+            )
+        if h % s or w % s:
+            raise ValueError(
+                f"Image {i} has a {h}x{w} patch grid, not divisible by hidden_stride={s}: use a hidden_stride=1 "
+                f"model, or preprocess with this repo's Siglip2NavitImageProcessor."
+            )
+        patches = pixel_values[i, :n].reshape(h // s, s, w // s, s, patch_size, patch_size, num_channels)
+        # (block row, block col, r, c) token order; (channel, row-in-patch, col-in-patch) inside a row
+        patches = patches.permute(0, 2, 1, 3, 6, 4, 5).reshape(n, dim)
+        rows.append(patches)
+        grids.append((1, h, w))
+    return torch.cat(rows, dim=0), torch.tensor(grids, dtype=torch.long)
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# conversion
+# ----------------------------------------------------------------------------------------------------------------------
+
+
+def vision_config_of(config: Dict[str, Any]) -> Dict[str, Any]:
+    """The vision config of a `Siglip2VisionModel` or `Siglip2Model` `config.json`, defaults filled in."""
+    model_type = config.get("model_type")
+    if model_type == "siglip2":
+        vision = config.get("vision_config") or {}
+    elif model_type == "siglip2_vision_model":
+        vision = config
+    else:
+        raise utils.ConversionError(
+            f"config.json has model_type {model_type!r}; expected a SigLIP2 naflex checkpoint ('siglip2' or "
+            f"'siglip2_vision_model'). Fixed-resolution SigLIP2 checkpoints ('siglip') are not naflex."
+        )
+    return {**_NAFLEX_DEFAULTS, **vision}
+
+
+def navit_config_kwargs(vision: Dict[str, Any], hidden_stride: int) -> Dict[str, Any]:
+    side = math.isqrt(int(vision["num_patches"]))
+    if side * side != vision["num_patches"]:
+        raise utils.ConversionError(f"num_patches={vision['num_patches']} is not a square: no 2D PE grid.")
+    return dict(
+        hidden_size=vision["hidden_size"],
+        intermediate_size=vision["intermediate_size"],
+        num_hidden_layers=vision["num_hidden_layers"],
+        num_attention_heads=vision["num_attention_heads"],
+        num_channels=vision["num_channels"],
+        patch_size=vision["patch_size"],
+        temporal_patch_size=1,
+        image_size=side * vision["patch_size"],
+        hidden_act=vision["hidden_act"],
+        layer_norm_eps=vision["layer_norm_eps"],
+        attention_dropout=vision["attention_dropout"],
+        hidden_stride=hidden_stride,
+        fullatt_block_indexes=None,
+        preserve_original_pe=True,
+        use_rope=False,
+        pe_interpolation="bilinear",
+        pe_antialias=True,
+        vision_use_head=bool(vision["vision_use_head"]),
+    )
+
+
+def patch_embedding_to_conv(weight: torch.Tensor, num_channels: int, patch_size: int) -> torch.Tensor:
+    """`[hidden, p·p·C]` Linear weight (row, col, channel) -> `[hidden, C, p, p]` Conv2d weight."""
+    hidden = weight.shape[0]
+    return weight.reshape(hidden, patch_size, patch_size, num_channels).permute(0, 3, 1, 2).contiguous()
+
+
+def convert(src, dst, hidden_stride: int = 1, overwrite: bool = False, dtype: str = "keep", base_model=None) -> Path:
+    """Convert the SigLIP2 naflex folder `src` into the siglip2-navit folder `dst`; returns `dst`."""
+    src, dst = Path(src), Path(dst)
+    utils.check_destination(dst, src, overwrite)
+    checkpoint = utils.SafetensorsCheckpoint(src)
+    vision = vision_config_of(utils.read_json(src / "config.json"))
+    try:
+        config = utils.config_class()(**navit_config_kwargs(vision, hidden_stride))
+    except ValueError as err:
+        raise utils.ConversionError(f"Cannot build a Siglip2NavitConfig from {src}: {err}") from None
+
+    # Siglip2Model and transformers 4.x Siglip2VisionModel files use `vision_model.`; 5.x Siglip2VisionModel has none.
+    keys = checkpoint.keys()
+    if any(key.startswith("vision_model.") for key in keys):
+        names = {key: key for key in keys if key.startswith("vision_model.")}
+    else:
+        names = {key: "vision_model." + key for key in keys}
+    p, c = config.patch_size, config.num_channels
+    header_shapes = {names[key]: shape for key, shape in checkpoint.shapes(names).items()}
+    if PATCH_EMBEDDING in header_shapes:
+        hidden, flat = header_shapes[PATCH_EMBEDDING]
+        header_shapes[PATCH_EMBEDDING] = (hidden, c, p, p) if flat == c * p * p else (hidden, flat)
+    utils.check_shapes(header_shapes, utils.expected_shapes(config), f"Checkpoint {src}")
+
+    tensors = checkpoint.read(names, desc="Reading the vision tower")
+    state_dict = {names[key]: t for key, t in tensors.items()}
+    state_dict[PATCH_EMBEDDING] = patch_embedding_to_conv(state_dict[PATCH_EMBEDDING], c, p)
+    state_dict = utils.cast(state_dict, dtype)
+    return utils.convert_to_folder(src, dst, state_dict, config, overwrite=overwrite, base_model=base_model)
+
+
+def parse_args(argv=None) -> argparse.Namespace:
+    parser = utils.conversion_parser(
+        description=__doc__,
+        src_help="local transformers Siglip2VisionModel or Siglip2Model folder (safetensors), e.g. siglip2-*-naflex",
+    )
+    parser.add_argument(
+        "--hidden-stride",
+        type=int,
+        default=1,
+        help="token order of the converted model: 1 = raster (naflex), 2 = 2x2 blocks for an Ovis-style merger",
+    )
+    return parser.parse_args(argv)
+
+
+def main(argv=None) -> int:
+    args = parse_args(argv)
+    return utils.run_cli(
+        lambda a: convert(
+            a.src, a.dst, hidden_stride=a.hidden_stride, overwrite=a.overwrite, dtype=a.dtype, base_model=a.base_model
+        ),
+        args,
+    )
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,485 @@
+# Copyright 2026 The siglip2-navit authors. Licensed under the Apache License, Version 2.0.
+"""Checkpoint conversions (issue #5): Ovis2.5 -> siglip2-navit and SigLIP2 naflex -> siglip2-navit.
+
+Source checkpoints are built inside the tests (tiny configs, no network). Expected values come from the sources:
+the Ovis tensors themselves, and transformers' own `Siglip2VisionModel` run on real images processed by
+transformers' `Siglip2ImageProcessor`.
+"""
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+import torch.nn.functional as F
+from PIL import Image
+from safetensors.torch import save_file
+
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT / "scripts"))
+
+import _checkpoint_utils as utils  # noqa: E402
+import convert_ovis_checkpoint  # noqa: E402
+import convert_siglip2_naflex  # noqa: E402
+from transformers import AutoConfig, AutoModel  # noqa: E402
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# a fake Ovis2.5 folder
+# ----------------------------------------------------------------------------------------------------------------------
+
+HIDDEN, INTER, LAYERS, HEADS, PATCH, TPS, IMAGE = 32, 48, 3, 2, 4, 2, 32
+VIT_CONFIG = {
+    "_attn_implementation_autoset": True,
+    "_name_or_path": "google/siglip2-so400m-patch16-512",
+    "attention_dropout": 0.0,
+    "fullatt_block_indexes": "0|2",  # legacy string form
+    "hidden_act": "gelu_pytorch_tanh",
+    "hidden_size": HIDDEN,
+    "hidden_stride": 2,
+    "image_size": IMAGE,
+    "intermediate_size": INTER,
+    "layer_norm_eps": 1e-06,
+    "model_type": "siglip2_navit",
+    "num_attention_heads": HEADS,
+    "num_channels": 3,
+    "num_hidden_layers": LAYERS,
+    "num_patches": -1,
+    "patch_size": PATCH,
+    "preserve_original_pe": True,
+    "temporal_patch_size": TPS,
+    "torch_dtype": "float32",
+    "use_rope": True,
+    "window_size": 16,
+}
+
+
+def vit_shapes():
+    """Parameter names and shapes of the vision tower, written out from SPEC §7 (independently of the model code)."""
+    shapes = {
+        "vision_model.embeddings.patch_embedding.weight": (HIDDEN, 3 * TPS, PATCH, PATCH),
+        "vision_model.embeddings.patch_embedding.bias": (HIDDEN,),
+        "vision_model.embeddings.position_embedding.weight": ((IMAGE // PATCH) ** 2, HIDDEN),
+        "vision_model.post_layernorm.weight": (HIDDEN,),
+        "vision_model.post_layernorm.bias": (HIDDEN,),
+    }
+    for i in range(LAYERS):
+        layer = f"vision_model.encoder.layers.{i}."
+        for norm in ("layer_norm1", "layer_norm2"):
+            shapes[f"{layer}{norm}.weight"] = shapes[f"{layer}{norm}.bias"] = (HIDDEN,)
+        for proj in ("q_proj", "k_proj", "v_proj", "out_proj"):
+            shapes[f"{layer}self_attn.{proj}.weight"] = (HIDDEN, HIDDEN)
+            shapes[f"{layer}self_attn.{proj}.bias"] = (HIDDEN,)
+        shapes[f"{layer}mlp.fc1.weight"], shapes[f"{layer}mlp.fc1.bias"] = (INTER, HIDDEN), (INTER,)
+        shapes[f"{layer}mlp.fc2.weight"], shapes[f"{layer}mlp.fc2.bias"] = (HIDDEN, INTER), (HIDDEN,)
+    return shapes
+
+
+def write_fake_ovis(folder: Path, drop=(), reshape=None, dtype=torch.bfloat16):
+    """A tiny Ovis2.5 folder: two shards + index + config; LLM, visual head and vte tensors around the ViT."""
+    generator = torch.Generator().manual_seed(0)
+    vit = {
+        "visual_tokenizer.vit." + name: torch.randn(shape, generator=generator).to(dtype)
+        for name, shape in vit_shapes().items()
+        if name not in drop
+    }
+    if reshape:
+        name, shape = reshape
+        vit["visual_tokenizer.vit." + name] = torch.randn(shape, generator=generator).to(dtype)
+    others = {
+        "llm.model.embed_tokens.weight": torch.randn(64, 16).to(dtype),
+        "llm.model.layers.0.mlp.up_proj.weight": torch.randn(16, 16).to(dtype),
+        "llm.lm_head.weight": torch.randn(64, 16).to(dtype),
+        "visual_tokenizer.head.0.weight": torch.randn(8, 4 * HIDDEN).to(dtype),
+        "vte.weight": torch.randn(8, 16).to(dtype),
+    }
+    names = sorted(vit)
+    shards = {
+        "model-00001-of-00002.safetensors": {**{k: vit[k] for k in names[::2]}, "llm.model.embed_tokens.weight": others["llm.model.embed_tokens.weight"]},
+        "model-00002-of-00002.safetensors": {
+            **{k: vit[k] for k in names[1::2]},
+            **{k: v for k, v in others.items() if k != "llm.model.embed_tokens.weight"},
+        },
+    }
+    folder.mkdir(parents=True)
+    weight_map = {}
+    for shard, tensors in shards.items():
+        save_file(tensors, str(folder / shard), metadata={"format": "pt"})
+        weight_map.update({key: shard for key in tensors})
+    index = {"metadata": {"total_size": 0}, "weight_map": weight_map}
+    (folder / "model.safetensors.index.json").write_text(json.dumps(index))
+    config = {
+        "architectures": ["Ovis2_5"],
+        "model_type": "ovis2_5",
+        "llm_config": {"model_type": "qwen3", "hidden_size": 16},
+        "visual_vocab_size": 8,
+        "vit_config": VIT_CONFIG,
+    }
+    (folder / "config.json").write_text(json.dumps(config))
+    return {k[len("visual_tokenizer.vit.") :]: v for k, v in vit.items()}
+
+
+class _RecordingSafeOpen:
+    """Wraps `safe_open` and records every tensor whose data or header entry is touched."""
+
+    def __init__(self, real):
+        self.real, self.touched = real, []
+
+    def __call__(self, *args, **kwargs):
+        handle = self.real(*args, **kwargs)
+        recorder = self
+
+        class Handle:
+            def __enter__(self):
+                self.inner = handle.__enter__()
+                return self
+
+            def __exit__(self, *exc):
+                return handle.__exit__(*exc)
+
+            def keys(self):
+                return self.inner.keys()
+
+            def get_tensor(self, key):
+                recorder.touched.append(key)
+                return self.inner.get_tensor(key)
+
+            def get_slice(self, key):
+                recorder.touched.append(key)
+                return self.inner.get_slice(key)
+
+        return Handle()
+
+
+def test_ovis_conversion_round_trip(tmp_path, monkeypatch):
+    src, dst = tmp_path / "ovis", tmp_path / "out" / "vit"
+    source = write_fake_ovis(src)
+    recorder = _RecordingSafeOpen(utils.safe_open)
+    monkeypatch.setattr(utils, "safe_open", recorder)
+
+    assert convert_ovis_checkpoint.main([str(src), str(dst)]) == 0
+
+    assert recorder.touched, "the converter must read through safe_open"
+    assert all(key.startswith("visual_tokenizer.vit.") for key in recorder.touched), sorted(set(recorder.touched))
+    assert {
+        "model.safetensors",
+        "config.json",
+        "preprocessor_config.json",
+        "processor_config.json",
+        "configuration_siglip2_navit.py",
+        "modeling_siglip2_navit.py",
+        "image_processing_siglip2_navit.py",
+        "README.md",
+    } == {p.name for p in dst.iterdir()}
+    assert not [p for p in dst.parent.iterdir() if p.name != "vit"], "no temp folder may be left behind"
+
+    config = json.loads((dst / "config.json").read_text())
+    assert config["auto_map"] == {
+        "AutoConfig": "configuration_siglip2_navit.Siglip2NavitConfig",
+        "AutoModel": "modeling_siglip2_navit.Siglip2NavitModel",
+    }
+    assert config["fullatt_block_indexes"] == [0, 2]
+    for key in ("hidden_stride", "window_size", "temporal_patch_size", "image_size", "patch_size", "use_rope"):
+        assert config[key] == VIT_CONFIG[key], key
+    assert config["vision_use_head"] is False
+    for name in ("preprocessor_config.json", "processor_config.json"):
+        processor = json.loads((dst / name).read_text())
+        processor = processor.get("image_processor", processor)
+        assert (processor["patch_size"], processor["temporal_patch_size"], processor["hidden_stride"]) == (
+            PATCH,
+            TPS,
+            2,
+        )
+    assert (dst / "README.md").read_text().startswith("---\n")
+
+    model = AutoModel.from_pretrained(dst, trust_remote_code=True, dtype="auto")
+    assert type(model).__name__ == "Siglip2NavitModel"
+    state = model.state_dict()
+    assert set(state) == set(source)
+    for name, tensor in source.items():
+        assert state[name].dtype == tensor.dtype, name
+        assert torch.equal(state[name], tensor), name
+    assert model.config.fullatt_block_indexes == [0, 2]
+    assert [layer.full_attention for layer in model.vision_model.encoder.layers] == [True, False, True]
+
+
+def test_ovis_dtype_and_base_model(tmp_path):
+    src, dst = tmp_path / "ovis", tmp_path / "vit"
+    source = write_fake_ovis(src)
+    convert_ovis_checkpoint.convert(src, dst, dtype="float32", base_model="AIDC-AI/Ovis2.5-9B")
+    card = (dst / "README.md").read_text()
+    assert card.startswith("---\nbase_model: AIDC-AI/Ovis2.5-9B\n")
+    assert "library_name: transformers" in card.split("\n---", 1)[0]
+    model = AutoModel.from_pretrained(dst, trust_remote_code=True, dtype="auto")
+    name = "vision_model.embeddings.patch_embedding.weight"
+    assert model.state_dict()[name].dtype == torch.float32
+    assert torch.equal(model.state_dict()[name], source[name].float())
+
+
+def test_ovis_refuses_missing_tensor(tmp_path, capsys):
+    src, dst = tmp_path / "ovis", tmp_path / "vit"
+    write_fake_ovis(src, drop=("vision_model.encoder.layers.1.mlp.fc2.weight",))
+    assert convert_ovis_checkpoint.main([str(src), str(dst)]) == 1
+    err = capsys.readouterr().err
+    assert "missing 1 tensor" in err and "vision_model.encoder.layers.1.mlp.fc2.weight" in err
+    assert not dst.exists()
+    assert [p.name for p in tmp_path.iterdir()] == ["ovis"], "nothing may be written on failure"
+
+
+def test_ovis_refuses_shape_mismatch(tmp_path):
+    src, dst = tmp_path / "ovis", tmp_path / "vit"
+    write_fake_ovis(src, reshape=("vision_model.encoder.layers.2.mlp.fc1.weight", (INTER + 8, HIDDEN)))
+    with pytest.raises(utils.ConversionError, match=r"layers\.2\.mlp\.fc1\.weight: checkpoint \(56, 32\) vs config \(48, 32\)"):
+        convert_ovis_checkpoint.convert(src, dst)
+    assert not dst.exists()
+
+
+def test_ovis_refuses_unexpected_tensor(tmp_path):
+    src, dst = tmp_path / "ovis", tmp_path / "vit"
+    write_fake_ovis(src, reshape=("vision_model.encoder.layers.3.mlp.fc1.weight", (INTER, HIDDEN)))
+    with pytest.raises(utils.ConversionError, match=r"no place for: vision_model\.encoder\.layers\.3\.mlp\.fc1"):
+        convert_ovis_checkpoint.convert(src, dst)
+
+
+def test_refuses_existing_destination_unless_overwrite(tmp_path, capsys):
+    src, dst = tmp_path / "ovis", tmp_path / "vit"
+    write_fake_ovis(src)
+    dst.mkdir()
+    (dst / "keep.txt").write_text("old")
+    assert convert_ovis_checkpoint.main([str(src), str(dst)]) == 1
+    assert "already exists; pass --overwrite" in capsys.readouterr().err
+    assert (dst / "keep.txt").read_text() == "old"
+
+    assert convert_ovis_checkpoint.main([str(src), str(dst), "--overwrite"]) == 0
+    assert not (dst / "keep.txt").exists() and (dst / "model.safetensors").is_file()
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["ovis", "vit"]
+
+
+def test_failed_overwrite_keeps_the_old_destination(tmp_path, monkeypatch):
+    src, dst = tmp_path / "ovis", tmp_path / "vit"
+    write_fake_ovis(src)
+    dst.mkdir()
+    (dst / "keep.txt").write_text("old")
+
+    def broken(folder, *args, **kwargs):
+        (folder / "partial").write_text("x")
+        raise OSError("disk full")
+
+    monkeypatch.setattr(utils, "save_model_folder", broken)
+    with pytest.raises(OSError, match="disk full"):
+        convert_ovis_checkpoint.convert(src, dst, overwrite=True)
+    assert [p.name for p in dst.iterdir()] == ["keep.txt"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["ovis", "vit"]
+
+
+def test_refuses_pickle_source(tmp_path):
+    src = tmp_path / "legacy"
+    src.mkdir()
+    (src / "config.json").write_text(json.dumps({"model_type": "ovis2_5", "vit_config": VIT_CONFIG}))
+    (src / "pytorch_model.bin").write_bytes(b"\x80\x04not really a pickle")
+    for convert in (convert_ovis_checkpoint.convert, convert_siglip2_naflex.convert):
+        with pytest.raises(utils.ConversionError, match="pickle weights .*pytorch_model.bin.*safetensors"):
+            convert(src, tmp_path / "out")
+
+
+def test_refuses_non_ovis_config(tmp_path):
+    src = tmp_path / "ovis"
+    write_fake_ovis(src)
+    config = json.loads((src / "config.json").read_text())
+    del config["vit_config"]
+    (src / "config.json").write_text(json.dumps(config))
+    with pytest.raises(utils.ConversionError, match="no `vit_config`"):
+        convert_ovis_checkpoint.convert(src, tmp_path / "out")
+
+
+@pytest.mark.parametrize("module", [convert_ovis_checkpoint, convert_siglip2_naflex])
+def test_help(module, capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        module.main(["--help"])
+    assert exit_info.value.code == 0
+    out = capsys.readouterr().out
+    assert "SRC" in out and "DST" in out and "--overwrite" in out
+
+
+def test_cli_runs_as_a_script(tmp_path):
+    """The scripts run from a fresh checkout as `python scripts/<name>.py` (they import their helper by path)."""
+    src = tmp_path / "ovis"
+    write_fake_ovis(src)
+    dst = tmp_path / "vit"
+    env = {**os.environ, "HF_HUB_OFFLINE": "1"}
+    script = str(ROOT / "scripts" / "convert_ovis_checkpoint.py")
+    done = subprocess.run([sys.executable, script, str(src), str(dst)], capture_output=True, text=True, env=env)
+    assert done.returncode == 0, done.stderr
+    assert "Reading the vision tower" in done.stderr  # the progress bar
+    assert (dst / "model.safetensors").is_file()
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# SigLIP2 naflex
+# ----------------------------------------------------------------------------------------------------------------------
+
+NAFLEX_IMAGES = ("chelsea.png", "camera.png", "horse.png")  # 451x300 RGB, 512x512 L, 400x328 RGBA
+
+
+def _naflex_vision_config():
+    from transformers import Siglip2VisionConfig
+
+    return Siglip2VisionConfig(
+        hidden_size=64,
+        intermediate_size=128,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        patch_size=16,
+        num_patches=256,  # 16x16 PE grid, as every released naflex checkpoint
+        vision_use_head=True,
+    )
+
+
+@pytest.fixture(scope="module")
+def naflex_source(tmp_path_factory):
+    """A small random transformers Siglip2VisionModel, saved (safetensors)."""
+    from transformers import Siglip2VisionModel
+
+    torch.manual_seed(0)
+    model = Siglip2VisionModel(_naflex_vision_config()).eval()
+    with torch.no_grad():  # make the PE and biases matter (the default init leaves biases at 0)
+        for name, param in model.named_parameters():
+            if name.endswith("bias") or "position_embedding" in name:
+                param.normal_(0.0, 0.5)
+    folder = tmp_path_factory.mktemp("naflex") / "siglip2-naflex"
+    model.save_pretrained(folder)
+    return folder, model
+
+
+def _naflex_inputs(max_num_patches):
+    from transformers.models.siglip2 import image_processing_pil_siglip2
+
+    processor = image_processing_pil_siglip2.Siglip2ImageProcessorPil(patch_size=16, max_num_patches=max_num_patches)
+    images = [Image.open(ROOT / "examples" / name).convert("RGB") for name in NAFLEX_IMAGES]
+    return processor(images, return_tensors="pt")
+
+
+def _raster_to_blocks(tokens, h, w, s):
+    """Reorder raster-order tokens [h·w, D] into s×s-block order (SPEC §3), with an explicit index loop."""
+    order = [
+        (i * s + r) * w + (j * s + c) for i in range(h // s) for j in range(w // s) for r in range(s) for c in range(s)
+    ]
+    return tokens[torch.tensor(order)]
+
+
+@pytest.mark.parametrize("hidden_stride, max_num_patches", [(1, 256), (2, 224)])
+def test_naflex_matches_transformers_siglip2(naflex_source, tmp_path, hidden_stride, max_num_patches):
+    folder, reference = naflex_source
+    dst = tmp_path / "navit"
+    assert convert_siglip2_naflex.main([str(folder), str(dst), "--hidden-stride", str(hidden_stride)]) == 0
+
+    config = json.loads((dst / "config.json").read_text())
+    assert (config["pe_interpolation"], config["pe_antialias"], config["use_rope"]) == ("bilinear", True, False)
+    assert (config["image_size"], config["hidden_stride"], config["vision_use_head"]) == (256, hidden_stride, True)
+
+    inputs = _naflex_inputs(max_num_patches)
+    shapes = inputs["spatial_shapes"].tolist()
+    assert len({h * w for h, w in shapes}) > 1, "the batch should need padding"
+    with torch.no_grad():
+        expected = reference(**inputs)
+
+    model = AutoModel.from_pretrained(dst, trust_remote_code=True).eval()
+    pixel_values, grid_thws = convert_siglip2_naflex.naflex_to_packed(
+        inputs["pixel_values"], inputs["pixel_attention_mask"], inputs["spatial_shapes"], hidden_stride=hidden_stride
+    )
+    assert grid_thws.tolist() == [[1, h, w] for h, w in shapes]
+    with torch.no_grad():
+        out = model(pixel_values, grid_thws)
+
+    offset, worst = 0, 1.0
+    for i, (h, w) in enumerate(shapes):
+        ref_tokens = _raster_to_blocks(expected.last_hidden_state[i, : h * w], h, w, hidden_stride)
+        ours = out.last_hidden_state[offset : offset + h * w]
+        offset += h * w
+        cos = F.cosine_similarity(ours, ref_tokens, dim=-1)
+        worst = min(worst, cos.min().item())
+        assert cos.min().item() >= 0.9999, (i, cos.min().item())
+    assert offset == out.last_hidden_state.shape[0]
+    pooled_cos = F.cosine_similarity(out.pooler_output, expected.pooler_output, dim=-1)
+    assert pooled_cos.min().item() >= 0.9999, pooled_cos
+    print(f"hidden_stride={hidden_stride}: min token cosine {worst:.8f}, min pooler cosine {pooled_cos.min():.8f}")
+
+
+def test_naflex_siglip2model_takes_only_the_vision_tower(tmp_path, monkeypatch):
+    from transformers import Siglip2Config, Siglip2Model
+
+    config = Siglip2Config(
+        vision_config=_naflex_vision_config().to_dict(),
+        text_config=dict(hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=2),
+    )
+    torch.manual_seed(1)
+    source = Siglip2Model(config)
+    src, dst = tmp_path / "siglip2", tmp_path / "navit"
+    source.save_pretrained(src)
+    recorder = _RecordingSafeOpen(utils.safe_open)
+    monkeypatch.setattr(utils, "safe_open", recorder)
+    convert_siglip2_naflex.convert(src, dst, hidden_stride=2)
+    assert recorder.touched and all(k.startswith("vision_model.") for k in recorder.touched)
+
+    model = AutoModel.from_pretrained(dst, trust_remote_code=True)
+    ours = model.state_dict()
+    theirs = {"vision_model." + k: v for k, v in source.vision_model.state_dict().items()}
+    assert set(ours) == set(theirs)
+    p = 16
+    linear = theirs.pop("vision_model.embeddings.patch_embedding.weight")  # [D, p·p·C], (row, col, channel)
+    conv = ours.pop("vision_model.embeddings.patch_embedding.weight")  # [D, C, p, p]
+    for ch in range(3):
+        for r in (0, 5, p - 1):
+            for c in (0, 7, p - 1):
+                assert torch.equal(conv[:, ch, r, c], linear[:, (r * p + c) * 3 + ch])
+    for name, tensor in theirs.items():
+        assert torch.equal(ours[name], tensor), name
+
+
+def test_naflex_to_packed_layout():
+    """Row layout: (channel, row, col) inside a patch, s×s-block order across patches; padding dropped."""
+    p, c, h, w = 2, 3, 2, 4
+    # value encodes (patch index, row-in-patch, col-in-patch, channel) in the naflex layout
+    patches = torch.tensor(
+        [[[n * 1000 + r * 100 + q * 10 + ch for r in range(p) for q in range(p) for ch in range(c)] for n in range(h * w)]],
+        dtype=torch.float32,
+    )
+    padded = torch.cat([patches, torch.full((1, 3, p * p * c), -1.0)], dim=1)
+    mask = torch.tensor([[1] * (h * w) + [0] * 3])
+    rows, grid = convert_siglip2_naflex.naflex_to_packed(padded, mask, torch.tensor([[h, w]]), hidden_stride=2)
+    assert grid.tolist() == [[1, h, w]]
+    expected_patch_order = [0, 1, 4, 5, 2, 3, 6, 7]
+    for k, n in enumerate(expected_patch_order):
+        expected = [n * 1000 + r * 100 + q * 10 + ch for ch in range(c) for r in range(p) for q in range(p)]
+        assert rows[k].tolist() == expected
+
+
+def test_naflex_to_packed_rejects_bad_inputs():
+    pixels = torch.zeros(1, 6, 12)
+    with pytest.raises(ValueError, match="not divisible by hidden_stride=2"):
+        convert_siglip2_naflex.naflex_to_packed(pixels, torch.ones(1, 6), [[2, 3]], hidden_stride=2)
+    with pytest.raises(ValueError, match="first h·w = 4 patches"):
+        convert_siglip2_naflex.naflex_to_packed(pixels, torch.ones(1, 6), [[2, 2]])
+    with pytest.raises(ValueError, match="not p·p·3"):
+        convert_siglip2_naflex.naflex_to_packed(torch.zeros(1, 4, 10), torch.ones(1, 4), [[2, 2]])
+
+
+def test_naflex_refuses_non_siglip2(tmp_path):
+    src = tmp_path / "clip"
+    src.mkdir()
+    (src / "config.json").write_text(json.dumps({"model_type": "siglip"}))
+    save_file({"x": torch.zeros(1)}, str(src / "model.safetensors"))
+    with pytest.raises(utils.ConversionError, match="model_type 'siglip'"):
+        convert_siglip2_naflex.convert(src, tmp_path / "out")
+
+
+def test_converted_config_loads_with_auto_config(naflex_source, tmp_path):
+    folder, _ = naflex_source
+    dst = convert_siglip2_naflex.convert(folder, tmp_path / "navit")
+    config = AutoConfig.from_pretrained(dst, trust_remote_code=True)
+    assert config.model_type == "siglip2_navit" and config.pe_antialias and not config.use_rope
