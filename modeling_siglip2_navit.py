@@ -426,9 +426,10 @@ def flash_packed_attention(
 
 def _registered_attention(name: str) -> Callable:
     """Adapt a function registered in transformers' AttentionInterface (e.g. a hub flash kernel) to packed inputs."""
-    interface = ALL_ATTENTION_FUNCTIONS.get_interface(name, sdpa_packed_attention)
-    if interface is sdpa_packed_attention:
-        return sdpa_packed_attention
+    if hasattr(ALL_ATTENTION_FUNCTIONS, "get_interface"):
+        interface = ALL_ATTENTION_FUNCTIONS.get_interface(name, sdpa_packed_attention)
+    else:  # transformers 4.5x before get_interface
+        interface = ALL_ATTENTION_FUNCTIONS[name]
     varlen = "flash" in name
 
     def packed(module, query, key, value, partition, scaling, dropout=0.0, output_attentions=False):

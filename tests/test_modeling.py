@@ -612,3 +612,39 @@ def test_repo_root_is_loadable_as_hub_folder(tmp_path):
     model = AutoModel.from_config(config, trust_remote_code=True)
     assert type(model).__name__ == "Siglip2NavitModel"
     write_hub_folder  # noqa: B018 (the helper is exercised by the round-trip tests)
+
+
+def test_functions_registered_with_transformers_attention_interface(monkeypatch):
+    """Custom backends registered in transformers' AttentionInterface run per sequence (or varlen if flash-like)."""
+    from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
+
+    calls = {"batched": 0, "varlen": 0}
+
+    def batched_attention(module, query, key, value, attention_mask, dropout=0.0, scaling=None, **kwargs):
+        assert attention_mask is None and query.dim() == 4  # [n, heads, L, head_dim]
+        calls["batched"] += 1
+        probs = (query @ key.transpose(-1, -2) * scaling).softmax(-1)
+        return (probs @ value).transpose(1, 2), None  # [n, L, heads, head_dim], as transformers' interfaces
+
+    def flash_like_attention(module, query, key, value, attention_mask, dropout=0.0, scaling=None, **kwargs):
+        assert query.shape[0] == 1  # [1, heads, K, head_dim] + cu_seq_lens kwargs
+        calls["varlen"] += 1
+        q, k, v = (x[0].transpose(0, 1) for x in (query, key, value))
+        out = cpu_flash_varlen(
+            q, k, v, kwargs["cu_seq_lens_q"], kwargs["cu_seq_lens_k"], kwargs["max_length_q"],
+            kwargs["max_length_k"], softmax_scale=scaling,
+        )
+        return out[None], None
+
+    monkeypatch.setitem(ALL_ATTENTION_FUNCTIONS._global_mapping, "test_batched", batched_attention)
+    monkeypatch.setitem(ALL_ATTENTION_FUNCTIONS._global_mapping, "test_flash_kernel", flash_like_attention)
+    model = tiny_model(**WINDOWED)
+    pixel_values, grid = packed_inputs(model.config, ODD_GRIDS)
+    want = model(pixel_values, grid).last_hidden_state
+    for name in ("test_batched", "test_flash_kernel"):
+        model.config._attn_implementation = name
+        torch.testing.assert_close(model(pixel_values, grid).last_hidden_state, want, atol=1e-5, rtol=1e-5)
+    assert calls["batched"] > 0 and calls["varlen"] == model.config.num_hidden_layers
+    model.config._attn_implementation = "no_such_backend"
+    with pytest.raises((ValueError, KeyError), match="no_such_backend"):
+        model(pixel_values, grid)
