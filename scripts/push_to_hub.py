@@ -1,0 +1,198 @@
+#!/usr/bin/env python
+# Copyright 2026 The siglip2-navit authors. Licensed under the Apache License, Version 2.0.
+"""Validate a siglip2-navit model folder, then upload it to the Hugging Face Hub.
+
+Validation (everything must pass before anything is sent):
+  * the folder holds safetensors weights and no pickle files (*.bin, *.pt, *.pth, *.ckpt, *.pkl, ...);
+  * config.json, both processor configs, the remote-code files named by auto_map and the model card are present;
+  * `AutoModel.from_pretrained(DIR, trust_remote_code=True)` loads every weight (no missing, unexpected or
+    mismatched tensors) and `AutoImageProcessor.from_pretrained(DIR, trust_remote_code=True)` loads;
+  * the processor and the model agree on patch_size, temporal_patch_size and hidden_stride, and
+    preprocessor_config.json and processor_config.json hold the same settings;
+  * one forward pass on a sample image (processor -> model) gives finite features of the expected shapes.
+
+Then the repository is created if needed and exactly the validated files are uploaded in one commit
+(`huggingface_hub.HfApi().create_repo` + `upload_folder`). Authenticate beforehand with `hf auth login` (or
+`huggingface-cli login`) or the HF_TOKEN environment variable. `--dry-run` does everything but the upload and prints
+the file list.
+
+Example:
+    python scripts/push_to_hub.py ./siglip2-navit-ovis2.5-9b --repo-id your-name/siglip2-navit-ovis2.5-9b --dry-run
+"""
+
+import argparse
+import fnmatch
+import sys
+from pathlib import Path
+from typing import List, Optional
+
+import _checkpoint_utils as utils
+from huggingface_hub import HfApi
+
+
+# Never uploaded (and not validated): caches and editor/OS litter.
+SKIP_PATTERNS = ("__pycache__", "*.pyc", ".git", ".cache", ".DS_Store", ".ipynb_checkpoints", ".*.tmp-*")
+SETTINGS = ("patch_size", "temporal_patch_size", "hidden_stride")
+
+
+class ValidationError(RuntimeError):
+    """The folder is not fit to be published."""
+
+
+def folder_files(folder: Path) -> List[str]:
+    """Relative POSIX paths of the files to publish, skipping caches and litter."""
+    files = []
+    for path in sorted(folder.rglob("*")):
+        parts = path.relative_to(folder).parts
+        if any(fnmatch.fnmatch(part, pattern) for part in parts for pattern in SKIP_PATTERNS):
+            continue
+        if path.is_file():
+            files.append(path.relative_to(folder).as_posix())
+    return files
+
+
+def _check_files(folder: Path, files: List[str]) -> None:
+    pickles = [f for f in files if f.lower().endswith(utils.PICKLE_SUFFIXES)]
+    if pickles:
+        raise ValidationError(
+            f"Pickle files are not published (loading them runs arbitrary code): {', '.join(pickles)}. "
+            f"Keep only safetensors weights."
+        )
+    if utils.WEIGHTS_NAME not in files and utils.WEIGHTS_INDEX_NAME not in files:
+        raise ValidationError(f"No {utils.WEIGHTS_NAME} (or {utils.WEIGHTS_INDEX_NAME}) in {folder}.")
+    required = ["config.json", "preprocessor_config.json", "processor_config.json", utils.MODEL_CARD]
+    config = utils.read_json(folder / "config.json") if "config.json" in files else {}
+    auto_map = config.get("auto_map") or {}
+    if not auto_map.get("AutoModel"):
+        raise ValidationError("config.json has no auto_map.AutoModel: the folder would not load with AutoModel.")
+    refs = [ref for ref in auto_map.values() if isinstance(ref, str)]  # "module.Class" or "repo--module.Class"
+    required += sorted({ref.split("--")[-1].split(".")[0] + ".py" for ref in refs})
+    required.append("image_processing_siglip2_navit.py")
+    missing = [name for name in dict.fromkeys(required) if name not in files]
+    if missing:
+        raise ValidationError(f"Missing from {folder}: {', '.join(missing)}.")
+    card = (folder / utils.MODEL_CARD).read_text(encoding="utf-8")
+    if not card.startswith("---\n") or "library_name:" not in card.split("\n---", 2)[0]:
+        raise ValidationError("README.md must start with YAML front matter declaring `library_name` (the model card).")
+
+
+def _check_processor_configs(folder: Path) -> None:
+    flat = utils.read_json(folder / "preprocessor_config.json")
+    nested = utils.read_json(folder / "processor_config.json").get("image_processor")
+    if nested != flat:
+        raise ValidationError(
+            "preprocessor_config.json and processor_config.json['image_processor'] differ; loaders that read one "
+            "or the other would preprocess differently. Re-save the processor with save_pretrained()."
+        )
+
+
+def _sample_image(image: Optional[Path]):
+    from PIL import Image
+
+    if image is not None:
+        return Image.open(image)
+    examples = sorted((utils.REPO_ROOT / "examples").glob("*.jpg")) + sorted((utils.REPO_ROOT / "examples").glob("*.png"))
+    if examples:
+        return Image.open(examples[0])
+    import numpy as np
+
+    y, x = np.mgrid[0:480, 0:640]
+    return Image.fromarray(np.stack([x % 256, y % 256, (x + y) % 256], axis=-1).astype("uint8"))
+
+
+def validate(folder, image: Optional[Path] = None) -> List[str]:
+    """Check `folder` as described in the module docstring; returns the files that would be uploaded."""
+    import torch
+    from transformers import AutoImageProcessor, AutoModel
+
+    folder = Path(folder)
+    if not folder.is_dir():
+        raise ValidationError(f"{folder} is not a folder.")
+    files = folder_files(folder)
+    _check_files(folder, files)
+    _check_processor_configs(folder)
+
+    try:
+        model, info = AutoModel.from_pretrained(folder, trust_remote_code=True, output_loading_info=True)
+        processor = AutoImageProcessor.from_pretrained(folder, trust_remote_code=True)
+    except (OSError, ValueError, ImportError) as err:
+        raise ValidationError(f"{folder} does not load with the Auto API: {err}") from err
+    problems = {kind: info.get(kind) for kind in ("missing_keys", "unexpected_keys", "mismatched_keys") if info.get(kind)}
+    if problems:
+        raise ValidationError(f"The weights do not match the config: {problems}")
+
+    config = model.config
+    disagree = [
+        f"{name}: processor {getattr(processor, name, None)} vs model {getattr(config, name)}"
+        for name in SETTINGS
+        if getattr(processor, name, None) != getattr(config, name)
+    ]
+    if disagree:
+        raise ValidationError("Processor and model settings disagree: " + "; ".join(disagree))
+
+    inputs = processor(images=_sample_image(image), return_tensors="pt")
+    model.eval()
+    with torch.no_grad():
+        out = model(inputs["pixel_values"], inputs["grid_thws"], output_hidden_states=True)
+    n = int(inputs["grid_thws"].prod(dim=-1).sum())
+    if tuple(out.last_hidden_state.shape) != (n, config.hidden_size) or not torch.isfinite(out.last_hidden_state).all():
+        raise ValidationError(f"Forward pass gave {tuple(out.last_hidden_state.shape)} features (or non-finite values).")
+    if len(out.hidden_states) != config.num_hidden_layers + 1:
+        raise ValidationError(f"Forward pass gave {len(out.hidden_states)} hidden states.")
+    if config.vision_use_head and (out.pooler_output is None or not torch.isfinite(out.pooler_output).all()):
+        raise ValidationError("vision_use_head is set but the pooled output is missing or not finite.")
+    print(
+        f"Validated {folder}: {sum(p.numel() for p in model.parameters()) / 1e6:.1f}M parameters, "
+        f"sample image -> grid {inputs['grid_thws'].tolist()} -> features {tuple(out.last_hidden_state.shape)}"
+    )
+    return files
+
+
+def push(folder, repo_id: str, private: bool = False, dry_run: bool = False, image=None, commit_message=None):
+    """Validate `folder`, then (unless `dry_run`) create `repo_id` if needed and upload the validated files."""
+    folder = Path(folder)
+    files = validate(folder, image=image)
+    total = sum((folder / f).stat().st_size for f in files)
+    action = "Would upload" if dry_run else "Uploading"
+    print(f"{action} {len(files)} files ({total / 1e6:.1f} MB) to {repo_id} ({'private' if private else 'public'}):")
+    for name in files:
+        print(f"  {name}  ({(folder / name).stat().st_size:,} bytes)")
+    if dry_run:
+        print("Dry run: nothing was uploaded.")
+        return None
+    api = HfApi()
+    repo_url = api.create_repo(repo_id=repo_id, repo_type="model", private=private, exist_ok=True)
+    commit = api.upload_folder(
+        repo_id=repo_id,
+        repo_type="model",
+        folder_path=str(folder),
+        allow_patterns=files,
+        commit_message=commit_message or "Upload siglip2-navit model",
+    )
+    print(f"Uploaded to {repo_url}")
+    return commit
+
+
+def parse_args(argv=None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("dir", metavar="DIR", type=Path, help="model folder (e.g. the output of a convert script)")
+    parser.add_argument("--repo-id", required=True, help="Hub repository, `user-or-org/name`")
+    parser.add_argument("--private", action="store_true", help="create the repository as private")
+    parser.add_argument("--dry-run", action="store_true", help="validate and print the file list, upload nothing")
+    parser.add_argument("--image", type=Path, default=None, help="sample image for the test forward pass")
+    parser.add_argument("--commit-message", default=None, help="commit message on the Hub")
+    return parser.parse_args(argv)
+
+
+def main(argv=None) -> int:
+    args = parse_args(argv)
+    try:
+        push(args.dir, args.repo_id, args.private, args.dry_run, args.image, args.commit_message)
+    except (ValidationError, utils.ConversionError) as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 1
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

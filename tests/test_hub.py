@@ -1,0 +1,141 @@
+# Copyright 2026 The siglip2-navit authors. Licensed under the Apache License, Version 2.0.
+"""scripts/push_to_hub.py: validation, dry run, and what a (mocked) upload would send. No network."""
+
+import json
+import os
+import sys
+from pathlib import Path
+from unittest import mock
+
+import pytest
+import torch
+from safetensors.torch import load_file, save_file
+
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT / "scripts"))
+
+import _checkpoint_utils as utils  # noqa: E402
+import push_to_hub  # noqa: E402
+from siglip2_navit import Siglip2NavitConfig, Siglip2NavitModel  # noqa: E402
+
+
+PUBLISHED = [
+    "README.md",
+    "config.json",
+    "configuration_siglip2_navit.py",
+    "image_processing_siglip2_navit.py",
+    "model.safetensors",
+    "modeling_siglip2_navit.py",
+    "preprocessor_config.json",
+    "processor_config.json",
+]
+
+
+@pytest.fixture
+def model_dir(tmp_path):
+    """A complete tiny model folder, plus litter that must never be uploaded."""
+    config = Siglip2NavitConfig(
+        hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=2, image_size=64, vision_use_head=True
+    )
+    torch.manual_seed(0)
+    state_dict = Siglip2NavitModel(config).state_dict()
+    folder = utils.atomic_write_folder(tmp_path / "tiny", lambda tmp: utils.save_model_folder(tmp, state_dict, config))
+    (folder / "__pycache__").mkdir()
+    (folder / "__pycache__" / "modeling_siglip2_navit.cpython-311.pyc").write_bytes(b"\x00")
+    (folder / ".DS_Store").write_bytes(b"\x00")
+    return folder
+
+
+class _NoNetwork:
+    def __init__(self, *args, **kwargs):
+        raise AssertionError("a dry run / failed validation must not touch the Hub")
+
+
+def test_help(capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        push_to_hub.main(["--help"])
+    assert exit_info.value.code == 0
+    out = capsys.readouterr().out
+    assert "--repo-id" in out and "--dry-run" in out and "--private" in out
+
+
+def test_dry_run_validates_and_lists_files(model_dir, monkeypatch, capsys):
+    monkeypatch.setattr(push_to_hub, "HfApi", _NoNetwork)
+    assert push_to_hub.main([str(model_dir), "--repo-id", "someone/tiny-navit", "--dry-run"]) == 0
+    out = capsys.readouterr().out
+    listed = [line.split()[0] for line in out.splitlines() if line.startswith("  ")]
+    assert listed == PUBLISHED
+    assert "Would upload 8 files (" in out and "MB) to someone/tiny-navit (public):" in out
+    assert "Dry run: nothing was uploaded." in out
+    assert "features (" in out  # the forward pass ran
+
+
+def test_upload_sends_exactly_the_validated_files(model_dir, monkeypatch):
+    api = mock.MagicMock()
+    api.create_repo.return_value = "https://huggingface.co/someone/tiny-navit"
+    monkeypatch.setattr(push_to_hub, "HfApi", mock.MagicMock(return_value=api))
+    assert push_to_hub.main([str(model_dir), "--repo-id", "someone/tiny-navit", "--private"]) == 0
+
+    api.create_repo.assert_called_once_with(repo_id="someone/tiny-navit", repo_type="model", private=True, exist_ok=True)
+    api.upload_folder.assert_called_once()
+    kwargs = api.upload_folder.call_args.kwargs
+    assert kwargs["repo_id"] == "someone/tiny-navit" and kwargs["repo_type"] == "model"
+    assert Path(kwargs["folder_path"]) == model_dir
+    assert kwargs["allow_patterns"] == PUBLISHED
+    # what huggingface_hub would actually pick from the folder with those patterns
+    from huggingface_hub.utils import filter_repo_objects
+
+    chosen = sorted(filter_repo_objects([p.relative_to(model_dir).as_posix() for p in model_dir.rglob("*") if p.is_file()],
+                                        allow_patterns=kwargs["allow_patterns"]))
+    assert chosen == PUBLISHED
+
+
+def _expect_refusal(model_dir, monkeypatch, capsys, message):
+    monkeypatch.setattr(push_to_hub, "HfApi", _NoNetwork)
+    assert push_to_hub.main([str(model_dir), "--repo-id", "someone/tiny-navit"]) == 1
+    err = capsys.readouterr().err
+    assert message in err, err
+
+
+def test_refuses_pickle_files(model_dir, monkeypatch, capsys):
+    torch.save({"x": torch.zeros(1)}, model_dir / "pytorch_model.bin")
+    _expect_refusal(model_dir, monkeypatch, capsys, "Pickle files are not published")
+
+
+def test_refuses_missing_safetensors(model_dir, monkeypatch, capsys):
+    (model_dir / "model.safetensors").unlink()
+    _expect_refusal(model_dir, monkeypatch, capsys, "No model.safetensors")
+
+
+def test_refuses_processor_model_disagreement(model_dir, monkeypatch, capsys):
+    for name in ("preprocessor_config.json", "processor_config.json"):
+        data = json.loads((model_dir / name).read_text())
+        (data.get("image_processor") or data)["hidden_stride"] = 1
+        (model_dir / name).write_text(json.dumps(data))
+    _expect_refusal(model_dir, monkeypatch, capsys, "hidden_stride: processor 1 vs model 2")
+
+
+def test_refuses_diverging_processor_files(model_dir, monkeypatch, capsys):
+    data = json.loads((model_dir / "processor_config.json").read_text())
+    data["image_processor"]["max_pixels"] = 1024 * 1024
+    (model_dir / "processor_config.json").write_text(json.dumps(data))
+    _expect_refusal(model_dir, monkeypatch, capsys, "preprocessor_config.json and processor_config.json")
+
+
+def test_refuses_incomplete_weights(model_dir, monkeypatch, capsys):
+    tensors = load_file(model_dir / "model.safetensors")
+    del tensors["vision_model.head.probe"]
+    save_file(tensors, str(model_dir / "model.safetensors"), metadata={"format": "pt"})
+    _expect_refusal(model_dir, monkeypatch, capsys, "vision_model.head.probe")
+
+
+def test_refuses_missing_remote_code(model_dir, monkeypatch, capsys):
+    (model_dir / "modeling_siglip2_navit.py").unlink()
+    _expect_refusal(model_dir, monkeypatch, capsys, "Missing from")
+
+
+def test_refuses_card_without_front_matter(model_dir, monkeypatch, capsys):
+    (model_dir / "README.md").write_text("# a model\n")
+    _expect_refusal(model_dir, monkeypatch, capsys, "YAML front matter")
