@@ -590,6 +590,9 @@ def test_pack_by_token_budget_by_hand():
     assert pack_by_token_budget([5, 3, 8, 2, 9, 1], 10) == [[0, 1], [2, 3], [4, 5]]
     # oversize items are alone; the rest packs around them
     assert pack_by_token_budget([4, 50, 4, 30, 2], 10) == [[0, 2, 4], [1], [3]]
+    # FFD would need 3 groups here (6+4 | 4+3+3 | 3) but first fit in the given order needs 2:
+    # 3 -> A, 6 -> A (9), 4 -> B, 3 -> A (12), 4 -> B (8), 3 -> B (11); the better packing is returned
+    assert pack_by_token_budget([3, 6, 4, 3, 4, 3], 12) == [[0, 1, 3], [2, 4, 5]]
     assert pack_by_token_budget([], 10) == []
     assert pack_by_token_budget(np.array([3, 3, 3]), 6) == [[0, 1], [2]]
     assert pack_by_token_budget(torch.tensor([7]), 6) == [[0]]
