@@ -12,6 +12,7 @@ import importlib.util
 import inspect
 import json
 import os
+import re
 import shutil
 import sys
 import tempfile
@@ -222,15 +223,28 @@ def check_shapes(shapes: Mapping[str, Sequence[int]], expected: Mapping[str, Tup
 # ----------------------------------------------------------------------------------------------------------------------
 
 
-def model_card(base_model: Optional[str] = None) -> str:
-    """The repo's model card, with `base_model:` added to its YAML front matter when given."""
+def model_card(base_model: Optional[str] = None, source_note: Optional[str] = None) -> str:
+    """The repo's model card for a converted folder.
+
+    Sections between `<!-- source-repo-only:start -->` and `<!-- source-repo-only:end -->` (the fresh-clone commands,
+    "no weights here") are dropped; `base_model:` is added to the YAML front matter and `source_note` under the title.
+    """
     text = (REPO_ROOT / MODEL_CARD).read_text(encoding="utf-8")
+    text = re.sub(r"<!-- source-repo-only:start -->.*?<!-- source-repo-only:end -->\n", "", text, flags=re.S)
     if base_model and text.startswith("---\n") and "\nbase_model:" not in text.split("\n---", 2)[0]:
         text = f"---\nbase_model: {base_model}\n" + text[len("---\n") :]
+    if source_note:
+        text = re.sub(r"^(# .*\n)", lambda m: f"{m.group(1)}\n> {source_note}\n", text, count=1, flags=re.M)
     return text
 
 
-def save_model_folder(folder: Path, state_dict: Mapping[str, torch.Tensor], config, base_model: Optional[str] = None):
+def save_model_folder(
+    folder: Path,
+    state_dict: Mapping[str, torch.Tensor],
+    config,
+    base_model: Optional[str] = None,
+    source_note: Optional[str] = None,
+):
     """Write a complete Hub model folder into the (existing, empty) `folder`.
 
     Files: `model.safetensors`, `config.json` (with `auto_map`), `preprocessor_config.json` and
@@ -261,7 +275,7 @@ def save_model_folder(folder: Path, state_dict: Mapping[str, torch.Tensor], conf
     processor.save_pretrained(str(folder))
     for name in CODE_FILES:
         shutil.copyfile(REPO_ROOT / name, folder / name)
-    (folder / MODEL_CARD).write_text(model_card(base_model), encoding="utf-8")
+    (folder / MODEL_CARD).write_text(model_card(base_model, source_note), encoding="utf-8")
 
 
 def check_destination(dst: Path, src: Path, overwrite: bool) -> None:
@@ -312,11 +326,15 @@ def atomic_write_folder(dst, write: Callable[[Path], None], overwrite: bool = Fa
     return dst
 
 
-def convert_to_folder(src, dst, state_dict, config, overwrite=False, base_model=None) -> Path:
-    """Validate `state_dict` against `config`, then write DST atomically."""
+def convert_to_folder(src, dst, state_dict, config, script: str, overwrite=False, base_model=None) -> Path:
+    """Validate `state_dict` against `config`, then write DST atomically (`script` is named in the model card)."""
     shapes = {name: tuple(t.shape) for name, t in state_dict.items()}
     check_shapes(shapes, expected_shapes(config), f"Checkpoint {src}")
-    return atomic_write_folder(dst, lambda tmp: save_model_folder(tmp, state_dict, config, base_model), overwrite)
+    source = f"[{base_model}](https://huggingface.co/{base_model})" if base_model else f"`{Path(src).name}`"
+    note = f"Weights converted from {source} with `scripts/{script}`."
+    return atomic_write_folder(
+        dst, lambda tmp: save_model_folder(tmp, state_dict, config, base_model, note), overwrite
+    )
 
 
 def cast(state_dict: Dict[str, torch.Tensor], dtype: Optional[str]) -> Dict[str, torch.Tensor]:

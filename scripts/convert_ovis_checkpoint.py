@@ -96,7 +96,9 @@ def convert(src, dst, overwrite: bool = False, dtype: str = "keep", base_model=N
     )
     tensors = checkpoint.read(vit_keys, desc="Reading the vision tower")
     state_dict = utils.cast({names[key]: t for key, t in tensors.items()}, dtype)
-    return utils.convert_to_folder(src, dst, state_dict, config, overwrite=overwrite, base_model=base_model)
+    return utils.convert_to_folder(
+        src, dst, state_dict, config, Path(__file__).name, overwrite=overwrite, base_model=base_model
+    )
 
 
 def parse_args(argv=None) -> argparse.Namespace:

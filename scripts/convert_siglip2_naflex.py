@@ -188,7 +188,9 @@ def convert(src, dst, hidden_stride: int = 1, overwrite: bool = False, dtype: st
     state_dict = {names[key]: t for key, t in tensors.items()}
     state_dict[PATCH_EMBEDDING] = patch_embedding_to_conv(state_dict[PATCH_EMBEDDING], c, p)
     state_dict = utils.cast(state_dict, dtype)
-    return utils.convert_to_folder(src, dst, state_dict, config, overwrite=overwrite, base_model=base_model)
+    return utils.convert_to_folder(
+        src, dst, state_dict, config, Path(__file__).name, overwrite=overwrite, base_model=base_model
+    )
 
 
 def parse_args(argv=None) -> argparse.Namespace:

@@ -215,6 +215,10 @@ def test_ovis_dtype_and_base_model(tmp_path):
     card = (dst / "README.md").read_text()
     assert card.startswith("---\nbase_model: AIDC-AI/Ovis2.5-9B\n")
     assert "library_name: transformers" in card.split("\n---", 1)[0]
+    assert "Weights converted from [AIDC-AI/Ovis2.5-9B](https://huggingface.co/AIDC-AI/Ovis2.5-9B)" in card
+    # the source repository's fresh-clone section (scripts/, pip install -e .) does not belong in a model folder
+    assert "ci:demo" not in card and "source-repo-only" not in card and "No weights here" not in card
+    assert "## Quick start: processor → model → features" in card and "## Citation" in card
     model = AutoModel.from_pretrained(dst, trust_remote_code=True, dtype="auto")
     name = "vision_model.embeddings.patch_embedding.weight"
     assert model.state_dict()[name].dtype == torch.float32
