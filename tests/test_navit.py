@@ -654,3 +654,23 @@ def test_toy_objective_is_learnt_with_token_dropping():
         losses.append(loss.item())
     assert all(math.isfinite(v) for v in losses)
     assert losses[-1] < 0.5 * losses[0], losses
+
+
+def test_collated_samples_with_their_own_keep_indices_equal_per_sample_forwards():
+    """DataLoader flow: each sample draws its keep_indices, collate_packed offsets them; one packed forward ==
+    the per-sample forwards concatenated."""
+    processing = pytest.importorskip("siglip2_navit.image_processing_siglip2_navit")
+    if not hasattr(processing, "collate_packed"):
+        pytest.skip("collate_packed not available")
+    model = model_for("windowed-p2-s2-T2")
+    generator = torch.Generator().manual_seed(19)
+    samples = []
+    for i, grids in enumerate([[(1, 6, 4)], [(2, 4, 8), (1, 2, 2)], [(1, 10, 6)]]):
+        pixel_values, grid = packed_inputs(model.config, grids, seed=19 + i)
+        keep = model.sample_keep_indices(grid, 0.5, generator) if i != 1 else None  # sample 1 keeps everything
+        samples.append({"pixel_values": pixel_values, "grid_thws": grid, **({} if keep is None else {"keep_indices": keep})})
+    batch = processing.collate_packed(samples)
+    got = model(batch["pixel_values"], batch["grid_thws"], keep_indices=batch["keep_indices"]).last_hidden_state
+    want = torch.cat([model(s["pixel_values"], s["grid_thws"], keep_indices=s.get("keep_indices")).last_hidden_state
+                      for s in samples])
+    assert max_abs(got, want) <= 1e-5
