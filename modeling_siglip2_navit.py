@@ -15,6 +15,7 @@ Attention never sees a dense mask over the packed batch: `flash_attention_2` run
 equal-length sequences, `eager` does matmul + softmax per sequence (and can return the attention maps).
 """
 
+import functools
 import math
 from dataclasses import dataclass
 from typing import Callable, Optional, Sequence, Union
@@ -69,9 +70,11 @@ class PackedLayout:
     positions: torch.Tensor  # [K, 2] (row, col) of each token in working order, int64 on device
     pe_index: torch.Tensor  # [K] index into the concatenated resized PE tables, on device
     pe_sizes: tuple[tuple[int, int], ...]  # the (h, w) of each resized PE table, in concatenation order
+    pe_resize: tuple[tuple[torch.Tensor, torch.Tensor], ...]  # per table: ([h, P], [w, P]) resampling matrices
     full: AttentionPartition
     window: Optional[AttentionPartition]
     image_token_counts: tuple[int, ...]  # output tokens per image (for pooling)
+    frame_token_counts: tuple[int, ...]  # encoded tokens per frame
 
 
 def _partition(segment_ids: torch.Tensor, device: torch.device) -> AttentionPartition:
@@ -149,6 +152,19 @@ def _token_coordinates(grids: Sequence[tuple[int, int, int]], stride: int, windo
     return rows, cols, frame_ids, window_ids, image_ids
 
 
+@functools.lru_cache(maxsize=512)
+def _resize_matrix(size: int, side: int, mode: str, antialias: bool) -> torch.Tensor:
+    """[size, side] matrix of the 1-D resampling `F.interpolate` applies along one axis (align_corners=False).
+
+    Bilinear and bicubic resizing (with or without antialias) are separable and linear, so the resized PE table is
+    `A_h @ table @ A_w.T`; the matrices depend only on sizes, so they are cached while the weights stay live.
+    """
+    # channel k = unit impulse at row k; a few constant columns (antialias kernels degenerate on width 1)
+    basis = torch.eye(side, dtype=torch.float64).view(1, side, side, 1).expand(1, side, side, 4).contiguous()
+    resized = F.interpolate(basis, size=(size, 4), mode=mode, align_corners=False, antialias=antialias)
+    return resized[0, :, :, 0].T.to(torch.float32).contiguous()
+
+
 def build_packed_layout(
     grids: Sequence[tuple[int, int, int]],
     config: Siglip2NavitConfig,
@@ -193,7 +209,14 @@ def build_packed_layout(
         frame_width += [w] * t
     pe_index = torch.tensor(frame_table_offset)[frame_ids] + rows * torch.tensor(frame_width)[frame_ids] + cols
 
+    side = config.image_size // config.patch_size
+    pe_resize = tuple(
+        tuple(_resize_matrix(n, side, config.pe_interpolation, config.pe_antialias).to(device) for n in (h, w))
+        for h, w in pe_sizes
+    ) if config.preserve_original_pe else ()
+
     image_token_counts = torch.bincount(image_ids, minlength=len(grids)).tolist()
+    frame_token_counts = torch.bincount(frame_ids, minlength=sum(t for t, _, _ in grids)).tolist()
     return PackedLayout(
         grids=tuple(grids),
         num_tokens=num_tokens,
@@ -202,9 +225,11 @@ def build_packed_layout(
         positions=torch.stack([rows, cols], dim=-1).to(device),
         pe_index=pe_index.to(device),
         pe_sizes=tuple(pe_sizes),
+        pe_resize=pe_resize,
         full=_partition(frame_ids, device),
         window=_partition(window_ids, device) if has_windows else None,
         image_token_counts=tuple(image_token_counts),
+        frame_token_counts=tuple(frame_token_counts),
     )
 
 
@@ -532,31 +557,15 @@ class Siglip2NavitEmbeddings(nn.Module):
         self.position_embedding_size = config.image_size // config.patch_size
         if config.preserve_original_pe:
             self.position_embedding = nn.Embedding(self.position_embedding_size**2, config.hidden_size)
-        self._pe_cache: dict = {}
 
-    def resized_position_embedding(self, height: int, width: int) -> torch.Tensor:
-        """The learned PE table resized to (height, width) patches, raster order: [height·width, hidden]."""
+    def resized_position_embedding(self, resize_h: torch.Tensor, resize_w: torch.Tensor) -> torch.Tensor:
+        """The learned PE table resized by the layout's matrices ([h, P], [w, P]), raster order: [h·w, hidden]."""
         weight = self.position_embedding.weight
         side = self.position_embedding_size
-        cacheable = not (torch.is_grad_enabled() and weight.requires_grad) and not torch.compiler.is_compiling()
-        key = (height, width, weight.data_ptr(), weight._version, weight.device, weight.dtype)
-        if cacheable and key in self._pe_cache:
-            return self._pe_cache[key]
-        table = weight.reshape(side, side, -1).permute(2, 0, 1).unsqueeze(0).float()  # [1, hidden, P, P]
-        if (height, width) != (side, side) or self.config.pe_antialias:
-            table = F.interpolate(
-                table,
-                size=(height, width),
-                mode=self.config.pe_interpolation,
-                align_corners=False,
-                antialias=self.config.pe_antialias,
-            )
-        table = table[0].permute(1, 2, 0).reshape(height * width, -1).to(weight.dtype)
-        if cacheable:
-            if len(self._pe_cache) > 256:
-                self._pe_cache.clear()
-            self._pe_cache[key] = table
-        return table
+        table = weight.view(side, side, -1).float()  # [P, P, hidden]
+        table = torch.einsum("wq,pqd->pwd", resize_w, table)  # [P, w, hidden]
+        table = torch.einsum("hp,pwd->hwd", resize_h, table)  # [h, w, hidden]
+        return table.reshape(-1, weight.shape[-1]).to(weight.dtype)
 
     def forward(self, pixel_values: torch.Tensor, layout: PackedLayout) -> torch.Tensor:
         weight = self.patch_embedding.weight
@@ -565,7 +574,7 @@ class Siglip2NavitEmbeddings(nn.Module):
         pixel_values = pixel_values.to(device=weight.device, dtype=weight.dtype)
         embeddings = F.linear(pixel_values, weight.reshape(self.embed_dim, -1), self.patch_embedding.bias)  # [K, D]
         if self.config.preserve_original_pe:
-            tables = [self.resized_position_embedding(h, w) for h, w in layout.pe_sizes]
+            tables = [self.resized_position_embedding(a_h, a_w) for a_h, a_w in layout.pe_resize]
             table = tables[0] if len(tables) == 1 else torch.cat(tables, dim=0)
             embeddings = embeddings + table[layout.pe_index]
         return embeddings
@@ -911,9 +920,12 @@ class Siglip2NavitModel(Siglip2NavitPreTrainedModel):
         grids = validate_inputs(pixel_values, grid_thws, self.config, keep_indices)
         device = self.vision_model.embeddings.patch_embedding.weight.device
         layout = build_packed_layout(grids, self.config, device, keep_indices)
-        if self.config.vision_use_head and 0 in layout.image_token_counts:
-            empty = [i for i, n in enumerate(layout.image_token_counts) if n == 0]
-            raise ValueError(f"Images {empty} keep no tokens, so their pooled output is undefined (vision_use_head).")
+        if self.config.vision_use_head and 0 in layout.frame_token_counts:
+            empty = [i for i, n in enumerate(layout.frame_token_counts) if n == 0]
+            raise ValueError(
+                f"Frames {empty} (counted over all images) keep no tokens, so the pooled output of their image is "
+                "undefined (vision_use_head=True): keep at least one block per frame."
+            )
 
         outputs = self.vision_model(
             pixel_values, layout, output_attentions=output_attentions, output_hidden_states=output_hidden_states

@@ -71,3 +71,12 @@ def hub_folder(tmp_path):
         return write_hub_folder(model, tmp_path / "model")
 
     return make
+
+
+@pytest.fixture(autouse=True, scope="session")
+def _one_intra_op_thread():
+    """Tiny models are dispatch-bound: one thread is faster and keeps parallel test runs from oversubscribing."""
+    previous = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(previous)

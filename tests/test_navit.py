@@ -576,11 +576,6 @@ def test_pe_weight_updated_in_place_after_a_cached_forward_is_seen():
     _pe_update_is_seen(lambda weight, new: weight.detach().mul_(0.5).add_(new))  # EMA through detach()
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="BUG (reported): the PE cache is keyed on (data_ptr, _version); writes through `.data` (hand-written EMA, "
-    "`p.data.copy_`) do not bump the version, so a stale resized PE table is served",
-)
 def test_pe_weight_updated_through_data_after_a_cached_forward_is_seen():
     _pe_update_is_seen(lambda weight, new: weight.data.mul_(0.5).add_(new))  # classic EMA: ema.data.mul_().add_()
 
