@@ -367,10 +367,11 @@ def conversion_parser(description: str, src_help: str) -> argparse.ArgumentParse
     return parser
 
 
-def run_cli(main: Callable[[argparse.Namespace], Path], args: argparse.Namespace) -> int:
-    """Run a conversion; report a `ConversionError` as one clear line and exit code 1."""
+def run_cli(convert: Callable[..., Path], args: argparse.Namespace, **extra) -> int:
+    """Run `convert(src, dst, overwrite=, dtype=, base_model=, **extra)` from parsed `args`; report a
+    `ConversionError` as one clear line and exit code 1."""
     try:
-        dst = main(args)
+        dst = convert(args.src, args.dst, overwrite=args.overwrite, dtype=args.dtype, base_model=args.base_model, **extra)
     except ConversionError as err:
         print(f"error: {err}", file=sys.stderr)
         return 1

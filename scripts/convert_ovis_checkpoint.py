@@ -17,7 +17,6 @@ Example:
         --base-model AIDC-AI/Ovis2.5-9B
 """
 
-import argparse
 import sys
 from pathlib import Path
 from typing import Any, Dict, Tuple
@@ -101,19 +100,12 @@ def convert(src, dst, overwrite: bool = False, dtype: str = "keep", base_model=N
     )
 
 
-def parse_args(argv=None) -> argparse.Namespace:
+def main(argv=None) -> int:
     parser = utils.conversion_parser(
         description=__doc__,
         src_help="local Ovis2.5 model folder (model-*.safetensors + model.safetensors.index.json + config.json)",
     )
-    return parser.parse_args(argv)
-
-
-def main(argv=None) -> int:
-    args = parse_args(argv)
-    return utils.run_cli(
-        lambda a: convert(a.src, a.dst, overwrite=a.overwrite, dtype=a.dtype, base_model=a.base_model), args
-    )
+    return utils.run_cli(convert, parser.parse_args(argv))
 
 
 if __name__ == "__main__":

@@ -22,7 +22,6 @@ Example:
         --base-model google/siglip2-so400m-patch16-naflex
 """
 
-import argparse
 import math
 import sys
 from pathlib import Path
@@ -193,7 +192,7 @@ def convert(src, dst, hidden_stride: int = 1, overwrite: bool = False, dtype: st
     )
 
 
-def parse_args(argv=None) -> argparse.Namespace:
+def main(argv=None) -> int:
     parser = utils.conversion_parser(
         description=__doc__,
         src_help="local transformers Siglip2VisionModel or Siglip2Model folder (safetensors), e.g. siglip2-*-naflex",
@@ -204,17 +203,8 @@ def parse_args(argv=None) -> argparse.Namespace:
         default=1,
         help="token order of the converted model: 1 = raster (naflex), 2 = 2x2 blocks for an Ovis-style merger",
     )
-    return parser.parse_args(argv)
-
-
-def main(argv=None) -> int:
-    args = parse_args(argv)
-    return utils.run_cli(
-        lambda a: convert(
-            a.src, a.dst, hidden_stride=a.hidden_stride, overwrite=a.overwrite, dtype=a.dtype, base_model=a.base_model
-        ),
-        args,
-    )
+    args = parser.parse_args(argv)
+    return utils.run_cli(convert, args, hidden_stride=args.hidden_stride)
 
 
 if __name__ == "__main__":
