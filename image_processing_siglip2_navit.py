@@ -1151,7 +1151,71 @@ def sample_max_pixels(
     return budgets[0] if num_samples is None else budgets
 
 
+
+# ----------------------------------------------------------------------------------------------------------------------
+# interoperability: SigLIP2 naflex processor output -> packed inputs
+# ----------------------------------------------------------------------------------------------------------------------
+
+
+def naflex_to_packed(
+    pixel_values, pixel_attention_mask, spatial_shapes, hidden_stride: int = 1, num_channels: int = 3
+) -> Tuple["torch.Tensor", "torch.Tensor"]:
+    """Turn SigLIP2 naflex processor output into this model's packed `(pixel_values, grid_thws)`.
+
+    Args:
+        pixel_values: `[B, L, p·p·C]` padded patches, each flattened (row-in-patch, col-in-patch, channel), as
+            returned by transformers' `Siglip2ImageProcessor` (torch tensor or numpy array).
+        pixel_attention_mask: `[B, L]`, 1 for the real patches (the first `h·w` of each row), 0 for padding.
+        spatial_shapes: `[B, 2]` patch grid `(h, w)` of each image.
+        hidden_stride: the converted model's `config.hidden_stride`; with 2 the patches are put in 2x2-block order,
+            which needs even `h` and `w`.
+        num_channels: `C` (3 for RGB).
+
+    Returns:
+        `pixel_values` float `[Σ h·w, C·p·p]` with rows flattened (channel, row-in-patch, col-in-patch) and in
+        hidden_stride-block order, and `grid_thws` int64 `[B, 3]` = `(1, h, w)`.
+    """
+    pixel_values = torch.as_tensor(pixel_values)
+    mask = torch.as_tensor(pixel_attention_mask).bool()
+    shapes = torch.as_tensor(spatial_shapes).long().reshape(-1, 2)
+    if pixel_values.ndim != 3 or mask.shape != pixel_values.shape[:2] or shapes.shape[0] != pixel_values.shape[0]:
+        raise ValueError(
+            f"Expected pixel_values [B, L, p·p·C], pixel_attention_mask [B, L] and spatial_shapes [B, 2]; got "
+            f"{tuple(pixel_values.shape)}, {tuple(mask.shape)} and {tuple(torch.as_tensor(spatial_shapes).shape)}."
+        )
+    dim = pixel_values.shape[-1]
+    patch_size = math.isqrt(dim // num_channels)
+    if patch_size * patch_size * num_channels != dim:
+        raise ValueError(f"Patch rows of length {dim} are not p·p·{num_channels} for any integer patch size p.")
+    s = int(hidden_stride)
+    rows, grids = [], []
+    for i, (h, w) in enumerate(shapes.tolist()):
+        n = h * w
+        if n <= 0 or n > pixel_values.shape[1]:
+            raise ValueError(f"spatial_shapes[{i}] = {(h, w)} does not fit in {pixel_values.shape[1]} patches.")
+        if int(mask[i].sum()) != n or not bool(mask[i, :n].all()):
+            raise ValueError(
+                f"Image {i}: pixel_attention_mask must mark exactly its first h·w = {n} patches as real "
+                f"(got {int(mask[i].sum())} real patches)."
+            )
+        if h % s or w % s:
+            raise ValueError(
+                f"Image {i} has a {h}x{w} patch grid, not divisible by hidden_stride={s}: use a hidden_stride=1 "
+                f"model, or preprocess with this repo's Siglip2NavitImageProcessor."
+            )
+        patches = pixel_values[i, :n].reshape(h // s, s, w // s, s, patch_size, patch_size, num_channels)
+        # (block row, block col, r, c) token order; (channel, row-in-patch, col-in-patch) inside a row
+        patches = patches.permute(0, 2, 1, 3, 6, 4, 5).reshape(n, dim)
+        rows.append(patches)
+        grids.append((1, h, w))
+    return torch.cat(rows, dim=0), torch.tensor(grids, dtype=torch.long)
+
+
+# Reachable from a processor loaded with trust_remote_code: `processor.naflex_to_packed(...)`.
+Siglip2NavitImageProcessor.naflex_to_packed = staticmethod(naflex_to_packed)
+
 __all__ = [
+    "naflex_to_packed",
     "Siglip2NavitImageProcessor",
     "TokenCount",
     "collate_packed",
