@@ -70,7 +70,7 @@ class PackedLayout:
     positions: torch.Tensor  # [K, 2] (row, col) of each token in working order, int64 on device
     pe_index: torch.Tensor  # [K] index into the concatenated resized PE tables, on device
     pe_sizes: tuple[tuple[int, int], ...]  # the (h, w) of each resized PE table, in concatenation order
-    pe_resize: tuple[tuple[torch.Tensor, torch.Tensor], ...]  # per table: ([h, P], [w, P]) resampling matrices
+    pe_resize: tuple[tuple[torch.Tensor, torch.Tensor], ...]  # per table ([h, P], [w, P]); () = F.interpolate
     full: AttentionPartition
     window: Optional[AttentionPartition]
     image_token_counts: tuple[int, ...]  # output tokens per image (for pooling)
@@ -153,15 +153,14 @@ def _token_coordinates(grids: Sequence[tuple[int, int, int]], stride: int, windo
 
 
 @functools.lru_cache(maxsize=512)
-def _resize_matrix(size: int, side: int, mode: str, antialias: bool) -> torch.Tensor:
+def _resize_matrix(size: int, side: int, mode: str) -> torch.Tensor:
     """[size, side] matrix of the 1-D resampling `F.interpolate` applies along one axis (align_corners=False).
 
-    Bilinear and bicubic resizing (with or without antialias) are separable and linear, so the resized PE table is
-    `A_h @ table @ A_w.T`; the matrices depend only on sizes, so they are cached while the weights stay live.
+    Bilinear and bicubic resizing are separable and linear, so the resized PE table is `A_h @ table @ A_w.T`; the
+    matrices depend only on sizes, so they are cached while the weights stay live (and differentiable).
     """
-    # channel k = unit impulse at row k; a few constant columns (antialias kernels degenerate on width 1)
-    basis = torch.eye(side, dtype=torch.float64).view(1, side, side, 1).expand(1, side, side, 4).contiguous()
-    resized = F.interpolate(basis, size=(size, 4), mode=mode, align_corners=False, antialias=antialias)
+    basis = torch.eye(side, dtype=torch.float64).view(1, side, side, 1)  # channel k = unit impulse at row k
+    resized = F.interpolate(basis, size=(size, 1), mode=mode, align_corners=False)
     return resized[0, :, :, 0].T.to(torch.float32).contiguous()
 
 
@@ -209,11 +208,14 @@ def build_packed_layout(
         frame_width += [w] * t
     pe_index = torch.tensor(frame_table_offset)[frame_ids] + rows * torch.tensor(frame_width)[frame_ids] + cols
 
+    # Without antialias, resizing is separable and linear: cache its per-axis matrices. PyTorch's antialiased kernels
+    # are not separable for a 1-wide output, so antialias keeps F.interpolate on the live weight (exact naflex parity).
     side = config.image_size // config.patch_size
-    pe_resize = tuple(
-        tuple(_resize_matrix(n, side, config.pe_interpolation, config.pe_antialias).to(device) for n in (h, w))
-        for h, w in pe_sizes
-    ) if config.preserve_original_pe else ()
+    pe_resize = ()
+    if config.preserve_original_pe and not config.pe_antialias:
+        pe_resize = tuple(
+            tuple(_resize_matrix(n, side, config.pe_interpolation).to(device) for n in (h, w)) for h, w in pe_sizes
+        )
 
     image_token_counts = torch.bincount(image_ids, minlength=len(grids)).tolist()
     frame_token_counts = torch.bincount(frame_ids, minlength=sum(t for t, _, _ in grids)).tolist()
@@ -558,14 +560,28 @@ class Siglip2NavitEmbeddings(nn.Module):
         if config.preserve_original_pe:
             self.position_embedding = nn.Embedding(self.position_embedding_size**2, config.hidden_size)
 
-    def resized_position_embedding(self, resize_h: torch.Tensor, resize_w: torch.Tensor) -> torch.Tensor:
-        """The learned PE table resized by the layout's matrices ([h, P], [w, P]), raster order: [h·w, hidden]."""
+    def resized_position_embeddings(self, layout: PackedLayout) -> torch.Tensor:
+        """The learned PE table resized to each of `layout.pe_sizes`, raster order, concatenated: [Σ h·w, hidden]."""
         weight = self.position_embedding.weight
         side = self.position_embedding_size
         table = weight.view(side, side, -1).float()  # [P, P, hidden]
-        table = torch.einsum("wq,pqd->pwd", resize_w, table)  # [P, w, hidden]
-        table = torch.einsum("hp,pwd->hwd", resize_h, table)  # [h, w, hidden]
-        return table.reshape(-1, weight.shape[-1]).to(weight.dtype)
+        tables = []
+        if layout.pe_resize:
+            for resize_h, resize_w in layout.pe_resize:  # [h, P], [w, P]
+                resized = torch.einsum("wq,pqd->pwd", resize_w, table)  # [P, w, hidden]
+                tables.append(torch.einsum("hp,pwd->hwd", resize_h, resized).flatten(0, 1))  # [h·w, hidden]
+        else:
+            grid = table.permute(2, 0, 1).unsqueeze(0)  # [1, hidden, P, P]
+            for height, width in layout.pe_sizes:
+                resized = F.interpolate(
+                    grid,
+                    size=(height, width),
+                    mode=self.config.pe_interpolation,
+                    align_corners=False,
+                    antialias=self.config.pe_antialias,
+                )
+                tables.append(resized[0].flatten(1).T)  # [h·w, hidden]
+        return (tables[0] if len(tables) == 1 else torch.cat(tables, dim=0)).to(weight.dtype)
 
     def forward(self, pixel_values: torch.Tensor, layout: PackedLayout) -> torch.Tensor:
         weight = self.patch_embedding.weight
@@ -574,9 +590,7 @@ class Siglip2NavitEmbeddings(nn.Module):
         pixel_values = pixel_values.to(device=weight.device, dtype=weight.dtype)
         embeddings = F.linear(pixel_values, weight.reshape(self.embed_dim, -1), self.patch_embedding.bias)  # [K, D]
         if self.config.preserve_original_pe:
-            tables = [self.resized_position_embedding(a_h, a_w) for a_h, a_w in layout.pe_resize]
-            table = tables[0] if len(tables) == 1 else torch.cat(tables, dim=0)
-            embeddings = embeddings + table[layout.pe_index]
+            embeddings = embeddings + self.resized_position_embeddings(layout)[layout.pe_index]
         return embeddings
 
 

@@ -144,6 +144,16 @@ def test_matches_independent_reference(case):
     torch.testing.assert_close(out.hidden_states[-1].double(), ref_hidden, atol=2e-5, rtol=2e-5)
 
 
+@pytest.mark.parametrize("antialias", [True, False])
+def test_one_patch_wide_and_tall_images_match_reference(antialias):
+    """1-wide outputs: PyTorch's antialiased resize is not separable there, so the PE must still match F.interpolate."""
+    model = tiny_model(hidden_stride=1, pe_interpolation="bilinear", pe_antialias=antialias, **WINDOWED)
+    grids = [(1, 5, 1), (1, 1, 7), (1, 1, 1), (2, 3, 1)]
+    pixel_values, _ = packed_inputs(model.config, grids)
+    ref_last, _ = reference_forward(model, pixel_values, grids)
+    torch.testing.assert_close(run(model, pixel_values, grids).last_hidden_state.double(), ref_last, atol=2e-5, rtol=2e-5)
+
+
 @pytest.mark.parametrize("config", [dict(), WINDOWED], ids=["full", "windowed"])
 def test_eager_attention_maps_match_reference(config):
     model = tiny_model(attn_implementation="eager", **config)
