@@ -34,15 +34,6 @@ CONFIGS = {
 ALL_WINDOWED = dict(fullatt_block_indexes=[], window_size=8)  # every layer windowed, 2x2 blocks of 2x2 patches
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """Tiny models: intra-op threads only add contention on a shared CPU (10x slower at 2 threads under load)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 def enable_checkpointing(model, use_reentrant=False):
     """transformers 5.x names it activation_checkpointing_enable; 4.x gradient_checkpointing_enable."""
     kwargs = {"use_reentrant": use_reentrant}
