@@ -164,6 +164,7 @@ def _resize_matrix(size: int, side: int, mode: str) -> torch.Tensor:
     return resized[0, :, :, 0].T.to(torch.float32).contiguous()
 
 
+@torch.compiler.disable  # host-side planning: under torch.compile it runs eagerly instead of being traced per batch
 def build_packed_layout(
     grids: Sequence[tuple[int, int, int]],
     config: Siglip2NavitConfig,
@@ -257,6 +258,7 @@ def _grid_to_list(grid_thws: GridLike) -> list[tuple[int, int, int]]:
     return [tuple(int(v) for v in row) for row in grid.tolist()]  # the one host sync for the grid
 
 
+@torch.compiler.disable  # host-side checks, like build_packed_layout
 def validate_inputs(
     pixel_values: torch.Tensor,
     grid_thws: GridLike,
