@@ -1,0 +1,257 @@
+"""Performance properties that can be checked without timing (issue #6): host syncs per forward, torch.compile,
+memory growing linearly with the packed tokens, and a smoke run of scripts/benchmark.py. Speed itself is measured by
+the benchmark only (docs/benchmarks.md), never asserted here."""
+
+import importlib.util
+import os
+import sys
+from collections import Counter
+from pathlib import Path
+
+import pytest
+import torch
+from torch.utils._python_dispatch import TorchDispatchMode
+
+from conftest import packed_inputs, tiny_model
+
+
+REPO_ROOT = Path(__file__).resolve().parents[1]
+WINDOWED = dict(fullatt_block_indexes=[1])  # layer 0 windowed, layer 1 full
+GRIDS = [(1, 4, 6), (1, 6, 4), (1, 2, 2), (1, 8, 8), (1, 4, 6)]  # two equal lengths apart: exercises regrouping
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Host syncs: counted through the Python entry points a device->host read goes through
+# ---------------------------------------------------------------------------------------------------------------------
+
+SYNC_METHODS = ("item", "tolist", "__bool__", "__int__", "__float__", "__index__", "cpu", "numpy")
+
+
+class SyncCounter:
+    """Counts calls of tensor methods that force a device->host sync when the tensor lives on an accelerator.
+
+    On CPU nothing syncs, so this is a stand-in: every such call is counted, wherever the tensor lives. The layout is
+    planned once per forward on the host, so the count must be a small constant, the same for 2 and 6 layers.
+    """
+
+    def __init__(self, monkeypatch):
+        self.calls = Counter()
+        for name in SYNC_METHODS:
+            original = getattr(torch.Tensor, name)
+
+            def wrapper(tensor, *args, __name=name, __original=original, **kwargs):
+                self.calls[__name] += 1
+                return __original(tensor, *args, **kwargs)
+
+            monkeypatch.setattr(torch.Tensor, name, wrapper)
+
+    @property
+    def total(self) -> int:
+        return sum(self.calls.values())
+
+
+def count_syncs(monkeypatch, num_layers: int, backend: str, keep: bool = False, **config) -> Counter:
+    model = tiny_model(attn_implementation=backend, num_hidden_layers=num_layers, **config)
+    pixel_values, grid = packed_inputs(model.config, GRIDS)
+    keep_indices = model.sample_keep_indices(grid, 0.5, generator=torch.Generator().manual_seed(0)) if keep else None
+    with torch.no_grad():
+        model(pixel_values, grid, keep_indices=keep_indices)  # warm caches, imports
+        with monkeypatch.context() as patch:
+            counter = SyncCounter(patch)
+            model(pixel_values, grid, keep_indices=keep_indices)
+    return counter.calls
+
+
+@pytest.mark.parametrize("keep", [False, True], ids=["all-tokens", "keep_indices"])
+@pytest.mark.parametrize("config", [dict(), WINDOWED], ids=["full", "windowed"])
+@pytest.mark.parametrize("backend", ["sdpa", "eager"])
+def test_host_syncs_per_forward_do_not_depend_on_layer_count(monkeypatch, backend, config, keep):
+    two = count_syncs(monkeypatch, 2, backend, keep, **config)
+    six = count_syncs(monkeypatch, 6, backend, keep, **config)
+    assert two == six, f"syncs grow with the layer count: 2 layers {dict(two)}, 6 layers {dict(six)}"
+    assert sum(six.values()) <= 16, dict(six)
+
+
+def test_sync_counter_sees_a_per_layer_sync(monkeypatch):
+    """The counter is not blind: the reference design (one .item() per layer) is caught."""
+    model = tiny_model(num_hidden_layers=3)
+    pixel_values, grid = packed_inputs(model.config, GRIDS)
+    for layer in model.vision_model.encoder.layers:
+        layer.register_forward_pre_hook(lambda module, args: [args[2].cu_seqlens.diff().max().item()] and None)
+    with torch.no_grad():
+        base = count_syncs(monkeypatch, 3, "sdpa")
+        with monkeypatch.context() as patch:
+            counter = SyncCounter(patch)
+            model(pixel_values, grid)
+    assert counter.total == sum(base.values()) + 3
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+@pytest.mark.gpu
+def test_no_sync_inside_the_layer_loop_on_cuda():
+    """On CUDA: with the layout planned, running the encoder layers never synchronizes."""
+    model = tiny_model().cuda()
+    pixel_values, grid = packed_inputs(model.config, GRIDS)
+    from siglip2_navit.modeling_siglip2_navit import build_packed_layout
+
+    layout = build_packed_layout([tuple(g) for g in grid.tolist()], model.config, torch.device("cuda"))
+    with torch.no_grad():
+        hidden = model.vision_model.embeddings(pixel_values.cuda(), layout)
+        torch.cuda.synchronize()
+        torch.cuda.set_sync_debug_mode("error")
+        try:
+            model.vision_model.encoder(hidden, layout)
+        finally:
+            torch.cuda.set_sync_debug_mode("default")
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# torch.compile
+# ---------------------------------------------------------------------------------------------------------------------
+
+
+def _layer_inputs(model, grids):
+    from siglip2_navit.modeling_siglip2_navit import build_packed_layout, get_packed_attention_interface, rope_cos_sin
+
+    pixel_values, grid = packed_inputs(model.config, grids)
+    layout = build_packed_layout(grids, model.config, torch.device("cpu"))
+    hidden = model.vision_model.embeddings(pixel_values, layout)
+    head_dim = model.config.hidden_size // model.config.num_attention_heads
+    rope = rope_cos_sin(layout.positions, head_dim, model.config.rope_theta)
+    return hidden, rope, layout, get_packed_attention_interface(model.config._attn_implementation)
+
+
+@pytest.mark.parametrize("config", [dict(), WINDOWED], ids=["full", "windowed"])
+def test_encoder_layer_compiles_without_graph_breaks(config):
+    """Every encoder layer traces as one graph (fullgraph=True) on packed inputs; same output as eager mode."""
+    torch._dynamo.reset()
+    model = tiny_model(**config)
+    with torch.no_grad():
+        hidden, rope, layout, attention = _layer_inputs(model, GRIDS)
+        for layer in model.vision_model.encoder.layers:
+            partition = layout.full if layer.full_attention else layout.window
+            compiled = torch.compile(layer, fullgraph=True, dynamic=True, backend="aot_eager")
+            expected, _ = layer(hidden, rope, partition, attention)
+            actual, _ = compiled(hidden, rope, partition, attention)
+            torch.testing.assert_close(actual, expected, atol=1e-5, rtol=1e-5)
+
+
+def _check_compiled_model(backend: str) -> None:
+    torch._dynamo.reset()
+    model = tiny_model()
+    compiled = torch.compile(model, dynamic=True, backend=backend)
+    with torch.no_grad():
+        for grids in (GRIDS, [(1, 6, 8), (1, 2, 4)]):  # two token counts: dynamic shapes, no per-batch recompiles
+            pixel_values, grid = packed_inputs(model.config, grids)
+            expected = model(pixel_values, grid).last_hidden_state
+            actual = compiled(pixel_values, grid).last_hidden_state
+            torch.testing.assert_close(actual, expected, atol=1e-4, rtol=1e-4)
+
+
+def test_compiled_model_matches_eager_and_encoder_is_one_graph():
+    """torch.compile(model, dynamic=True) matches eager mode (fp32, 1e-4) on two batches of different token counts;
+    the whole encoder (every layer, windowed and full) traces without a single graph break. The aot_eager backend
+    runs everything inductor sees (dynamo capture + AOT autograd) without C++ code generation, so it stays fast."""
+    _check_compiled_model("aot_eager")
+    model = tiny_model(**WINDOWED)
+    hidden, rope, layout, _ = _layer_inputs(model, GRIDS)
+    with torch.no_grad():
+        explanation = torch._dynamo.explain(model.vision_model.encoder)(hidden, layout)
+    assert explanation.graph_break_count == 0, explanation.break_reasons
+    assert explanation.graph_count == 1
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(
+    os.environ.get("SIGLIP2_NAVIT_SLOW_TESTS") != "1",
+    reason="inductor C++ codegen takes ~2 min on 2 CPU cores; set SIGLIP2_NAVIT_SLOW_TESTS=1 (the benchmark also checks it)",
+)
+def test_compiled_model_matches_eager_with_inductor():
+    _check_compiled_model("inductor")
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Memory: linear in the packed tokens
+# ---------------------------------------------------------------------------------------------------------------------
+
+
+class BytesAllocated(TorchDispatchMode):
+    """Sums the bytes of every tensor an op produces, and the largest one."""
+
+    def __init__(self):
+        super().__init__()
+        self.total = 0
+        self.largest = 0
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        for t in out if isinstance(out, (tuple, list)) else (out,):
+            if isinstance(t, torch.Tensor) and not t._is_view():
+                size = t.numel() * t.element_size()
+                self.total += size
+                self.largest = max(self.largest, size)
+        return out
+
+
+@pytest.mark.parametrize("config", [dict(), WINDOWED], ids=["full", "windowed"])
+@pytest.mark.parametrize("backend", ["sdpa", "eager"])
+def test_memory_traffic_is_linear_in_the_number_of_images(backend, config):
+    """64 images allocate ~4× what 16 images do (no N² term), and the largest tensor does not grow at all."""
+    model = tiny_model(attn_implementation=backend, **config)
+    measured = {}
+    for n in (16, 64):
+        pixel_values, grid = packed_inputs(model.config, [(1, 6, 6)] * n)
+        with torch.no_grad(), BytesAllocated() as mode:
+            model(pixel_values, grid)
+        measured[n] = mode
+    assert measured[64].total <= 4.2 * measured[16].total, (measured[64].total, measured[16].total)
+    assert measured[64].largest <= 4 * measured[16].largest
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# scripts/benchmark.py: the CPU run of every code path, GPU-only contenders included (stand-in for the GPU run)
+# ---------------------------------------------------------------------------------------------------------------------
+
+
+def _load_benchmark():
+    spec = importlib.util.spec_from_file_location("siglip2_navit_benchmark", REPO_ROOT / "scripts" / "benchmark.py")
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_benchmark_smoke(tmp_path, monkeypatch):
+    benchmark = _load_benchmark()
+    monkeypatch.setattr(benchmark, "SMALL", dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=2))
+    monkeypatch.setattr(
+        benchmark,
+        "workloads",
+        lambda quick: [
+            benchmark.Workload("mixed", benchmark.mixed_sizes(3, 32, 96), min_pixels=32 * 32, max_pixels=128 * 128),
+            *[benchmark.Workload(f"scaling-{n}", [(64, 64)] * n, min_pixels=32 * 32, max_pixels=128 * 128) for n in (1, 2)],
+        ],
+    )
+    report = benchmark.main(
+        ["--quick", "--repeats", "1", "--all-contenders", "--out", str(tmp_path), "--threads", "1"]
+    )
+    names = {c["name"] for w in report["workloads"] for c in w["contenders"]}
+    assert {"packed-sdpa", "packed-eager", "per-image-sdpa", "naflex-padded", "packed-sdpa-sync-per-layer"} <= names
+    for workload in report["workloads"]:
+        assert workload["naflex_max_abs_diff"] < 1e-4  # same weights, same math: the baseline is a fair one
+        for contender in workload["contenders"]:
+            assert contender["median_s"] > 0 and contender["tokens_per_s"] > 0
+    assert report["token_dropping"]["kept_tokens"] < report["token_dropping"]["tokens"]
+    assert (tmp_path / "benchmark.json").exists() and (tmp_path / "benchmark.md").exists()
+    assert "| mixed |" in (tmp_path / "benchmark.md").read_text()
+
+
+def test_flops_formula_counts_dense_and_attention_matmuls():
+    benchmark = _load_benchmark()
+    from siglip2_navit.configuration_siglip2_navit import Siglip2NavitConfig
+
+    config = Siglip2NavitConfig(hidden_size=8, intermediate_size=16, num_hidden_layers=3, num_attention_heads=2, patch_size=2)
+    grids = [(1, 2, 4), (2, 2, 2)]  # sequences of 8, 4, 4 tokens
+    tokens, patch = 16, 3 * 2 * 2
+    expected = 2 * tokens * patch * 8 + 3 * (tokens * (8 * 8 * 8 + 4 * 8 * 16) + 4 * 8 * (8 * 8 + 4 * 4 + 4 * 4))
+    assert benchmark.model_flops(grids, config) == expected
