@@ -647,11 +647,24 @@ class Siglip2NavitMLP(nn.Module):
     def __init__(self, config: Siglip2NavitConfig):
         super().__init__()
         self.activation_fn = ACT2FN[config.hidden_act]
+        self.inplace_gelu_tanh = config.hidden_act == "gelu_pytorch_tanh"
         self.fc1 = nn.Linear(config.hidden_size, config.intermediate_size)
         self.fc2 = nn.Linear(config.intermediate_size, config.hidden_size)
 
     def forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
-        return self.fc2(self.activation_fn(self.fc1(hidden_states)))
+        hidden_states = self.fc1(hidden_states)  # [K, intermediate]
+        if (
+            self.inplace_gelu_tanh
+            and not (torch.is_grad_enabled() and hidden_states.requires_grad)
+            and not self.fc1._forward_hooks
+        ):
+            # Inference: GELU in place on fc1's fresh output (same math as ACT2FN["gelu_pytorch_tanh"]): one [K, I]
+            # buffer less at peak and ~half the activation's memory traffic. Skipped when autograd or an fc1 forward
+            # hook could still see that tensor.
+            hidden_states = torch.ops.aten.gelu_(hidden_states, approximate="tanh")
+        else:
+            hidden_states = self.activation_fn(hidden_states)
+        return self.fc2(hidden_states)
 
 
 class Siglip2NavitEncoderLayer(nn.Module):

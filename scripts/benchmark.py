@@ -4,8 +4,9 @@
 
 Every contender runs the *same weights* on the *same images* in one process:
 
-    packed-sdpa / packed-eager   this model, all images packed into one sequence, per attention backend
-    packed-flash / packed-varlen  (CUDA only) flash-attn varlen / torch's varlen kernel through the sdpa backend
+    packed-sdpa / packed-eager   this model, all images packed into one sequence, per attention backend (on CUDA
+                                  in half precision, packed-sdpa is torch's varlen kernel)
+    packed-flash                  (CUDA, when flash-attn is installed) flash-attn varlen
     packed-sdpa-sync-per-layer    (CUDA only) the reference design: one host sync per encoder layer
     per-image-sdpa                this model called once per image (no packing)
     naflex-padded                 transformers' Siglip2VisionModel on the padded batch (max_num_patches = largest

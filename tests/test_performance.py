@@ -255,3 +255,19 @@ def test_flops_formula_counts_dense_and_attention_matmuls():
     tokens, patch = 16, 3 * 2 * 2
     expected = 2 * tokens * patch * 8 + 3 * (tokens * (8 * 8 * 8 + 4 * 8 * 16) + 4 * 8 * (8 * 8 + 4 * 4 + 4 * 4))
     assert benchmark.model_flops(grids, config) == expected
+
+
+def test_inplace_gelu_matches_the_activation_and_spares_hooked_outputs():
+    """Inference runs GELU in place on fc1's output: same values as ACT2FN, and never when a hook or autograd sees it."""
+    mlp = tiny_model().vision_model.encoder.layers[0].mlp
+    x = torch.randn(10, mlp.fc1.in_features)
+    expected = mlp.fc2(mlp.activation_fn(mlp.fc1(x)))
+    with torch.no_grad():
+        torch.testing.assert_close(mlp(x), expected, rtol=0, atol=0)
+    seen = []
+    handle = mlp.fc1.register_forward_hook(lambda module, args, out: seen.append(out))
+    with torch.no_grad():
+        mlp(x)
+    handle.remove()
+    torch.testing.assert_close(seen[0], mlp.fc1(x).detach())  # not overwritten by the activation
+    assert mlp(x).requires_grad  # training path: out of place, differentiable
