@@ -392,6 +392,16 @@ def _torch_varlen_attention() -> Optional[Callable]:
     return varlen_attn
 
 
+def _torch_varlen_usable(query: torch.Tensor, dropout: float) -> bool:
+    """The varlen kernel runs half precision on CUDA, without dropout (it has none)."""
+    return (
+        query.is_cuda
+        and query.dtype in (torch.float16, torch.bfloat16)
+        and dropout == 0.0
+        and _torch_varlen_attention() is not None
+    )
+
+
 def sdpa_packed_attention(
     module: nn.Module,
     query: torch.Tensor,
@@ -403,12 +413,12 @@ def sdpa_packed_attention(
     output_attentions: bool = False,
 ) -> tuple[torch.Tensor, None]:
     """torch varlen kernel on CUDA half precision; else one SDPA call per group of equal-length sequences."""
-    if query.is_cuda and query.dtype in (torch.float16, torch.bfloat16) and dropout == 0.0:
-        varlen_attn = _torch_varlen_attention()
-        if varlen_attn is not None:
-            cu = partition.cu_seqlens
-            out = varlen_attn(query, key, value, cu, cu, partition.max_seqlen, partition.max_seqlen, scale=scaling)
-            return out, None
+    if _torch_varlen_usable(query, dropout):
+        cu = partition.cu_seqlens
+        out = _torch_varlen_attention()(
+            query, key, value, cu, cu, partition.max_seqlen, partition.max_seqlen, scale=scaling
+        )
+        return out, None
 
     def kernel(q, k, v):
         return F.scaled_dot_product_attention(q, k, v, dropout_p=dropout, scale=scaling), None

@@ -658,3 +658,21 @@ def test_functions_registered_with_transformers_attention_interface(monkeypatch)
     model.config._attn_implementation = "no_such_backend"
     with pytest.raises((ValueError, KeyError), match="no_such_backend"):
         model(pixel_values, grid)
+
+
+def test_sdpa_uses_torch_varlen_kernel_with_the_packed_partition(monkeypatch):
+    """The CUDA branch of `sdpa` (torch.nn.attention.varlen) gets the right cu_seqlens/max_seqlen/scale (CPU stand-in)."""
+    calls = []
+
+    def fake_varlen_attn(query, key, value, cu_q, cu_k, max_q, max_k, *, scale=None):
+        calls.append((cu_q.dtype, max_q))
+        return cpu_flash_varlen(query, key, value, cu_q, cu_k, max_q, max_k, softmax_scale=scale)
+
+    model = tiny_model(**WINDOWED)
+    pixel_values, grid = packed_inputs(model.config, ODD_GRIDS)
+    want = model(pixel_values, grid).last_hidden_state
+    monkeypatch.setattr(modeling, "_torch_varlen_usable", lambda query, dropout: dropout == 0.0)
+    monkeypatch.setattr(modeling, "_torch_varlen_attention", lambda: fake_varlen_attn)
+    torch.testing.assert_close(model(pixel_values, grid).last_hidden_state, want, atol=1e-5, rtol=1e-5)
+    assert len(calls) == model.config.num_hidden_layers and all(dtype == torch.int32 for dtype, _ in calls)
+    assert {max_q for _, max_q in calls} == {14 * 8, 36}  # largest frame (full layer), largest 6×6 window
