@@ -1,5 +1,6 @@
 """Siglip2NavitModel: packing, backends, an independent reference of SPEC §4, loading, training, bad inputs."""
 
+import importlib.util
 import math
 import shutil
 
@@ -291,11 +292,8 @@ def test_set_attn_implementation_switches_backend_at_runtime(hub_folder):
     torch.testing.assert_close(model(pixel_values, grid).last_hidden_state, sdpa_out, atol=1e-5, rtol=1e-5)
 
 
+@pytest.mark.skipif(importlib.util.find_spec("flash_attn") is not None, reason="flash-attn is installed here")
 def test_flash_attention_without_flash_attn_is_a_clear_error(hub_folder, monkeypatch):
-    import importlib.util
-
-    if importlib.util.find_spec("flash_attn") is not None:
-        pytest.skip("flash-attn is installed here")
     monkeypatch.delitem(modeling._FLASH_VARLEN, "fn", raising=False)
     model = tiny_model()
     model.config._attn_implementation = "flash_attention_2"
