@@ -26,7 +26,12 @@ sys.path.insert(0, str(ROOT / "scripts"))
 import _checkpoint_utils as utils  # noqa: E402
 import convert_ovis_checkpoint  # noqa: E402
 import convert_siglip2_naflex  # noqa: E402
+import transformers  # noqa: E402
 from transformers import AutoConfig, AutoModel  # noqa: E402
+
+
+# `dtype=` is transformers 5.x's name for 4.x's `torch_dtype=`
+DTYPE_KWARG = "dtype" if int(transformers.__version__.split(".")[0]) >= 5 else "torch_dtype"
 
 
 # ----------------------------------------------------------------------------------------------------------------------
@@ -197,7 +202,7 @@ def test_ovis_conversion_round_trip(tmp_path, monkeypatch):
         )
     assert (dst / "README.md").read_text().startswith("---\n")
 
-    model = AutoModel.from_pretrained(dst, trust_remote_code=True, dtype="auto")
+    model = AutoModel.from_pretrained(dst, trust_remote_code=True, **{DTYPE_KWARG: "auto"})
     assert type(model).__name__ == "Siglip2NavitModel"
     state = model.state_dict()
     assert set(state) == set(source)
@@ -219,7 +224,7 @@ def test_ovis_dtype_and_base_model(tmp_path):
     # the source repository's fresh-clone section (scripts/, pip install -e .) does not belong in a model folder
     assert "ci:demo" not in card and "source-repo-only" not in card and "No weights here" not in card
     assert "## Quick start: processor → model → features" in card and "## Citation" in card
-    model = AutoModel.from_pretrained(dst, trust_remote_code=True, dtype="auto")
+    model = AutoModel.from_pretrained(dst, trust_remote_code=True, **{DTYPE_KWARG: "auto"})
     name = "vision_model.embeddings.patch_embedding.weight"
     assert model.state_dict()[name].dtype == torch.float32
     assert torch.equal(model.state_dict()[name], source[name].float())
@@ -361,9 +366,12 @@ def naflex_source(tmp_path_factory):
 
 
 def _naflex_inputs(max_num_patches):
-    from transformers.models.siglip2 import image_processing_pil_siglip2
+    try:  # transformers 5.x: the PIL backend has its own class
+        from transformers.models.siglip2.image_processing_pil_siglip2 import Siglip2ImageProcessorPil as processor_cls
+    except ImportError:  # 4.x: Siglip2ImageProcessor is the PIL one
+        from transformers import Siglip2ImageProcessor as processor_cls
 
-    processor = image_processing_pil_siglip2.Siglip2ImageProcessorPil(patch_size=16, max_num_patches=max_num_patches)
+    processor = processor_cls(patch_size=16, max_num_patches=max_num_patches)
     images = [Image.open(ROOT / "examples" / name).convert("RGB") for name in NAFLEX_IMAGES]
     return processor(images, return_tensors="pt")
 
