@@ -52,7 +52,6 @@ class AttentionPartition:
 
     cu_seqlens: torch.Tensor  # [n_seq + 1] int32, on the model's device
     max_seqlen: int
-    seq_lens: tuple[int, ...]
     batches: tuple[tuple[int, int], ...]  # (seq_len, n_seqs) in grouped order
     group_index: Optional[torch.Tensor]  # [K] working -> grouped order, or None
     group_inverse: Optional[torch.Tensor]  # [K] grouped -> working order, or None
@@ -63,8 +62,6 @@ class AttentionPartition:
 class PackedLayout:
     """Host-side description of one packed batch (computed once per forward, shared by every layer)."""
 
-    grids: tuple[tuple[int, int, int], ...]
-    num_tokens: int  # K: tokens that are encoded
     token_rows: Optional[torch.Tensor]  # [K] rows of pixel_values in working order, None = all rows in order
     restore_index: Optional[torch.Tensor]  # [K] working -> output order, None = identity
     positions: torch.Tensor  # [K, 2] (row, col) of each token in working order, int64 on device
@@ -109,7 +106,6 @@ def _partition(segment_ids: torch.Tensor, device: torch.device) -> AttentionPart
     return AttentionPartition(
         cu_seqlens=torch.tensor(cu, dtype=torch.int32, device=device),
         max_seqlen=max(seq_lens),
-        seq_lens=seq_lens,
         batches=batches,
         group_index=group_index,
         group_inverse=group_inverse,
@@ -177,7 +173,6 @@ def build_packed_layout(
     if keep_indices is not None:
         rows, cols, frame_ids = rows[keep_indices], cols[keep_indices], frame_ids[keep_indices]
         window_ids, image_ids = window_ids[keep_indices], image_ids[keep_indices]
-    num_tokens = rows.shape[0]
 
     has_windows = not all(config.is_full_attention_layer(i) for i in range(config.num_hidden_layers))
     working = None
@@ -185,7 +180,7 @@ def build_packed_layout(
         # Window-major order keeps every frame contiguous and makes every window contiguous (Ovis/Qwen2.5-VL style),
         # so no layer has to move tokens around; the output is put back in input order once at the end.
         order = torch.argsort(window_ids, stable=True)
-        if not torch.equal(order, torch.arange(num_tokens)):
+        if not torch.equal(order, torch.arange(order.shape[0])):
             working = order
     if working is not None:
         rows, cols, frame_ids, window_ids = rows[working], cols[working], frame_ids[working], window_ids[working]
@@ -221,8 +216,6 @@ def build_packed_layout(
     image_token_counts = torch.bincount(image_ids, minlength=len(grids)).tolist()
     frame_token_counts = torch.bincount(frame_ids, minlength=sum(t for t, _, _ in grids)).tolist()
     return PackedLayout(
-        grids=tuple(grids),
-        num_tokens=num_tokens,
         token_rows=None if token_rows is None else token_rows.to(device),
         restore_index=None if working is None else torch.argsort(working).to(device),
         positions=torch.stack([rows, cols], dim=-1).to(device),
@@ -258,6 +251,17 @@ def _grid_to_list(grid_thws: GridLike) -> list[tuple[int, int, int]]:
     return [tuple(int(v) for v in row) for row in grid.tolist()]  # the one host sync for the grid
 
 
+def _check_grids(grids: Sequence[tuple[int, int, int]], stride: int) -> None:
+    for i, (t, h, w) in enumerate(grids):
+        if t <= 0 or h <= 0 or w <= 0:
+            raise ValueError(f"`grid_thws[{i}]` = {(t, h, w)}: t, h and w must all be positive.")
+        if h % stride or w % stride:
+            raise ValueError(
+                f"`grid_thws[{i}]` = {(t, h, w)}: h and w must be divisible by hidden_stride={stride} "
+                "(tokens are ordered in hidden_stride × hidden_stride blocks)."
+            )
+
+
 @torch.compiler.disable  # host-side checks, like build_packed_layout
 def validate_inputs(
     pixel_values: torch.Tensor,
@@ -286,14 +290,7 @@ def validate_inputs(
 
     grids = _grid_to_list(grid_thws)
     stride = config.hidden_stride
-    for i, (t, h, w) in enumerate(grids):
-        if t <= 0 or h <= 0 or w <= 0:
-            raise ValueError(f"`grid_thws[{i}]` = {(t, h, w)}: t, h and w must all be positive.")
-        if h % stride or w % stride:
-            raise ValueError(
-                f"`grid_thws[{i}]` = {(t, h, w)}: h and w must be divisible by hidden_stride={stride} "
-                "(tokens are ordered in hidden_stride × hidden_stride blocks)."
-            )
+    _check_grids(grids, stride)
     total = sum(t * h * w for t, h, w in grids)
     if total != pixel_values.shape[0]:
         raise ValueError(
@@ -985,12 +982,10 @@ class Siglip2NavitModel(Siglip2NavitPreTrainedModel):
             raise ValueError(f"`drop_rate` must be in [0, 1], got {drop_rate}.")
         stride = self.config.hidden_stride
         group = stride * stride
+        grids = _grid_to_list(grid_thws)
+        _check_grids(grids, stride)
         kept, offset = [], 0
-        for i, (t, h, w) in enumerate(_grid_to_list(grid_thws)):
-            if t <= 0 or h <= 0 or w <= 0 or h % stride or w % stride:
-                raise ValueError(
-                    f"`grid_thws[{i}]` = {(t, h, w)}: t, h, w must be positive and h, w divisible by {stride}."
-                )
+        for t, h, w in grids:
             groups = (h // stride) * (w // stride)
             n_keep = max(1, groups - round(drop_rate * groups))
             for _ in range(t):
