@@ -55,20 +55,14 @@ import torch.nn.functional as F
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 
-try:  # installed package (pip install -e .)
-    from siglip2_navit.configuration_siglip2_navit import Siglip2NavitConfig
-    from siglip2_navit.image_processing_siglip2_navit import Siglip2NavitImageProcessor
-    from siglip2_navit.modeling_siglip2_navit import Siglip2NavitModel
-except ImportError:  # running from a bare checkout: import the repo root as the package
-    _spec = importlib.util.spec_from_file_location(
-        "siglip2_navit", REPO_ROOT / "__init__.py", submodule_search_locations=[str(REPO_ROOT)]
-    )
-    _module = importlib.util.module_from_spec(_spec)
-    sys.modules["siglip2_navit"] = _module
-    _spec.loader.exec_module(_module)
-    from siglip2_navit.configuration_siglip2_navit import Siglip2NavitConfig
-    from siglip2_navit.image_processing_siglip2_navit import Siglip2NavitImageProcessor
-    from siglip2_navit.modeling_siglip2_navit import Siglip2NavitModel
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+import _checkpoint_utils  # noqa: E402
+
+
+_checkpoint_utils.import_package()  # the installed package, or this checkout's root registered as `siglip2_navit`
+from siglip2_navit.configuration_siglip2_navit import Siglip2NavitConfig  # noqa: E402
+from siglip2_navit.image_processing_siglip2_navit import Siglip2NavitImageProcessor  # noqa: E402
+from siglip2_navit.modeling_siglip2_navit import Siglip2NavitModel  # noqa: E402
 
 
 # ----------------------------------------------------------------------------------------------------------------------
