@@ -17,6 +17,7 @@ equal-length sequences, `eager` does matmul + softmax per sequence (and can retu
 
 import functools
 import math
+import re
 from dataclasses import dataclass
 from typing import Callable, Optional, Sequence, Union
 
@@ -47,14 +48,16 @@ class AttentionPartition:
 
     Sequences (frames or windows) are contiguous in the working order; `cu_seqlens` delimits them. For kernels that
     need equal lengths, `batches` lists runs of `n` sequences of length `L` in the *grouped* order, which is the
-    working order itself when `group_index` is None, else `working[group_index]`.
+    working order itself unless `regroup`, else `working[group_index]`.
     """
 
     cu_seqlens: torch.Tensor  # [n_seq + 1] int32, on the model's device
+    cu_seqlens_host: torch.Tensor  # [n_seq + 1] int64, CPU: read without a device sync
     max_seqlen: int
     batches: tuple[tuple[int, int], ...]  # (seq_len, n_seqs) in grouped order
-    group_index: Optional[torch.Tensor]  # [K] working -> grouped order, or None
-    group_inverse: Optional[torch.Tensor]  # [K] grouped -> working order, or None
+    regroup: bool  # whether equal-length sequences must be gathered together (else group_index is the identity)
+    group_index: torch.Tensor  # [K] working -> grouped order, on device
+    group_inverse: torch.Tensor  # [K] grouped -> working order, on device
     grouped_seq_order: tuple[int, ...]  # sequence ids in grouped order
 
 
@@ -74,16 +77,12 @@ class PackedLayout:
     frame_token_counts: tuple[int, ...]  # encoded tokens per frame
 
 
-def _partition(segment_ids: torch.Tensor, device: torch.device) -> AttentionPartition:
-    """Partition tokens by `segment_ids` (CPU, non-decreasing runs: every segment is contiguous)."""
-    _, counts = torch.unique_consecutive(segment_ids, return_counts=True)
-    seq_lens = tuple(counts.tolist())
-    cu = [0]
-    for length in seq_lens:
-        cu.append(cu[-1] + length)
+def _batch_plan(seq_lens: Sequence[int]) -> tuple[tuple[tuple[int, int], ...], Optional[tuple[int, ...]]]:
+    """Batches (seq_len, n_seqs) of equal-length sequences, and the sequence order that groups them (None: as is).
 
-    # Runs of consecutive equal-length sequences can be batched without moving tokens; when a length appears in
-    # more than one run, gather the sequences of each length together (stable, so output order is recoverable).
+    Runs of consecutive equal-length sequences are batched without moving tokens; when a length appears in more than
+    one run, the sequences of each length are gathered together (stable, so the order is recoverable).
+    """
     runs: list[list[int]] = []
     for length in seq_lens:
         if runs and runs[-1][0] == length:
@@ -91,25 +90,48 @@ def _partition(segment_ids: torch.Tensor, device: torch.device) -> AttentionPart
         else:
             runs.append([length, 1])
     if len({length for length, _ in runs}) == len(runs):
-        batches = tuple((length, n) for length, n in runs)
-        group_index = group_inverse = None
-        grouped_seq_order = tuple(range(len(seq_lens)))
+        return tuple((length, n) for length, n in runs), None
+    by_length: dict[int, list[int]] = {}
+    for seq_id, length in enumerate(seq_lens):
+        by_length.setdefault(length, []).append(seq_id)
+    batches = tuple((length, len(ids)) for length, ids in by_length.items())
+    return batches, tuple(seq_id for ids in by_length.values() for seq_id in ids)
+
+
+def _never_specialize(*tensors: torch.Tensor) -> None:
+    """Mark dim 0 as unbacked for torch.compile: a count that happens to be 1 or to equal another size in the first
+    batch (one image, one window per frame) must not become a guard of the compiled graph. The graph never computes
+    with these sizes: only the opaque attention op reads cu_seqlens, and pooled outputs are only returned."""
+    mark_unbacked = getattr(getattr(torch._dynamo, "decorators", None), "mark_unbacked", None)
+    if mark_unbacked is not None:
+        for tensor in tensors:
+            mark_unbacked(tensor, 0)
+
+
+def _partition(segment_ids: torch.Tensor, device: torch.device) -> AttentionPartition:
+    """Partition tokens by `segment_ids` (CPU, non-decreasing runs: every segment is contiguous)."""
+    _, counts = torch.unique_consecutive(segment_ids, return_counts=True)
+    seq_lens = counts.tolist()
+    cu = [0]
+    for length in seq_lens:
+        cu.append(cu[-1] + length)
+    cu_host = torch.tensor(cu, dtype=torch.int64)
+    batches, grouped_seq_order = _batch_plan(seq_lens)
+    if grouped_seq_order is None:
+        index = torch.arange(cu[-1])
     else:
-        by_length: dict[int, list[int]] = {}
-        for seq_id, length in enumerate(seq_lens):
-            by_length.setdefault(length, []).append(seq_id)
-        grouped_seq_order = tuple(seq_id for ids in by_length.values() for seq_id in ids)
-        batches = tuple((length, len(ids)) for length, ids in by_length.items())
         index = torch.cat([torch.arange(cu[i], cu[i + 1]) for i in grouped_seq_order])
-        group_index = index.to(device)
-        group_inverse = torch.argsort(index).to(device)
+    cu_seqlens = cu_host.to(device=device, dtype=torch.int32)
+    _never_specialize(cu_seqlens, cu_host)
     return AttentionPartition(
-        cu_seqlens=torch.tensor(cu, dtype=torch.int32, device=device),
+        cu_seqlens=cu_seqlens,
+        cu_seqlens_host=cu_host,
         max_seqlen=max(seq_lens),
         batches=batches,
-        group_index=group_index,
-        group_inverse=group_inverse,
-        grouped_seq_order=grouped_seq_order,
+        regroup=grouped_seq_order is not None,
+        group_index=index.to(device),
+        group_inverse=torch.argsort(index).to(device),
+        grouped_seq_order=tuple(range(len(seq_lens))) if grouped_seq_order is None else grouped_seq_order,
     )
 
 
@@ -178,10 +200,9 @@ def build_packed_layout(
     working = None
     if has_windows:
         # Window-major order keeps every frame contiguous and makes every window contiguous (Ovis/Qwen2.5-VL style),
-        # so no layer has to move tokens around; the output is put back in input order once at the end.
-        order = torch.argsort(window_ids, stable=True)
-        if not torch.equal(order, torch.arange(order.shape[0])):
-            working = order
+        # so no layer has to move tokens around; the output is put back in input order once at the end. (Kept even
+        # when it is the identity, so that every batch of a windowed model has the same structure under torch.compile.)
+        working = torch.argsort(window_ids, stable=True)
     if working is not None:
         rows, cols, frame_ids, window_ids = rows[working], cols[working], frame_ids[working], window_ids[working]
 
@@ -332,7 +353,7 @@ def _validate_keep_indices(keep_indices: torch.Tensor, total: int, stride: int) 
 
 def _grouped_attention(query, key, value, partition, kernel):
     """Run `kernel` on each batch of equal-length sequences ([n, heads, L, head_dim] views); restore token order."""
-    if partition.group_index is not None:
+    if partition.regroup:
         query, key, value = query[partition.group_index], key[partition.group_index], value[partition.group_index]
     heads, head_dim = query.shape[1], query.shape[2]
     outputs, weights = [], []
@@ -349,7 +370,7 @@ def _grouped_attention(query, key, value, partition, kernel):
             weights.extend(attn.unbind(0))
         start = end
     output = outputs[0] if len(outputs) == 1 else torch.cat(outputs, dim=0)
-    if partition.group_inverse is not None:
+    if partition.regroup:
         output = output[partition.group_inverse]
     if weights:  # back to sequence order
         ordered = [None] * len(weights)
@@ -517,6 +538,85 @@ def get_packed_attention_interface(attn_implementation: Optional[str]) -> Callab
 
 
 # ----------------------------------------------------------------------------------------------------------------------
+# torch.compile: the built-in backends as one opaque custom op
+# ----------------------------------------------------------------------------------------------------------------------
+# Traced as Python, the per-group loop of the backends bakes the batch's sequence lengths into the graph: one recompile
+# per new batch composition. Under torch.compile (inference), the built-in backends therefore run inside a custom op
+# that takes only tensors, so the graph has symbolic shapes and no per-batch constants and one compiled graph serves
+# every batch. The op re-derives the batching from a CPU copy of `cu_seqlens` (a few µs of host work per layer, never a
+# device sync). Training under torch.compile keeps the traced path (the op has no backward formula).
+
+
+def _packed_attention_kernel(
+    query: torch.Tensor,
+    key: torch.Tensor,
+    value: torch.Tensor,
+    cu_seqlens: torch.Tensor,
+    cu_seqlens_host: torch.Tensor,
+    group_index: torch.Tensor,
+    group_inverse: torch.Tensor,
+    scaling: float,
+    dropout: float,
+    backend: str,
+) -> torch.Tensor:
+    """The custom op's eager body: rebuild the partition from cu_seqlens and run `backend` on it."""
+    seq_lens = cu_seqlens_host.diff().tolist()
+    batches, grouped_seq_order = _batch_plan(seq_lens)
+    partition = AttentionPartition(
+        cu_seqlens=cu_seqlens,
+        cu_seqlens_host=cu_seqlens_host,
+        max_seqlen=max(seq_lens),
+        batches=batches,
+        regroup=grouped_seq_order is not None,
+        group_index=group_index,
+        group_inverse=group_inverse,
+        grouped_seq_order=tuple(range(len(seq_lens))) if grouped_seq_order is None else grouped_seq_order,
+    )
+    output, _ = PACKED_ATTENTION_FUNCTIONS[backend](None, query, key, value, partition, scaling, dropout)
+    return output
+
+
+def _register_packed_attention_op():
+    """Register the op under a name unique to this module (remote code can be loaded under several module names)."""
+    base = "packed_attention_" + re.sub(r"\W", "_", __name__)
+    name, suffix = base, 0
+    while hasattr(torch.ops.siglip2_navit, name):  # this module executed again (reload): a fresh name
+        suffix += 1
+        name = f"{base}_{suffix}"
+    op = torch.library.custom_op(f"siglip2_navit::{name}", mutates_args=())(_packed_attention_kernel)
+
+    @op.register_fake
+    def _(query, key, value, cu_seqlens, cu_seqlens_host, group_index, group_inverse, scaling, dropout, backend):
+        return torch.empty_like(query)  # [K, heads, head_dim]
+
+    return op
+
+
+_PACKED_ATTENTION_OP = _register_packed_attention_op()
+
+
+def _opaque_packed_attention(backend: str) -> Callable:
+    """`backend` (a key of PACKED_ATTENTION_FUNCTIONS) behind the custom op, with the packed-attention signature."""
+
+    def attention(module, query, key, value, partition, scaling, dropout=0.0, output_attentions=False):
+        output = _PACKED_ATTENTION_OP(
+            query,
+            key,
+            value,
+            partition.cu_seqlens,
+            partition.cu_seqlens_host,
+            partition.group_index,
+            partition.group_inverse,
+            scaling,
+            dropout,
+            backend,
+        )
+        return output, None
+
+    return attention
+
+
+# ----------------------------------------------------------------------------------------------------------------------
 # Rotary position embedding (2D)
 # ----------------------------------------------------------------------------------------------------------------------
 
@@ -592,6 +692,11 @@ class Siglip2NavitEmbeddings(nn.Module):
                 tables.append(resized[0].flatten(1).T)  # [h·w, hidden]
         return (tables[0] if len(tables) == 1 else torch.cat(tables, dim=0)).to(weight.dtype)
 
+    @torch.compiler.disable  # loops over the batch's image sizes: eager, so that torch.compile does not specialize on them
+    def token_position_embeddings(self, layout: PackedLayout) -> torch.Tensor:
+        """Each token's row of its frame's resized PE table: [K, hidden], working order."""
+        return self.resized_position_embeddings(layout)[layout.pe_index]
+
     def forward(self, pixel_values: torch.Tensor, layout: PackedLayout) -> torch.Tensor:
         weight = self.patch_embedding.weight
         if layout.token_rows is not None:
@@ -599,7 +704,7 @@ class Siglip2NavitEmbeddings(nn.Module):
         pixel_values = pixel_values.to(device=weight.device, dtype=weight.dtype)
         embeddings = F.linear(pixel_values, weight.reshape(self.embed_dim, -1), self.patch_embedding.bias)  # [K, D]
         if self.config.preserve_original_pe:
-            embeddings = embeddings + self.resized_position_embeddings(layout)[layout.pe_index]
+            embeddings = embeddings + self.token_position_embeddings(layout)
         return embeddings
 
 
@@ -729,6 +834,14 @@ class Siglip2NavitEncoder(nn.Module):
             )
             implementation = "eager"
         attention_interface = get_packed_attention_interface(implementation)
+        name = implementation or "sdpa"
+        if (
+            torch.compiler.is_compiling()
+            and name in PACKED_ATTENTION_FUNCTIONS
+            and not output_attentions
+            and not (torch.is_grad_enabled() and hidden_states.requires_grad)
+        ):
+            attention_interface = _opaque_packed_attention(name)  # one graph for every batch composition
 
         position_embeddings = None
         if self.config.use_rope:
@@ -815,15 +928,19 @@ class Siglip2NavitVisionTransformer(nn.Module):
                     for i, layer_maps in enumerate(all_attentions)
                 )
 
-        pooler_output = None
-        if self.config.vision_use_head:
-            pooler_output = self.head(last_hidden_state, layout.image_token_counts)
+        pooler_output = self._pool(last_hidden_state, layout) if self.config.vision_use_head else None
         return BaseModelOutputWithPooling(
             last_hidden_state=last_hidden_state,
             pooler_output=pooler_output,
             hidden_states=all_hidden_states,
             attentions=all_attentions,
         )
+
+    @torch.compiler.disable  # groups images by token count: eager, so that torch.compile does not specialize on it
+    def _pool(self, last_hidden_state: torch.Tensor, layout: PackedLayout) -> torch.Tensor:
+        pooled = self.head(last_hidden_state, layout.image_token_counts)  # [n_images, hidden]
+        _never_specialize(pooled)  # a single image must not specialize the compiled graph that receives it
+        return pooled
 
     @staticmethod
     def _restore_attention_order(maps: tuple, layout: PackedLayout, full_attention: bool) -> tuple:
@@ -920,6 +1037,9 @@ class Siglip2NavitModel(Siglip2NavitPreTrainedModel):
     def _get_pose_embed(self) -> torch.Tensor:
         return self.vision_model.embeddings.position_embedding.weight
 
+    # torch.compile: this frame (argument handling, host-side planning) runs eagerly and the vision transformer it
+    # calls is compiled, so the graph sees only tensors: no guards on `grid_thws` or on the batch's composition.
+    @torch.compiler.disable(recursive=False)
     def forward(
         self,
         pixel_values: torch.Tensor,
@@ -951,6 +1071,19 @@ class Siglip2NavitModel(Siglip2NavitPreTrainedModel):
         output_attentions = output_attentions if output_attentions is not None else self.config.output_attentions
         return_dict = return_dict if return_dict is not None else self.config.return_dict
 
+        layout = self.plan(pixel_values, grid_thws, keep_indices)
+        outputs = self.vision_model(
+            pixel_values, layout, output_attentions=output_attentions, output_hidden_states=output_hidden_states
+        )
+        if not return_dict:
+            return tuple(v for v in outputs.to_tuple())
+        return outputs
+
+    @torch.compiler.disable  # host-side planning is never traced: torch.compile would specialize on the batch
+    def plan(
+        self, pixel_values: torch.Tensor, grid_thws: GridLike, keep_indices: Optional[torch.Tensor] = None
+    ) -> PackedLayout:
+        """Validate the packed inputs and derive their `PackedLayout` (host side, once per forward)."""
         if isinstance(keep_indices, torch.Tensor):
             keep_indices = keep_indices.cpu()  # planned on the host, like grid_thws
         grids = validate_inputs(pixel_values, grid_thws, self.config, keep_indices)
@@ -962,13 +1095,7 @@ class Siglip2NavitModel(Siglip2NavitPreTrainedModel):
                 f"Frames {empty} (counted over all images) keep no tokens, so the pooled output of their image is "
                 "undefined (vision_use_head=True): keep at least one block per frame."
             )
-
-        outputs = self.vision_model(
-            pixel_values, layout, output_attentions=output_attentions, output_hidden_states=output_hidden_states
-        )
-        if not return_dict:
-            return tuple(v for v in outputs.to_tuple())
-        return outputs
+        return layout
 
     def sample_keep_indices(
         self, grid_thws: GridLike, drop_rate: float, generator: Optional[torch.Generator] = None

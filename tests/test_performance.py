@@ -141,10 +141,11 @@ def _check_compiled_model(backend: str) -> None:
     model = tiny_model()
     compiled = torch.compile(model, dynamic=True, backend=backend)
     with torch.no_grad():
-        for grids in (GRIDS, [(1, 6, 8), (1, 2, 4)]):  # two token counts: dynamic shapes, no per-batch recompiles
+        for i, grids in enumerate((GRIDS, [(1, 6, 8), (1, 2, 4)])):  # two token counts and compositions
             pixel_values, grid = packed_inputs(model.config, grids)
             expected = model(pixel_values, grid).last_hidden_state
-            actual = compiled(pixel_values, grid).last_hidden_state
+            with torch._dynamo.config.patch(error_on_recompile=i > 0):  # dynamic shapes: no per-batch recompiles
+                actual = compiled(pixel_values, grid).last_hidden_state
             torch.testing.assert_close(actual, expected, atol=1e-4, rtol=1e-4)
 
 
@@ -159,6 +160,91 @@ def test_compiled_model_matches_eager_and_encoder_is_one_graph():
         explanation = torch._dynamo.explain(model.vision_model.encoder)(hidden, layout)
     assert explanation.graph_break_count == 0, explanation.break_reasons
     assert explanation.graph_count == 1
+
+
+# Batches of every shape the planner distinguishes: image counts, lengths appearing in one run or in several (regroup),
+# one window per frame (window count == frame count), video frames (t = 2), a single image.
+NEW_BATCHES = [
+    [(1, 6, 8), (1, 2, 4)],
+    [(1, 2, 6), (1, 6, 4), (1, 2, 2), (1, 4, 4)],
+    [(1, 4, 4)] * 5,
+    [(2, 4, 6), (1, 8, 8), (1, 4, 6)],
+    [(1, 12, 10)],
+    [(1, 2, 2), (1, 4, 4), (1, 2, 2), (1, 10, 2), (1, 4, 4), (1, 2, 2)],
+]
+
+
+class GraphCounter:
+    """A torch.compile backend that counts the graphs it is handed and runs them as traced (no codegen)."""
+
+    def __init__(self):
+        self.graphs = 0
+
+    def __call__(self, graph_module, example_inputs):
+        self.graphs += 1
+        return graph_module.forward
+
+
+@pytest.mark.parametrize(
+    "backend, config",
+    [("sdpa", dict()), ("sdpa", WINDOWED), ("eager", WINDOWED), ("sdpa", dict(vision_use_head=True))],
+    ids=["sdpa-full", "sdpa-windowed", "eager-windowed", "sdpa-head"],
+)
+def test_compiled_inference_does_not_recompile_for_new_batch_compositions(backend, config):
+    """One compilation serves every batch: after the first call, new image counts, sizes and sequence-length mixes
+    reuse the compiled graphs (torch would raise on any recompile) and match eager mode."""
+    torch._dynamo.reset()
+    model = tiny_model(attn_implementation=backend, **config)
+    counter = GraphCounter()
+    compiled = torch.compile(model, dynamic=True, backend=counter)
+    with torch.no_grad():
+        compiled(*packed_inputs(model.config, GRIDS))
+        graphs_after_first_batch = counter.graphs
+        with torch._dynamo.config.patch(error_on_recompile=True):
+            for grids in NEW_BATCHES:
+                pixel_values, grid = packed_inputs(model.config, grids)
+                actual, expected = compiled(pixel_values, grid), model(pixel_values, grid)
+                torch.testing.assert_close(actual.last_hidden_state, expected.last_hidden_state, atol=1e-5, rtol=1e-5)
+                if expected.pooler_output is not None:
+                    torch.testing.assert_close(actual.pooler_output, expected.pooler_output, atol=1e-5, rtol=1e-5)
+    assert counter.graphs == graphs_after_first_batch
+
+
+def test_compiled_training_matches_eager_gradients():
+    """With autograd on, torch.compile traces the attention backends as Python (the opaque op has no backward): the
+    loss and every parameter's gradient match eager mode."""
+    torch._dynamo.reset()
+    model = tiny_model(**WINDOWED).train()
+    compiled = torch.compile(model, dynamic=True, backend="aot_eager")
+    pixel_values, grid = packed_inputs(model.config, GRIDS)
+    gradients = []
+    for run in (model, compiled):
+        model.zero_grad()
+        run(pixel_values, grid).last_hidden_state.square().mean().backward()
+        gradients.append({name: p.grad.clone() for name, p in model.named_parameters()})
+    for name, expected in gradients[0].items():
+        torch.testing.assert_close(gradients[1][name], expected, atol=1e-5, rtol=1e-4, msg=name)
+
+
+@pytest.mark.parametrize("backend", ["sdpa", "eager"])
+def test_opaque_attention_op_matches_the_backend_and_passes_opcheck(backend):
+    """The custom op torch.compile sees is the backend itself: same output on a partition that needs regrouping, and
+    torch.library.opcheck accepts its schema, fake (meta) implementation and dynamic-shape tracing."""
+    from siglip2_navit import modeling_siglip2_navit as modeling
+
+    model = tiny_model()
+    layout = modeling.build_packed_layout(GRIDS, model.config, torch.device("cpu"))
+    partition = layout.full
+    assert partition.regroup  # GRIDS has the same length twice, apart
+    query, key, value = torch.randn(3, int(partition.cu_seqlens_host[-1]), 4, 8).unbind(0)
+    expected, _ = modeling.PACKED_ATTENTION_FUNCTIONS[backend](None, query, key, value, partition, 0.3)
+    args = (query, key, value, partition.cu_seqlens, partition.cu_seqlens_host, partition.group_index,
+            partition.group_inverse, 0.3, 0.0, backend)
+    torch.testing.assert_close(modeling._PACKED_ATTENTION_OP(*args), expected, atol=0, rtol=0)
+    torch.library.opcheck(modeling._PACKED_ATTENTION_OP, args)
+    again = modeling._register_packed_attention_op()  # the module executed again (reload): a second, working op
+    assert again._qualname != modeling._PACKED_ATTENTION_OP._qualname
+    torch.testing.assert_close(again(*args), expected, atol=0, rtol=0)
 
 
 @pytest.mark.slow
