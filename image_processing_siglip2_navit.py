@@ -21,7 +21,6 @@ Besides the processor, this module provides helpers for NaViT-style training and
 (seeded per-image resolution sampling).
 """
 
-import bisect
 import math
 import operator
 import os

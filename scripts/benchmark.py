@@ -44,7 +44,7 @@ import re
 import statistics
 import sys
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Optional
 
@@ -595,7 +595,7 @@ def render_markdown(report: dict) -> str:
         s = report["memory_scaling"]
         lines += [
             "",
-            f"Memory scaling (packed-sdpa peak): " + ", ".join(f"{k}: {_fmt_bytes(v)}" for k, v in s["peaks"].items())
+            "Memory scaling (packed-sdpa peak): " + ", ".join(f"{k}: {_fmt_bytes(v)}" for k, v in s["peaks"].items())
             + f"; largest / 4×(largest/4 images) = {s['ratio_vs_linear']:.2f} (≤ ~1 means linear).",
         ]
     return "\n".join(lines) + "\n"

@@ -26,7 +26,7 @@ import importlib
 import math
 import sys
 from pathlib import Path
-from typing import Any, Dict, Tuple
+from typing import Any, Dict
 
 import torch
 

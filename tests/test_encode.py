@@ -10,7 +10,6 @@ from pathlib import Path
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
-import numpy as np
 import PIL.Image
 import pytest
 import torch

@@ -9,6 +9,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 from conftest import REPO_ROOT, packed_inputs, tiny_config, tiny_model, write_hub_folder
+from spec_reference import reference_forward
 from torch.utils._python_dispatch import TorchDispatchMode
 
 from siglip2_navit import modeling_siglip2_navit as modeling
@@ -22,106 +23,6 @@ WINDOWED = dict(num_hidden_layers=3, fullatt_block_indexes=[1])  # layers 0 and 
 
 def run(model, pixel_values, grids, **kwargs):
     return model(pixel_values, torch.as_tensor(grids), **kwargs)
-
-
-# ---------------------------------------------------------------------------------------------------------------------
-# An independent plain re-implementation of SPEC §4 (float64, loops over images/frames/windows, explicit formulas).
-# It only reads the model's state dict and config values.
-# ---------------------------------------------------------------------------------------------------------------------
-
-
-def reference_forward(model, pixel_values, grids, return_maps=False):
-    cfg = model.config
-    sd = {k: v.double() for k, v in model.state_dict().items()}
-    p, s, D, H = cfg.patch_size, cfg.hidden_stride, cfg.hidden_size, cfg.num_attention_heads
-    d = D // H
-    ct = cfg.num_channels * cfg.temporal_patch_size
-    side = cfg.image_size // p
-    window = cfg.window_size // s // p
-    x_all = pixel_values.double()
-    outputs, maps = [], []
-    offset = 0
-    for t, h, w in grids:
-        # token order (SPEC §3): frames, then s×s blocks row-major, then row/col inside the block
-        positions = [
-            (bi * s + r, bj * s + c) for bi in range(h // s) for bj in range(w // s) for r in range(s) for c in range(s)
-        ]
-        if cfg.preserve_original_pe:
-            table = sd["vision_model.embeddings.position_embedding.weight"].view(side, side, D).permute(2, 0, 1)[None]
-            pe = F.interpolate(
-                table, size=(h, w), mode=cfg.pe_interpolation, align_corners=False, antialias=cfg.pe_antialias
-            )[0]
-        for _ in range(t):
-            x = x_all[offset : offset + h * w].view(h * w, ct, p, p)
-            offset += h * w
-            tokens = F.conv2d(
-                x,
-                sd["vision_model.embeddings.patch_embedding.weight"],
-                sd["vision_model.embeddings.patch_embedding.bias"],
-            ).view(h * w, D)
-            if cfg.preserve_original_pe:
-                tokens = tokens + torch.stack([pe[:, r, c] for r, c in positions])
-            cos = sin = None
-            if cfg.use_rope:
-                angles = []
-                for r, c in positions:
-                    inv = [1.0 / cfg.rope_theta ** (2 * k / (d / 2)) for k in range(d // 4)]
-                    half = [r * f for f in inv] + [c * f for f in inv]
-                    angles.append(half + half)
-                angles = torch.tensor(angles, dtype=torch.float64)
-                cos, sin = angles.cos(), angles.sin()
-            frame_maps = []
-            for layer in range(cfg.num_hidden_layers):
-                if cfg.is_full_attention_layer(layer):
-                    groups = [list(range(h * w))]
-                else:
-                    by_window = {}
-                    for i, (r, c) in enumerate(positions):
-                        by_window.setdefault((r // s // window, c // s // window), []).append(i)
-                    groups = list(by_window.values())
-                tokens, layer_maps = reference_layer(sd, cfg, layer, tokens, cos, sin, groups)
-                frame_maps.append(layer_maps)
-            maps.append(frame_maps)
-            outputs.append(tokens)
-    hidden = torch.cat(outputs)
-    last = F.layer_norm(
-        hidden, (D,), sd["vision_model.post_layernorm.weight"], sd["vision_model.post_layernorm.bias"], cfg.layer_norm_eps
-    )
-    return (last, hidden, maps) if return_maps else (last, hidden)
-
-
-def reference_layer(sd, cfg, layer, x, cos, sin, groups):
-    pre = f"vision_model.encoder.layers.{layer}."
-    D, H = cfg.hidden_size, cfg.num_attention_heads
-    d = D // H
-
-    def linear(name, v):
-        return v @ sd[pre + name + ".weight"].T + sd[pre + name + ".bias"]
-
-    def norm(name, v):
-        return F.layer_norm(v, (D,), sd[pre + name + ".weight"], sd[pre + name + ".bias"], cfg.layer_norm_eps)
-
-    def rope(v):  # v: [L, H, d]
-        rotated = torch.cat([-v[..., d // 2 :], v[..., : d // 2]], dim=-1)
-        return v * cos[:, None] + rotated * sin[:, None]
-
-    y = norm("layer_norm1", x)
-    q = linear("self_attn.q_proj", y).view(-1, H, d)
-    k = linear("self_attn.k_proj", y).view(-1, H, d)
-    v = linear("self_attn.v_proj", y).view(-1, H, d)
-    if cos is not None:
-        q, k = rope(q), rope(k)
-    attn = torch.zeros_like(q)
-    maps = []
-    for idx in groups:
-        scores = torch.einsum("ihd,jhd->hij", q[idx], k[idx]) / math.sqrt(d)
-        probs = scores.softmax(-1)
-        attn[idx] = torch.einsum("hij,jhd->ihd", probs, v[idx])
-        maps.append(probs)
-    x = x + linear("self_attn.out_proj", attn.reshape(-1, D))
-    y = norm("layer_norm2", x)
-    x = x + linear("mlp.fc2", F.gelu(linear("mlp.fc1", y), approximate="tanh"))
-    return x, maps
 
 
 REFERENCE_CASES = {
@@ -142,7 +43,9 @@ def test_matches_independent_reference(case):
     out = run(model, pixel_values, grids, output_hidden_states=True)
     ref_last, ref_hidden = reference_forward(model, pixel_values, grids)
     torch.testing.assert_close(out.last_hidden_state.double(), ref_last, atol=2e-5, rtol=2e-5)
-    torch.testing.assert_close(out.hidden_states[-1].double(), ref_hidden, atol=2e-5, rtol=2e-5)
+    assert len(out.hidden_states) == len(ref_hidden) == model.config.num_hidden_layers + 1
+    for got, want in zip(out.hidden_states, ref_hidden):
+        torch.testing.assert_close(got.double(), want, atol=2e-5, rtol=2e-5)
 
 
 @pytest.mark.parametrize("antialias", [True, False])
@@ -163,8 +66,7 @@ def test_eager_attention_maps_match_reference(config):
     out = run(model, pixel_values, grids, output_attentions=True)
     _, _, ref_maps = reference_forward(model, pixel_values, grids, return_maps=True)
     assert len(out.attentions) == model.config.num_hidden_layers
-    for layer, layer_maps in enumerate(out.attentions):
-        expected = [m for frame in ref_maps for m in frame[layer]]  # frames in order, windows in order
+    for layer_maps, expected in zip(out.attentions, ref_maps):  # frames in order, windows in raster order
         assert len(layer_maps) == len(expected)
         for got, want in zip(layer_maps, expected):
             torch.testing.assert_close(got.double(), want, atol=1e-5, rtol=1e-5)

@@ -14,8 +14,8 @@ from functools import lru_cache
 import numpy as np
 import pytest
 import torch
-import torch.nn.functional as F
 from conftest import packed_inputs, tiny_model
+from spec_reference import reference_forward
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
@@ -49,93 +49,6 @@ def model_for(name: str, backend: str = "sdpa") -> Siglip2NavitModel:
     for param in model.parameters():
         param.requires_grad_(False)  # shared across tests: nobody trains these
     return model
-
-
-# ---------------------------------------------------------------------------------------------------------------------
-# Independent reference: token coordinates straight from SPEC §3, float64 math from SPEC §4, explicit loops over
-# attention groups of *kept* tokens. Reads only the config and the state dict.
-# ---------------------------------------------------------------------------------------------------------------------
-
-
-def spec_tokens(grids, s, window_blocks):
-    """Per packed token: (image, frame key, row, col, window key), in the SPEC §3 order."""
-    tokens = []
-    for image, (t, h, w) in enumerate(grids):
-        for f in range(t):
-            for bi in range(h // s):
-                for bj in range(w // s):
-                    for r in range(s):
-                        for c in range(s):
-                            window = (image, f, bi // window_blocks, bj // window_blocks)
-                            tokens.append((image, (image, f), bi * s + r, bj * s + c, window))
-    return tokens
-
-
-def reference_forward(model, pixel_values, grids, keep=None):
-    """float64 (last_hidden_state, hidden_states) for the kept rows (all rows when keep is None), in keep order."""
-    cfg = model.config
-    sd = {k: v.detach().double() for k, v in model.state_dict().items()}
-    p, s, D, H = cfg.patch_size, cfg.hidden_stride, cfg.hidden_size, cfg.num_attention_heads
-    d = D // H
-    grids = [tuple(int(v) for v in g) for g in grids]
-    tokens = spec_tokens(grids, s, cfg.window_size // s // p)
-    keep = list(range(len(tokens))) if keep is None else [int(i) for i in keep]
-    kept = [tokens[i] for i in keep]
-    K = len(keep)
-
-    x = pixel_values.detach().double()[keep].view(K, cfg.num_channels * cfg.temporal_patch_size, p, p)
-    pre = "vision_model.embeddings."
-    x = F.conv2d(x, sd[pre + "patch_embedding.weight"], sd[pre + "patch_embedding.bias"]).view(K, D)
-    if cfg.preserve_original_pe:
-        side = cfg.image_size // p
-        table = sd[pre + "position_embedding.weight"].view(side, side, D).permute(2, 0, 1)[None]
-        resized = {}
-        for t, h, w in grids:
-            resized[(h, w)] = F.interpolate(
-                table, size=(h, w), mode=cfg.pe_interpolation, align_corners=False, antialias=cfg.pe_antialias
-            )[0]
-        x = x + torch.stack([resized[grids[img][1:]][:, r, c] for img, _, r, c, _ in kept])
-
-    inv = torch.tensor([1.0 / cfg.rope_theta ** (2 * k / (d / 2)) for k in range(d // 4)], dtype=torch.float64)
-    rows = torch.tensor([r for _, _, r, _, _ in kept], dtype=torch.float64)
-    cols = torch.tensor([c for _, _, _, c, _ in kept], dtype=torch.float64)
-    half = torch.cat([rows[:, None] * inv, cols[:, None] * inv], dim=1)
-    emb = torch.cat([half, half], dim=1)
-    cos, sin = emb.cos()[:, None], emb.sin()[:, None]
-
-    def groups(key_index):
-        by_key = {}
-        for i, token in enumerate(kept):
-            by_key.setdefault(token[key_index], []).append(i)
-        return [torch.tensor(v) for v in by_key.values()]
-
-    frame_groups, window_groups = groups(1), groups(4)
-    hidden = [x]
-    for layer in range(cfg.num_hidden_layers):
-        full = cfg.fullatt_block_indexes is None or layer in [i % cfg.num_hidden_layers for i in cfg.fullatt_block_indexes]
-        lp = f"vision_model.encoder.layers.{layer}."
-
-        def lin(name, v):
-            return v @ sd[lp + name + ".weight"].T + sd[lp + name + ".bias"]
-
-        def ln(name, v):
-            return F.layer_norm(v, (D,), sd[lp + name + ".weight"], sd[lp + name + ".bias"], cfg.layer_norm_eps)
-
-        y = ln("layer_norm1", x)
-        q, k, v = (lin(f"self_attn.{n}_proj", y).view(K, H, d) for n in "qkv")
-        if cfg.use_rope:
-            q = q * cos + torch.cat([-q[..., d // 2 :], q[..., : d // 2]], -1) * sin
-            k = k * cos + torch.cat([-k[..., d // 2 :], k[..., : d // 2]], -1) * sin
-        out = torch.zeros_like(q)
-        for idx in frame_groups if full else window_groups:
-            probs = (torch.einsum("ihd,jhd->hij", q[idx], k[idx]) / math.sqrt(d)).softmax(-1)
-            out[idx] = torch.einsum("hij,jhd->ihd", probs, v[idx])
-        x = x + lin("self_attn.out_proj", out.reshape(K, D))
-        x = x + lin("mlp.fc2", F.gelu(lin("mlp.fc1", ln("layer_norm2", x)), approximate="tanh"))
-        hidden.append(x)
-    post = "vision_model.post_layernorm."
-    last = F.layer_norm(x, (D,), sd[post + "weight"], sd[post + "bias"], cfg.layer_norm_eps)
-    return last, hidden
 
 
 def block_rows(grids, s):
