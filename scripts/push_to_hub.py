@@ -12,7 +12,9 @@ Validation (everything must pass before anything is sent):
   * one forward pass on a sample image (processor -> model) gives finite features of the expected shapes.
 
 Then the repository is created if needed and exactly the validated files are uploaded in one commit
-(`huggingface_hub.HfApi().create_repo` + `upload_folder`). Authenticate beforehand with `hf auth login` (or
+(`huggingface_hub.HfApi().create_repo` + `upload_folder`). Files already on the Hub that are not among them are kept,
+unless `--delete-stale` (then that same commit deletes them, so that the repository mirrors the folder: no leftover
+shards, index or pickle files from an earlier upload; `.gitattributes` is always kept). Authenticate beforehand with `hf auth login` (or
 `huggingface-cli login`) or the HF_TOKEN environment variable. `--dry-run` does everything but the upload and prints
 the file list.
 
@@ -148,8 +150,11 @@ def validate(folder, image: Optional[Path] = None) -> List[str]:
     return files
 
 
-def push(folder, repo_id: str, private: bool = False, dry_run: bool = False, image=None, commit_message=None):
-    """Validate `folder`, then (unless `dry_run`) create `repo_id` if needed and upload the validated files."""
+def push(
+    folder, repo_id: str, private: bool = False, dry_run: bool = False, image=None, commit_message=None, delete_stale=False
+):
+    """Validate `folder`, then (unless `dry_run`) create `repo_id` if needed and upload the validated files; with
+    `delete_stale`, the same commit deletes every other file of the repository (except .gitattributes)."""
     folder = Path(folder)
     files = validate(folder, image=image)
     total = sum((folder / f).stat().st_size for f in files)
@@ -157,6 +162,10 @@ def push(folder, repo_id: str, private: bool = False, dry_run: bool = False, ima
     print(f"{action} {len(files)} files ({total / 1e6:.1f} MB) to {repo_id} ({'private' if private else 'public'}):")
     for name in files:
         print(f"  {name}  ({(folder / name).stat().st_size:,} bytes)")
+    if delete_stale:
+        print("Every other file in the repository (except .gitattributes) is deleted in the same commit (--delete-stale).")
+    else:
+        print("Files already in the repository that are not listed are kept (--delete-stale removes them).")
     if dry_run:
         print("Dry run: nothing was uploaded.")
         return None
@@ -167,6 +176,7 @@ def push(folder, repo_id: str, private: bool = False, dry_run: bool = False, ima
         repo_type="model",
         folder_path=str(folder),
         allow_patterns=files,
+        delete_patterns=["*"] if delete_stale else None,  # huggingface_hub never deletes the files it uploads
         commit_message=commit_message or "Upload siglip2-navit model",
     )
     print(f"Uploaded to {repo_url}")
@@ -181,13 +191,18 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--dry-run", action="store_true", help="validate and print the file list, upload nothing")
     parser.add_argument("--image", type=Path, default=None, help="sample image for the test forward pass")
     parser.add_argument("--commit-message", default=None, help="commit message on the Hub")
+    parser.add_argument(
+        "--delete-stale",
+        action="store_true",
+        help="in the same commit, delete every file of the repository that is not uploaded (mirror the folder)",
+    )
     return parser.parse_args(argv)
 
 
 def main(argv=None) -> int:
     args = parse_args(argv)
     try:
-        push(args.dir, args.repo_id, args.private, args.dry_run, args.image, args.commit_message)
+        push(args.dir, args.repo_id, args.private, args.dry_run, args.image, args.commit_message, args.delete_stale)
     except (ValidationError, utils.ConversionError) as err:
         print(f"error: {err}", file=sys.stderr)
         return 1

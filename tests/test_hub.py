@@ -90,6 +90,22 @@ def test_upload_sends_exactly_the_validated_files(model_dir, monkeypatch):
     chosen = sorted(filter_repo_objects([p.relative_to(model_dir).as_posix() for p in model_dir.rglob("*") if p.is_file()],
                                         allow_patterns=kwargs["allow_patterns"]))
     assert chosen == PUBLISHED
+    assert kwargs["delete_patterns"] is None  # by default nothing on the Hub is deleted
+
+
+def test_delete_stale_mirrors_the_folder_in_the_same_commit(model_dir, monkeypatch, capsys):
+    api = mock.MagicMock()
+    monkeypatch.setattr(push_to_hub, "HfApi", mock.MagicMock(return_value=api))
+    assert push_to_hub.main([str(model_dir), "--repo-id", "someone/tiny-navit", "--delete-stale"]) == 0
+    kwargs = api.upload_folder.call_args.kwargs
+    assert kwargs["delete_patterns"] == ["*"] and kwargs["allow_patterns"] == PUBLISHED
+    assert "deleted in the same commit" in capsys.readouterr().out
+    # huggingface_hub's rule: files matching delete_patterns are deleted unless uploaded, .gitattributes never
+    from huggingface_hub.utils import filter_repo_objects
+
+    remote = ["model-00001-of-00002.safetensors", "model.safetensors.index.json", "pytorch_model.bin", ".gitattributes"]
+    doomed = [f for f in filter_repo_objects(remote, allow_patterns=kwargs["delete_patterns"]) if f not in PUBLISHED]
+    assert set(doomed) >= {"model-00001-of-00002.safetensors", "model.safetensors.index.json", "pytorch_model.bin"}
 
 
 def _expect_refusal(model_dir, monkeypatch, capsys, message):
