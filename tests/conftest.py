@@ -48,6 +48,15 @@ def tiny_model(seed: int = 0, attn_implementation: str = "sdpa", **overrides):
     return model
 
 
+def enable_checkpointing(model, use_reentrant=False):
+    """transformers 5.x names it activation_checkpointing_enable; 4.x gradient_checkpointing_enable."""
+    kwargs = {"use_reentrant": use_reentrant}
+    if hasattr(model, "activation_checkpointing_enable"):
+        model.activation_checkpointing_enable(activation_checkpointing_kwargs=kwargs)
+    else:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=kwargs)
+
+
 def packed_inputs(config, grids, seed: int = 0):
     """Random pixel rows for `grids` [(t, h, w), ...] and the grid tensor."""
     generator = torch.Generator().manual_seed(seed)

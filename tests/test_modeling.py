@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
-from conftest import REPO_ROOT, packed_inputs, tiny_config, tiny_model, write_hub_folder
+from conftest import REPO_ROOT, enable_checkpointing, packed_inputs, tiny_config, tiny_model, write_hub_folder
 from spec_reference import reference_forward
 from torch.utils._python_dispatch import TorchDispatchMode
 
@@ -428,7 +428,7 @@ def test_gradient_checkpointing_gives_same_gradients():
     model = tiny_model(**WINDOWED).train()
     pixel_values, grid = packed_inputs(model.config, ODD_GRIDS)
     plain = _grads(model, pixel_values, grid)
-    model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    enable_checkpointing(model)
     assert model.vision_model.encoder.gradient_checkpointing
     checkpointed = _grads(model, pixel_values, grid)
     assert plain.keys() == checkpointed.keys() and len(plain) == len(list(model.parameters()))

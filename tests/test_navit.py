@@ -14,7 +14,7 @@ from functools import lru_cache
 import numpy as np
 import pytest
 import torch
-from conftest import packed_inputs, tiny_model
+from conftest import enable_checkpointing, packed_inputs, tiny_model
 from spec_reference import reference_forward
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
@@ -32,15 +32,6 @@ CONFIGS = {
     ),  # 3x3 patches per window
 }
 ALL_WINDOWED = dict(fullatt_block_indexes=[], window_size=8)  # every layer windowed, 2x2 blocks of 2x2 patches
-
-
-def enable_checkpointing(model, use_reentrant=False):
-    """transformers 5.x names it activation_checkpointing_enable; 4.x gradient_checkpointing_enable."""
-    kwargs = {"use_reentrant": use_reentrant}
-    if hasattr(model, "activation_checkpointing_enable"):
-        model.activation_checkpointing_enable(activation_checkpointing_kwargs=kwargs)
-    else:
-        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=kwargs)
 
 
 @lru_cache(maxsize=None)
