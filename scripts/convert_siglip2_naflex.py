@@ -13,6 +13,11 @@ attention in every layer, and the MAP head (`vision_use_head=true`) carried over
 order: 1 (default) is naflex's raster order; 2 orders tokens in 2x2 blocks, ready for an Ovis-style merger (the
 encoder output is the same up to that permutation, since attention is permutation-equivariant).
 
+`--temporal-patch-size T` (default 1) makes a video-ready model that folds T frames into each patch: the image
+patch embedding is inflated to T frames by repeating it over time and dividing by T (each input channel (c, t) of the
+`[hidden, C·T, p, p]` Conv2d gets W[:, c] / T). A patch whose T frames are equal, which is what the image processor
+makes of a still image, therefore embeds exactly as the naflex model embeds that image.
+
 Feeding naflex-processed inputs: `naflex_to_packed(pixel_values, pixel_attention_mask, spatial_shapes)` (in
 `image_processing_siglip2_navit.py`, re-exported here) turns the output of transformers' `Siglip2ImageProcessor` into this model's packed `pixel_values`
 and `grid_thws`.
@@ -79,7 +84,7 @@ def vision_config_of(config: Dict[str, Any]) -> Dict[str, Any]:
     return {**_NAFLEX_DEFAULTS, **vision}
 
 
-def navit_config_kwargs(vision: Dict[str, Any], hidden_stride: int) -> Dict[str, Any]:
+def navit_config_kwargs(vision: Dict[str, Any], hidden_stride: int, temporal_patch_size: int = 1) -> Dict[str, Any]:
     side = math.isqrt(int(vision["num_patches"]))
     if side * side != vision["num_patches"]:
         raise utils.ConversionError(f"num_patches={vision['num_patches']} is not a square: no 2D PE grid.")
@@ -90,7 +95,7 @@ def navit_config_kwargs(vision: Dict[str, Any], hidden_stride: int) -> Dict[str,
         num_attention_heads=vision["num_attention_heads"],
         num_channels=vision["num_channels"],
         patch_size=vision["patch_size"],
-        temporal_patch_size=1,
+        temporal_patch_size=temporal_patch_size,
         image_size=side * vision["patch_size"],
         hidden_act=vision["hidden_act"],
         layer_norm_eps=vision["layer_norm_eps"],
@@ -111,14 +116,27 @@ def patch_embedding_to_conv(weight: torch.Tensor, num_channels: int, patch_size:
     return weight.reshape(hidden, patch_size, patch_size, num_channels).permute(0, 3, 1, 2).contiguous()
 
 
-def convert(src, dst, hidden_stride: int = 1, overwrite: bool = False, dtype: str = "keep", base_model=None) -> Path:
+def inflate_temporal(weight: torch.Tensor, temporal_patch_size: int) -> torch.Tensor:
+    """`[hidden, C, p, p]` image patch embedding -> `[hidden, C·T, p, p]` over T frames, input channels in the SPEC
+    order (channel, temporal): channel c·T + t holds W[:, c] / T, so T equal frames embed as the one image."""
+    if temporal_patch_size == 1:
+        return weight
+    return (weight.repeat_interleave(temporal_patch_size, dim=1) / temporal_patch_size).contiguous()
+
+
+def convert(
+    src, dst, hidden_stride: int = 1, overwrite: bool = False, dtype: str = "keep", base_model=None,
+    temporal_patch_size: int = 1,
+) -> Path:
     """Convert the SigLIP2 naflex folder `src` into the siglip2-navit folder `dst`; returns `dst`."""
     src, dst = Path(src), Path(dst)
+    if isinstance(temporal_patch_size, bool) or not isinstance(temporal_patch_size, int) or temporal_patch_size < 1:
+        raise utils.ConversionError(f"temporal_patch_size must be a positive integer, got {temporal_patch_size!r}.")
     utils.check_destination(dst, src, overwrite)
     checkpoint = utils.SafetensorsCheckpoint(src)
     vision = vision_config_of(utils.read_json(src / "config.json"))
     try:
-        config = utils.config_class()(**navit_config_kwargs(vision, hidden_stride))
+        config = utils.config_class()(**navit_config_kwargs(vision, hidden_stride, temporal_patch_size))
     except ValueError as err:
         raise utils.ConversionError(f"Cannot build a Siglip2NavitConfig from {src}: {err}") from None
 
@@ -132,12 +150,12 @@ def convert(src, dst, hidden_stride: int = 1, overwrite: bool = False, dtype: st
     header_shapes = {names[key]: shape for key, shape in checkpoint.shapes(names).items()}
     if PATCH_EMBEDDING in header_shapes:
         hidden, flat = header_shapes[PATCH_EMBEDDING]
-        header_shapes[PATCH_EMBEDDING] = (hidden, c, p, p) if flat == c * p * p else (hidden, flat)
+        header_shapes[PATCH_EMBEDDING] = (hidden, c * temporal_patch_size, p, p) if flat == c * p * p else (hidden, flat)
     utils.check_shapes(header_shapes, utils.expected_shapes(config), f"Checkpoint {src}")
 
     tensors = checkpoint.read(names, desc="Reading the vision tower")
     state_dict = {names[key]: t for key, t in tensors.items()}
-    state_dict[PATCH_EMBEDDING] = patch_embedding_to_conv(state_dict[PATCH_EMBEDDING], c, p)
+    state_dict[PATCH_EMBEDDING] = inflate_temporal(patch_embedding_to_conv(state_dict[PATCH_EMBEDDING], c, p), temporal_patch_size)
     state_dict = utils.cast(state_dict, dtype)
     return utils.convert_to_folder(
         src, dst, state_dict, config, Path(__file__).name, overwrite=overwrite, base_model=base_model
@@ -155,8 +173,17 @@ def main(argv=None) -> int:
         default=1,
         help="token order of the converted model: 1 = raster (naflex), 2 = 2x2 blocks for an Ovis-style merger",
     )
+    parser.add_argument(
+        "--temporal-patch-size",
+        type=int,
+        default=1,
+        help="frames per patch of the converted model: 1 = images (naflex); 2 = video-ready, the image patch "
+        "embedding inflated over 2 frames (equal frames embed as the image)",
+    )
     args = parser.parse_args(argv)
-    return utils.run_cli(convert, args, hidden_stride=args.hidden_stride)
+    return utils.run_cli(
+        convert, args, hidden_stride=args.hidden_stride, temporal_patch_size=args.temporal_patch_size
+    )
 
 
 if __name__ == "__main__":

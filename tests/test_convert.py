@@ -27,7 +27,7 @@ import _checkpoint_utils as utils  # noqa: E402
 import convert_ovis_checkpoint  # noqa: E402
 import convert_siglip2_naflex  # noqa: E402
 import transformers  # noqa: E402
-from transformers import AutoConfig, AutoModel  # noqa: E402
+from transformers import AutoConfig, AutoImageProcessor, AutoModel  # noqa: E402
 
 
 # `dtype=` is transformers 5.x's name for 4.x's `torch_dtype=`
@@ -420,6 +420,52 @@ def test_naflex_matches_transformers_siglip2(naflex_source, tmp_path, hidden_str
     pooled_cos = F.cosine_similarity(out.pooler_output, expected.pooler_output, dim=-1)
     assert pooled_cos.min().item() >= 0.9999, pooled_cos
     print(f"hidden_stride={hidden_stride}: min token cosine {worst:.8f}, min pooler cosine {pooled_cos.min():.8f}")
+
+
+def test_naflex_temporal_patch_size_2_embeds_images_as_the_image_model(naflex_source, tmp_path):
+    """--temporal-patch-size 2: the patch embedding is inflated over 2 frames (W/2 per frame, SPEC channel order
+    (c, t)); the processor of the converted folder duplicates a still image's frame, so images encode exactly as with
+    the T = 1 conversion."""
+    folder, _ = naflex_source
+    image_dst, video_dst = tmp_path / "t1", tmp_path / "t2"
+    assert convert_siglip2_naflex.main([str(folder), str(image_dst), "--hidden-stride", "2"]) == 0
+    assert convert_siglip2_naflex.main(
+        [str(folder), str(video_dst), "--hidden-stride", "2", "--temporal-patch-size", "2"]
+    ) == 0
+    assert json.loads((video_dst / "config.json").read_text())["temporal_patch_size"] == 2
+    image_model = AutoModel.from_pretrained(image_dst, trust_remote_code=True).eval()
+    video_model = AutoModel.from_pretrained(video_dst, trust_remote_code=True).eval()
+    single = image_model.state_dict()["vision_model.embeddings.patch_embedding.weight"]  # [D, C, p, p]
+    inflated = video_model.state_dict()["vision_model.embeddings.patch_embedding.weight"]  # [D, C·2, p, p]
+    assert inflated.shape == (single.shape[0], 2 * single.shape[1], *single.shape[2:])
+    for channel in range(3):
+        for frame in range(2):
+            torch.testing.assert_close(inflated[:, 2 * channel + frame], single[:, channel] / 2, rtol=0, atol=0)
+
+    images = [Image.open(ROOT / "examples" / name) for name in NAFLEX_IMAGES]
+    outputs = []
+    for dst, model in ((image_dst, image_model), (video_dst, video_model)):
+        processor = AutoImageProcessor.from_pretrained(dst, trust_remote_code=True)
+        assert processor.temporal_patch_size == model.config.temporal_patch_size
+        batch = processor(images=images, return_tensors="pt")
+        with torch.no_grad():
+            outputs.append((batch["grid_thws"], model(batch["pixel_values"], batch["grid_thws"])))
+    (grid_1, out_1), (grid_2, out_2) = outputs
+    assert torch.equal(grid_1, grid_2)  # one temporal patch (t = 1) per image either way
+    torch.testing.assert_close(out_2.last_hidden_state, out_1.last_hidden_state, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(out_2.pooler_output, out_1.pooler_output, atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("bad", ["0", "-1", "1.5"])
+def test_naflex_refuses_bad_temporal_patch_size(naflex_source, tmp_path, bad, capsys):
+    folder, _ = naflex_source
+    if bad == "1.5":  # argparse rejects it before the converter runs
+        with pytest.raises(SystemExit):
+            convert_siglip2_naflex.main([str(folder), str(tmp_path / "out"), "--temporal-patch-size", bad])
+    else:
+        assert convert_siglip2_naflex.main([str(folder), str(tmp_path / "out"), "--temporal-patch-size", bad]) == 1
+        assert "temporal_patch_size must be a positive integer" in capsys.readouterr().err
+    assert not (tmp_path / "out").exists()
 
 
 def test_naflex_siglip2model_takes_only_the_vision_tower(tmp_path, monkeypatch):
