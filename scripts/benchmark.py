@@ -19,6 +19,10 @@ The timed configuration of this model is the naflex-equivalent one (use_rope=Fal
 max-abs difference. hidden_stride stays 2 (images sized by the real image processor with factor 32), only the token
 order differs, which the comparison undoes.
 
+Timing is interleaved: per workload, every contender and the two matmul floors are warmed up, then `--repeats`
+rounds run each of them once in turn, so a drift in machine load affects all of them alike (and packed vs
+per-image is also reported as a per-round paired ratio).
+
 Reported per contender and workload: median wall time over `--repeats` runs after `--warmup` runs, tokens/s (real
 tokens, no padding), speed ratio vs naflex-padded from the same run, efficiency = matmul floor / time, achieved
 FLOP/s and its fraction of the device's measured matmul peak, and peak memory (CPU: process RSS high-water during
@@ -283,26 +287,45 @@ CLOCKS = {"wall": time.perf_counter, "cpu": time.process_time}
 CLOCK = CLOCKS["wall"]  # set by --timer
 
 
-def time_call(fn: Callable[[], object], device: torch.device, warmup: int, repeats: int) -> dict:
-    """Median time of `fn` over `repeats` calls after `warmup` calls; peak memory of the first call.
+def time_interleaved(fns: dict, device: torch.device, warmup: int, repeats: int) -> dict:
+    """Time several callables side by side: each is warmed up (its first call measures peak memory), then `repeats`
+    rounds run every callable once, in turn. A slow drift of the machine's load (other processes, thermal state) hits
+    every contender alike instead of whichever ran last, and each round gives paired ratios. Per name: the median,
+    the individual times (round order) and the peak memory of the first call.
 
     The clock is wall time, or with `--timer cpu` this process's CPU time (robust on a busy machine when run with
     `--threads 1`: time spent descheduled is not counted)."""
-    memory = PeakMemory(device)
-    with memory:
-        out = fn()
-        del out
-    for _ in range(warmup - 1):
-        fn()
-    times = []
+    results = {}
+    for name, fn in fns.items():
+        memory = PeakMemory(device)
+        with memory:
+            out = fn()
+            del out
+        for _ in range(warmup - 1):
+            fn()
+        results[name] = {"times_s": [], "peak_memory_bytes": memory.peak}
     for _ in range(repeats):
-        _sync(device)
-        start = CLOCK()
-        out = fn()
-        _sync(device)
-        times.append(CLOCK() - start)
-        del out
-    return {"median_s": statistics.median(times), "times_s": times, "peak_memory_bytes": memory.peak}
+        for name, fn in fns.items():
+            _sync(device)
+            start = CLOCK()
+            out = fn()
+            _sync(device)
+            results[name]["times_s"].append(CLOCK() - start)
+            del out
+    for result in results.values():
+        result["median_s"] = statistics.median(result["times_s"])
+    return results
+
+
+def time_call(fn: Callable[[], object], device: torch.device, warmup: int, repeats: int) -> dict:
+    """`time_interleaved` of one callable."""
+    return time_interleaved({"fn": fn}, device, warmup, repeats)["fn"]
+
+
+def paired_ratio(numerator: dict, denominator: dict) -> dict:
+    """Per-round ratios of two contenders timed by `time_interleaved` in the same rounds: median, min, max."""
+    ratios = [a / b for a, b in zip(numerator["times_s"], denominator["times_s"])]
+    return {"median": statistics.median(ratios), "min": min(ratios), "max": max(ratios), "rounds": len(ratios)}
 
 
 def model_flops(grids: list, config: Siglip2NavitConfig, num_tokens: Optional[int] = None) -> float:
@@ -327,17 +350,15 @@ def matmul_peak(device: torch.device, dtype: torch.dtype) -> float:
     return 2 * n**3 / result["median_s"]
 
 
-def matmul_floor(
-    seq_lens: list[int], config: Siglip2NavitConfig, device: torch.device, dtype: torch.dtype, warmup: int, repeats: int
-) -> dict:
-    """Time of exactly the unavoidable matmuls of one forward, run bare with torch into preallocated outputs.
+def matmul_floor(seq_lens: list[int], config: Siglip2NavitConfig, device: torch.device, dtype: torch.dtype) -> dict:
+    """Callables that run exactly the unavoidable matmuls of one forward, bare, into preallocated outputs.
 
     Per layer, on the K packed tokens: QKV (one fused [K, H] × [H, 3H]), out-proj, fc1, fc2 (no bias); and per group
     of equal-length sequences QKᵀ and PV as batched matmuls (split into chunks of ≤ 256 MiB of scores so that long
     sequences fit in memory). Nothing else: no bias, norm, activation, softmax, RoPE, PE, reordering.
 
-    Also timed: the same dense matmuls with the attention done by one bare `scaled_dot_product_attention` call per
-    group instead (`sdpa_floor_s`). On CPU, torch's fused flash kernel can beat the bare QKᵀ/PV matmuls (it never
+    "floor-sdpa" runs the same dense matmuls with the attention done by one bare `scaled_dot_product_attention`
+    call per group instead. On CPU, torch's fused flash kernel can beat the bare QKᵀ/PV matmuls (it never
     writes the [L, L] scores to memory), so a model can run above 100 % of the bmm floor; the sdpa floor is then the
     stricter reference.
     """
@@ -354,16 +375,19 @@ def matmul_floor(
     for n in seq_lens:
         groups[n] = groups.get(n, 0) + 1
     element_bytes = torch.finfo(dtype).bits // 8
-    bmm_jobs = []  # (q, kᵀ, v, scores, out) per chunk of (sequences × heads)
+    bmm_jobs = []  # (q, kᵀ, v, scores, out) per chunk of (sequences × heads); chunks of one shape share buffers
+    buffers: dict = {}
     for length, count in groups.items():
         chunk = max(1, min(count * heads, (256 << 20) // (length * length * element_bytes)))
         remaining = count * heads
         while remaining > 0:
             b = min(chunk, remaining)
-            bmm_jobs.append(
-                (make(b, length, head_dim), make(b, head_dim, length), make(b, length, head_dim),
-                 make(b, length, length), make(b, length, head_dim))
-            )
+            if (b, length) not in buffers:
+                buffers[(b, length)] = (
+                    make(b, length, head_dim), make(b, head_dim, length), make(b, length, head_dim),
+                    make(b, length, length), make(b, length, head_dim),
+                )
+            bmm_jobs.append(buffers[(b, length)])
             remaining -= b
     sdpa_jobs = [tuple(make(count, heads, length, head_dim) for _ in range(3)) for length, count in groups.items()]
 
@@ -386,10 +410,7 @@ def matmul_floor(
             for q, k, v in sdpa_jobs:
                 F.scaled_dot_product_attention(q, k, v)
 
-    bmm = time_call(bmm_forward, device, warmup, repeats)
-    del bmm_jobs
-    sdpa = time_call(sdpa_forward, device, warmup, repeats)
-    return {"median_s": bmm["median_s"], "times_s": bmm["times_s"], "sdpa_floor_s": sdpa["median_s"]}
+    return {"floor-bmm": bmm_forward, "floor-sdpa": sdpa_forward}
 
 
 # ----------------------------------------------------------------------------------------------------------------------
@@ -570,6 +591,14 @@ def render_markdown(report: dict) -> str:
             )
         if w.get("naflex_max_abs_diff") is not None:
             lines.append(f"| {w['name']} | | | *max abs diff ours vs naflex* | {w['naflex_max_abs_diff']:.1e} | | | | | | |")
+    paired = [(w["name"], w["packed_vs_per_image"]) for w in report["workloads"] if w.get("packed_vs_per_image")]
+    if paired:
+        lines += [
+            "",
+            "Packing vs the per-image loop (per-image time ÷ packed time, paired round by round; > 1 = packing wins): "
+            + ", ".join(f"{name} **{r['median']:.2f}×** ({r['min']:.2f}–{r['max']:.2f})" for name, r in paired)
+            + ".",
+        ]
     if report.get("token_dropping"):
         d = report["token_dropping"]
         lines += [
@@ -719,7 +748,19 @@ def main(argv: Optional[list[str]] = None) -> dict:
             tokens = sum(seq_lens)
             flops = model_flops(grids, cfg)
             print(f"[{workload.name}] {len(grids)} images, {tokens} tokens, longest {max(seq_lens)}", flush=True)
-            floor = matmul_floor(seq_lens, cfg, device, dtype, args.warmup, args.repeats)
+            runs = matmul_floor(seq_lens, cfg, device, dtype)
+            contenders = []
+            for contender in contenders_for(model, ovis_model, naflex, pixel_values, grid_thws, args.all_contenders):
+                if wanted is not None and contender.name not in wanted:
+                    continue
+                if contender.name == "packed-eager" and max(seq_lens) > args.eager_max_seq:
+                    contenders.append((contender, f"skipped (sequence > {args.eager_max_seq})"))
+                    continue
+                contenders.append((contender, None))
+                runs[contender.name] = contender.run
+            timed = time_interleaved(runs, device, args.warmup, args.repeats)
+            floor = {"median_s": timed["floor-bmm"]["median_s"], "times_s": timed["floor-bmm"]["times_s"],
+                     "sdpa_floor_s": timed["floor-sdpa"]["median_s"]}
             entry = {
                 "name": workload.name,
                 "images": len(grids),
@@ -733,13 +774,11 @@ def main(argv: Optional[list[str]] = None) -> dict:
             }
             if naflex is not None:
                 entry["naflex_max_abs_diff"] = naflex_agreement(model, naflex, pixel_values, grid_thws)
-            for contender in contenders_for(model, ovis_model, naflex, pixel_values, grid_thws, args.all_contenders):
-                if wanted is not None and contender.name not in wanted:
+            for contender, skipped in contenders:
+                if skipped:
+                    entry["contenders"].append({"name": contender.name, "error": skipped})
                     continue
-                if contender.name == "packed-eager" and max(seq_lens) > args.eager_max_seq:
-                    entry["contenders"].append({"name": contender.name, "error": f"skipped (sequence > {args.eager_max_seq})"})
-                    continue
-                measured = time_call(contender.run, device, args.warmup, args.repeats)
+                measured = timed[contender.name]
                 measured.update(
                     name=contender.name,
                     note=contender.note,
@@ -753,6 +792,8 @@ def main(argv: Optional[list[str]] = None) -> dict:
                     measured["padded_tokens"] = contender.padded_tokens
                 entry["contenders"].append(measured)
                 print(f"  {contender.name:28s} {measured['median_s']:8.3f} s  peak {_fmt_bytes(measured['peak_memory_bytes'])}", flush=True)
+            if "packed-sdpa" in timed and "per-image-sdpa" in timed:
+                entry["packed_vs_per_image"] = paired_ratio(timed["per-image-sdpa"], timed["packed-sdpa"])
             baseline = next((c for c in entry["contenders"] if c["name"] == "naflex-padded"), None)
             for c in entry["contenders"]:
                 if baseline is not None and "error" not in c:

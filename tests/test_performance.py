@@ -328,8 +328,29 @@ def test_benchmark_smoke(tmp_path, monkeypatch):
         for contender in workload["contenders"]:
             assert contender["median_s"] > 0 and contender["tokens_per_s"] > 0
     assert report["token_dropping"]["kept_tokens"] < report["token_dropping"]["tokens"]
+    for workload in report["workloads"]:
+        ratio = workload["packed_vs_per_image"]
+        assert ratio["rounds"] == 1 and ratio["min"] <= ratio["median"] <= ratio["max"]
     assert (tmp_path / "benchmark.json").exists() and (tmp_path / "benchmark.md").exists()
     assert "| mixed |" in (tmp_path / "benchmark.md").read_text()
+
+
+def test_contenders_are_timed_round_robin_after_their_warm_up():
+    """time_interleaved: warm-ups first (the first call of each measures memory), then rounds of one call each, so a
+    drift in machine load affects every contender alike; paired ratios come from the same rounds."""
+    benchmark = _load_benchmark()
+    calls = []
+    clock = iter(range(100))
+    benchmark.CLOCK = lambda: next(clock)  # every call "takes" 1 time unit
+    try:
+        fns = {name: (lambda name=name: calls.append(name)) for name in ("a", "b", "c")}
+        result = benchmark.time_interleaved(fns, torch.device("cpu"), warmup=2, repeats=3)
+    finally:
+        benchmark.CLOCK = benchmark.CLOCKS["wall"]
+    assert calls == ["a", "a", "b", "b", "c", "c"] + ["a", "b", "c"] * 3
+    assert all(r["times_s"] == [1, 1, 1] and r["median_s"] == 1 for r in result.values())
+    ratio = benchmark.paired_ratio({"times_s": [2.0, 3.0, 4.0]}, {"times_s": [1.0, 2.0, 4.0]})
+    assert ratio == {"median": 1.5, "min": 1.0, "max": 2.0, "rounds": 3}
 
 
 def test_flops_formula_counts_dense_and_attention_matmuls():
