@@ -65,6 +65,18 @@ def packed_inputs(config, grids, seed: int = 0):
     return torch.randn(total, width, generator=generator), torch.tensor(grids, dtype=torch.long)
 
 
+def cpu_flash_varlen(q, k, v, cu_q, cu_k, max_q, max_k, dropout_p=0.0, softmax_scale=None, causal=False):
+    """CPU stand-in for flash_attn_varlen_func: plain softmax attention inside each [cu[i], cu[i+1]) range."""
+    assert cu_q.dtype == torch.int32 and torch.equal(cu_q, cu_k) and not causal and dropout_p == 0.0
+    bounds = cu_q.tolist()
+    assert max_q == max_k == max(b - a for a, b in zip(bounds[:-1], bounds[1:]))
+    out = torch.empty_like(q)
+    for a, b in zip(bounds[:-1], bounds[1:]):
+        scores = torch.einsum("ihd,jhd->hij", q[a:b], k[a:b]) * softmax_scale
+        out[a:b] = torch.einsum("hij,jhd->ihd", scores.softmax(-1), v[a:b])
+    return out
+
+
 def write_hub_folder(model, folder: Path) -> Path:
     """save_pretrained + the remote-code .py files (and processor configs if present), as a Hub user gets it."""
     model.save_pretrained(folder)

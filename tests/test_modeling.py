@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
-from conftest import REPO_ROOT, enable_checkpointing, packed_inputs, tiny_config, tiny_model, write_hub_folder
+from conftest import REPO_ROOT, cpu_flash_varlen, enable_checkpointing, packed_inputs, tiny_config, tiny_model, write_hub_folder
 from spec_reference import reference_forward
 from torch.utils._python_dispatch import TorchDispatchMode
 
@@ -124,18 +124,6 @@ def test_block_order_is_raster_order_regrouped():
 # ---------------------------------------------------------------------------------------------------------------------
 # Backends
 # ---------------------------------------------------------------------------------------------------------------------
-
-
-def cpu_flash_varlen(q, k, v, cu_q, cu_k, max_q, max_k, dropout_p=0.0, softmax_scale=None, causal=False):
-    """CPU stand-in for flash_attn_varlen_func: plain softmax attention inside each [cu[i], cu[i+1]) range."""
-    assert cu_q.dtype == torch.int32 and torch.equal(cu_q, cu_k) and not causal and dropout_p == 0.0
-    bounds = cu_q.tolist()
-    assert max_q == max_k == max(b - a for a, b in zip(bounds[:-1], bounds[1:]))
-    out = torch.empty_like(q)
-    for a, b in zip(bounds[:-1], bounds[1:]):
-        scores = torch.einsum("ihd,jhd->hij", q[a:b], k[a:b]) * softmax_scale
-        out[a:b] = torch.einsum("hij,jhd->ihd", scores.softmax(-1), v[a:b])
-    return out
 
 
 @pytest.fixture

@@ -12,7 +12,7 @@ import pytest
 import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 
-from conftest import packed_inputs, tiny_model
+from conftest import cpu_flash_varlen, packed_inputs, tiny_model
 
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
@@ -208,6 +208,39 @@ def test_compiled_inference_does_not_recompile_for_new_batch_compositions(backen
                 if expected.pooler_output is not None:
                     torch.testing.assert_close(actual.pooler_output, expected.pooler_output, atol=1e-5, rtol=1e-5)
     assert counter.graphs == graphs_after_first_batch
+
+
+@pytest.mark.parametrize("kernel", ["flash_attention_2", "torch-varlen"])
+def test_compiled_inference_runs_the_varlen_kernels_inside_the_op(kernel, monkeypatch):
+    """The CUDA kernels (flash-attn varlen; torch's varlen for sdpa) under torch.compile: called from inside the opaque
+    op with the batch's cu_seqlens / max_seqlen, same output as eager, no recompiles (CPU stand-ins for the kernels)."""
+    from siglip2_navit import modeling_siglip2_navit as modeling
+
+    max_lengths = []
+
+    def fake_kernel(query, key, value, cu_q, cu_k, max_q, max_k, dropout_p=0.0, softmax_scale=None, causal=False, scale=None):
+        max_lengths.append(max_q)
+        return cpu_flash_varlen(query, key, value, cu_q, cu_k, max_q, max_k, dropout_p, softmax_scale or scale, causal)
+
+    if kernel == "flash_attention_2":
+        monkeypatch.setitem(modeling._FLASH_VARLEN, "fn", fake_kernel)
+    else:
+        monkeypatch.setattr(modeling, "_torch_varlen_usable", lambda query, dropout: dropout == 0.0)
+        monkeypatch.setattr(modeling, "_torch_varlen_attention", lambda: fake_kernel)
+    torch._dynamo.reset()
+    model = tiny_model(**WINDOWED)
+    model.config._attn_implementation = "sdpa" if kernel == "torch-varlen" else kernel
+    compiled = torch.compile(model, dynamic=True, backend=GraphCounter())
+    with torch.no_grad():
+        for i, grids in enumerate([GRIDS] + NEW_BATCHES[:3]):
+            pixel_values, grid = packed_inputs(model.config, grids)
+            expected = model(pixel_values, grid).last_hidden_state
+            eager_calls = len(max_lengths)
+            with torch._dynamo.config.patch(error_on_recompile=i > 0):
+                actual = compiled(pixel_values, grid).last_hidden_state
+            torch.testing.assert_close(actual, expected, atol=1e-5, rtol=1e-5)
+            assert max_lengths[eager_calls:] == max_lengths[eager_calls - 2 : eager_calls]  # both layers, same lengths
+    assert max_lengths[-2:] == [16, 16]  # last batch: 4×4 frames, each one window
 
 
 def test_compiled_training_matches_eager_gradients():
