@@ -541,10 +541,29 @@ def get_packed_attention_interface(attn_implementation: Optional[str]) -> Callab
 # torch.compile: the built-in backends as one opaque custom op
 # ----------------------------------------------------------------------------------------------------------------------
 # Traced as Python, the per-group loop of the backends bakes the batch's sequence lengths into the graph: one recompile
-# per new batch composition. Under torch.compile (inference), the built-in backends therefore run inside a custom op
-# that takes only tensors, so the graph has symbolic shapes and no per-batch constants and one compiled graph serves
-# every batch. The op re-derives the batching from a CPU copy of `cu_seqlens` (a few µs of host work per layer, never a
-# device sync). Training under torch.compile keeps the traced path (the op has no backward formula).
+# per new batch composition. Under torch.compile, the built-in backends therefore run inside a custom op that takes
+# only tensors, so the graph has symbolic shapes and no per-batch constants and one compiled graph serves every batch.
+# The op re-derives the batching from a CPU copy of `cu_seqlens` (a few µs of host work per layer, never a device
+# sync). Its backward is a second op that recomputes the attention under `torch.func.vjp` (like checkpointing the
+# attention alone); that needs aten-only kernels without dropout, so flash-attn, torch's CUDA varlen kernel and
+# attention dropout keep the traced path when autograd is on.
+
+
+def _partition_from_tensors(
+    cu_seqlens: torch.Tensor, cu_seqlens_host: torch.Tensor, group_index: torch.Tensor, group_inverse: torch.Tensor
+) -> AttentionPartition:
+    seq_lens = cu_seqlens_host.diff().tolist()
+    batches, grouped_seq_order = _batch_plan(seq_lens)
+    return AttentionPartition(
+        cu_seqlens=cu_seqlens,
+        cu_seqlens_host=cu_seqlens_host,
+        max_seqlen=max(seq_lens),
+        batches=batches,
+        regroup=grouped_seq_order is not None,
+        group_index=group_index,
+        group_inverse=group_inverse,
+        grouped_seq_order=tuple(range(len(seq_lens))) if grouped_seq_order is None else grouped_seq_order,
+    )
 
 
 def _packed_attention_kernel(
@@ -559,40 +578,81 @@ def _packed_attention_kernel(
     dropout: float,
     backend: str,
 ) -> torch.Tensor:
-    """The custom op's eager body: rebuild the partition from cu_seqlens and run `backend` on it."""
-    seq_lens = cu_seqlens_host.diff().tolist()
-    batches, grouped_seq_order = _batch_plan(seq_lens)
-    partition = AttentionPartition(
-        cu_seqlens=cu_seqlens,
-        cu_seqlens_host=cu_seqlens_host,
-        max_seqlen=max(seq_lens),
-        batches=batches,
-        regroup=grouped_seq_order is not None,
-        group_index=group_index,
-        group_inverse=group_inverse,
-        grouped_seq_order=tuple(range(len(seq_lens))) if grouped_seq_order is None else grouped_seq_order,
-    )
+    """The forward op's eager body: rebuild the partition and run `backend` on it."""
+    partition = _partition_from_tensors(cu_seqlens, cu_seqlens_host, group_index, group_inverse)
     output, _ = PACKED_ATTENTION_FUNCTIONS[backend](None, query, key, value, partition, scaling, dropout)
     return output
 
 
+def _packed_attention_backward_kernel(
+    grad_output: torch.Tensor,
+    query: torch.Tensor,
+    key: torch.Tensor,
+    value: torch.Tensor,
+    cu_seqlens: torch.Tensor,
+    cu_seqlens_host: torch.Tensor,
+    group_index: torch.Tensor,
+    group_inverse: torch.Tensor,
+    scaling: float,
+    backend: str,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """The backward op's eager body: recompute the attention under `torch.func.vjp` and pull `grad_output` back."""
+    partition = _partition_from_tensors(cu_seqlens, cu_seqlens_host, group_index, group_inverse)
+
+    def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+        return PACKED_ATTENTION_FUNCTIONS[backend](None, q, k, v, partition, scaling, 0.0)[0]
+
+    _, pull_back = torch.func.vjp(attention, query, key, value)
+    return pull_back(grad_output)
+
+
 def _register_packed_attention_op():
-    """Register the op under a name unique to this module (remote code can be loaded under several module names)."""
+    """Register the forward and backward ops under names unique to this module (remote code can be loaded under
+    several module names, or executed again); returns the forward op, differentiable."""
     base = "packed_attention_" + re.sub(r"\W", "_", __name__)
     name, suffix = base, 0
     while hasattr(torch.ops.siglip2_navit, name):  # this module executed again (reload): a fresh name
         suffix += 1
         name = f"{base}_{suffix}"
-    op = torch.library.custom_op(f"siglip2_navit::{name}", mutates_args=())(_packed_attention_kernel)
+    forward = torch.library.custom_op(f"siglip2_navit::{name}", mutates_args=())(_packed_attention_kernel)
+    backward = torch.library.custom_op(f"siglip2_navit::{name}_backward", mutates_args=())(
+        _packed_attention_backward_kernel
+    )
 
-    @op.register_fake
+    @forward.register_fake
     def _(query, key, value, cu_seqlens, cu_seqlens_host, group_index, group_inverse, scaling, dropout, backend):
         return torch.empty_like(query)  # [K, heads, head_dim]
 
-    return op
+    @backward.register_fake
+    def _(grad_output, query, key, value, cu_seqlens, cu_seqlens_host, group_index, group_inverse, scaling, backend):
+        return torch.empty_like(query), torch.empty_like(key), torch.empty_like(value)
+
+    def setup_context(ctx, inputs, output):
+        query, key, value, cu_seqlens, cu_seqlens_host, group_index, group_inverse, scaling, dropout, backend = inputs
+        if dropout != 0.0:
+            raise RuntimeError("The packed attention op has no backward with dropout (its mask is not kept).")
+        ctx.save_for_backward(query, key, value, cu_seqlens, cu_seqlens_host, group_index, group_inverse)
+        ctx.scaling, ctx.backend = scaling, backend
+
+    def backward_formula(ctx, grad_output):
+        grads = backward(grad_output.contiguous(), *ctx.saved_tensors, ctx.scaling, ctx.backend)
+        return (*grads, None, None, None, None, None, None, None)
+
+    forward.register_autograd(backward_formula, setup_context=setup_context)
+    return forward
 
 
 _PACKED_ATTENTION_OP = _register_packed_attention_op()
+
+
+def _use_opaque_attention(name: str, hidden_states: torch.Tensor, dropout: float, output_attentions: bool) -> bool:
+    """Whether a layer traced by torch.compile runs the attention through the opaque op (decided at trace time)."""
+    if not torch.compiler.is_compiling() or output_attentions or name not in PACKED_ATTENTION_FUNCTIONS:
+        return False
+    if not torch.is_grad_enabled():
+        return True
+    # The backward recomputes the attention under torch.func.vjp: aten-only kernels, no dropout.
+    return dropout == 0.0 and name != "flash_attention_2" and not _torch_varlen_usable(hidden_states, 0.0)
 
 
 def _opaque_packed_attention(backend: str) -> Callable:
@@ -835,12 +895,8 @@ class Siglip2NavitEncoder(nn.Module):
             implementation = "eager"
         attention_interface = get_packed_attention_interface(implementation)
         name = implementation or "sdpa"
-        if (
-            torch.compiler.is_compiling()
-            and name in PACKED_ATTENTION_FUNCTIONS
-            and not output_attentions
-            and not (torch.is_grad_enabled() and hidden_states.requires_grad)
-        ):
+        dropout = self.config.attention_dropout if self.training else 0.0
+        if _use_opaque_attention(name, hidden_states, dropout, output_attentions):
             attention_interface = _opaque_packed_attention(name)  # one graph for every batch composition
 
         position_embeddings = None

@@ -179,9 +179,11 @@ class GraphCounter:
 
     def __init__(self):
         self.graphs = 0
+        self.code = ""
 
     def __call__(self, graph_module, example_inputs):
         self.graphs += 1
+        self.code += graph_module.code
         return graph_module.forward
 
 
@@ -208,6 +210,7 @@ def test_compiled_inference_does_not_recompile_for_new_batch_compositions(backen
                 if expected.pooler_output is not None:
                     torch.testing.assert_close(actual.pooler_output, expected.pooler_output, atol=1e-5, rtol=1e-5)
     assert counter.graphs == graphs_after_first_batch
+    assert "siglip2_navit.packed_attention" in counter.code
 
 
 @pytest.mark.parametrize("kernel", ["flash_attention_2", "torch-varlen"])
@@ -243,20 +246,28 @@ def test_compiled_inference_runs_the_varlen_kernels_inside_the_op(kernel, monkey
     assert max_lengths[-2:] == [16, 16]  # last batch: 4×4 frames, each one window
 
 
-def test_compiled_training_matches_eager_gradients():
-    """With autograd on, torch.compile traces the attention backends as Python (the opaque op has no backward): the
-    loss and every parameter's gradient match eager mode."""
+@pytest.mark.parametrize("backend", ["sdpa", "eager"])
+def test_compiled_training_matches_eager_gradients_without_recompiles(backend):
+    """Training under torch.compile: the op's backward (the attention recomputed under torch.func.vjp) gives the loss
+    and every parameter's gradient of eager mode, and a batch of another composition reuses the compiled graphs."""
     torch._dynamo.reset()
-    model = tiny_model(**WINDOWED).train()
-    compiled = torch.compile(model, dynamic=True, backend="aot_eager")
-    pixel_values, grid = packed_inputs(model.config, GRIDS)
-    gradients = []
-    for run in (model, compiled):
-        model.zero_grad()
-        run(pixel_values, grid).last_hidden_state.square().mean().backward()
-        gradients.append({name: p.grad.clone() for name, p in model.named_parameters()})
-    for name, expected in gradients[0].items():
-        torch.testing.assert_close(gradients[1][name], expected, atol=1e-5, rtol=1e-4, msg=name)
+    model = tiny_model(attn_implementation=backend, **WINDOWED).train()
+    counter = GraphCounter()
+    compiled = torch.compile(model, dynamic=True, backend=counter)
+    for i, grids in enumerate([GRIDS, NEW_BATCHES[1]]):
+        pixel_values, grid = packed_inputs(model.config, grids)
+        gradients = []
+        for run in (model, compiled):
+            model.zero_grad()
+            with torch._dynamo.config.patch(error_on_recompile=i > 0):
+                run(pixel_values, grid).last_hidden_state.square().mean().backward()
+            gradients.append({name: p.grad.clone() for name, p in model.named_parameters()})
+        for name, expected in gradients[0].items():
+            torch.testing.assert_close(gradients[1][name], expected, atol=1e-5, rtol=1e-4, msg=name)
+        if i == 0:
+            graphs = counter.graphs
+    assert counter.graphs == graphs
+    assert "siglip2_navit.packed_attention" in counter.code  # the attention ran through the opaque op
 
 
 @pytest.mark.parametrize("backend", ["sdpa", "eager"])
@@ -275,6 +286,17 @@ def test_opaque_attention_op_matches_the_backend_and_passes_opcheck(backend):
             partition.group_inverse, 0.3, 0.0, backend)
     torch.testing.assert_close(modeling._PACKED_ATTENTION_OP(*args), expected, atol=0, rtol=0)
     torch.library.opcheck(modeling._PACKED_ATTENTION_OP, args)
+
+    # backward: the recomputing backward op gives autograd's gradients of the backend itself
+    leaves = [t.clone().requires_grad_() for t in (query, key, value)]
+    grad_output = torch.randn_like(query)
+    expected_grads = torch.autograd.grad(
+        modeling.PACKED_ATTENTION_FUNCTIONS[backend](None, *leaves, partition, 0.3)[0], leaves, grad_output
+    )
+    actual_grads = torch.autograd.grad(modeling._PACKED_ATTENTION_OP(*leaves, *args[3:]), leaves, grad_output)
+    for actual, wanted in zip(actual_grads, expected_grads):
+        torch.testing.assert_close(actual, wanted, atol=1e-6, rtol=1e-5)
+    torch.library.opcheck(modeling._PACKED_ATTENTION_OP, (*leaves, *args[3:]))  # incl. the autograd registration
     again = modeling._register_packed_attention_op()  # the module executed again (reload): a second, working op
     assert again._qualname != modeling._PACKED_ATTENTION_OP._qualname
     torch.testing.assert_close(again(*args), expected, atol=0, rtol=0)
