@@ -59,14 +59,15 @@ class AttentionPartition:
     group_index: torch.Tensor  # [K] working -> grouped order, on device
     group_inverse: torch.Tensor  # [K] grouped -> working order, on device
     grouped_seq_order: tuple[int, ...]  # sequence ids in grouped order
+    input_seq_order: tuple[int, ...] = ()  # sequence ids (working order) sorted by their frame / window in the input
 
 
 @dataclass
 class PackedLayout:
     """Host-side description of one packed batch (computed once per forward, shared by every layer)."""
 
-    token_rows: Optional[torch.Tensor]  # [K] rows of pixel_values in working order, None = all rows in order
-    restore_index: Optional[torch.Tensor]  # [K] working -> output order, None = identity
+    token_rows: torch.Tensor  # [K] rows of pixel_values in working order, on device
+    restore_index: torch.Tensor  # [K] working -> output (input) order, on device
     positions: torch.Tensor  # [K, 2] (row, col) of each token in working order, int64 on device
     pe_index: torch.Tensor  # [K] index into the concatenated resized PE tables, on device
     pe_sizes: tuple[tuple[int, int], ...]  # the (h, w) of each resized PE table, in concatenation order
@@ -109,7 +110,7 @@ def _never_specialize(*tensors: torch.Tensor) -> None:
 
 
 def _partition(segment_ids: torch.Tensor, device: torch.device) -> AttentionPartition:
-    """Partition tokens by `segment_ids` (CPU, non-decreasing runs: every segment is contiguous)."""
+    """Partition tokens by `segment_ids` (CPU; every segment is contiguous; ids number segments in input order)."""
     _, counts = torch.unique_consecutive(segment_ids, return_counts=True)
     seq_lens = counts.tolist()
     cu = [0]
@@ -132,6 +133,7 @@ def _partition(segment_ids: torch.Tensor, device: torch.device) -> AttentionPart
         group_index=index.to(device),
         group_inverse=torch.argsort(index).to(device),
         grouped_seq_order=tuple(range(len(seq_lens))) if grouped_seq_order is None else grouped_seq_order,
+        input_seq_order=tuple(torch.argsort(segment_ids[cu[:-1]], stable=True).tolist()),
     )
 
 
@@ -196,20 +198,18 @@ def build_packed_layout(
         rows, cols, frame_ids = rows[keep_indices], cols[keep_indices], frame_ids[keep_indices]
         window_ids, image_ids = window_ids[keep_indices], image_ids[keep_indices]
 
+    # The working order every layer runs in (the output is put back in input order once, at the end): frames sorted
+    # by token count (stable), so that equal-length frames are adjacent and batch without regrouping tokens in any
+    # full-attention layer; inside each frame window-major (Ovis/Qwen2.5-VL style), so that every window is
+    # contiguous. Always a permutation tensor, even the identity: every batch has the same structure under compile.
     has_windows = not all(config.is_full_attention_layer(i) for i in range(config.num_hidden_layers))
-    working = None
-    if has_windows:
-        # Window-major order keeps every frame contiguous and makes every window contiguous (Ovis/Qwen2.5-VL style),
-        # so no layer has to move tokens around; the output is put back in input order once at the end. (Kept even
-        # when it is the identity, so that every batch of a windowed model has the same structure under torch.compile.)
-        working = torch.argsort(window_ids, stable=True)
-    if working is not None:
-        rows, cols, frame_ids, window_ids = rows[working], cols[working], frame_ids[working], window_ids[working]
-
-    if keep_indices is None:
-        token_rows = working
-    else:
-        token_rows = keep_indices if working is None else keep_indices[working]
+    working = torch.argsort(window_ids, stable=True) if has_windows else torch.arange(frame_ids.shape[0])
+    num_frames = sum(t for t, _, _ in grids)
+    frame_rank = torch.empty(num_frames, dtype=torch.long)
+    frame_rank[torch.argsort(torch.bincount(frame_ids, minlength=num_frames), stable=True)] = torch.arange(num_frames)
+    working = working[torch.argsort(frame_rank[frame_ids[working]], stable=True)]
+    rows, cols, frame_ids, window_ids = rows[working], cols[working], frame_ids[working], window_ids[working]
+    token_rows = working if keep_indices is None else keep_indices[working]
 
     # Learned PE: one resized table per distinct (h, w); each token indexes its row/col in its frame's table.
     pe_sizes: list[tuple[int, int]] = []
@@ -237,8 +237,8 @@ def build_packed_layout(
     image_token_counts = torch.bincount(image_ids, minlength=len(grids)).tolist()
     frame_token_counts = torch.bincount(frame_ids, minlength=sum(t for t, _, _ in grids)).tolist()
     return PackedLayout(
-        token_rows=None if token_rows is None else token_rows.to(device),
-        restore_index=None if working is None else torch.argsort(working).to(device),
+        token_rows=token_rows.to(device),
+        restore_index=torch.argsort(working).to(device),
         positions=torch.stack([rows, cols], dim=-1).to(device),
         pe_index=pe_index.to(device),
         pe_sizes=tuple(pe_sizes),
@@ -759,9 +759,7 @@ class Siglip2NavitEmbeddings(nn.Module):
 
     def forward(self, pixel_values: torch.Tensor, layout: PackedLayout) -> torch.Tensor:
         weight = self.patch_embedding.weight
-        if layout.token_rows is not None:
-            pixel_values = pixel_values[layout.token_rows]
-        pixel_values = pixel_values.to(device=weight.device, dtype=weight.dtype)
+        pixel_values = pixel_values[layout.token_rows].to(device=weight.device, dtype=weight.dtype)  # working order
         embeddings = F.linear(pixel_values, weight.reshape(self.embed_dim, -1), self.patch_embedding.bias)  # [K, D]
         if self.config.preserve_original_pe:
             embeddings = embeddings + self.token_position_embeddings(layout)
@@ -973,16 +971,15 @@ class Siglip2NavitVisionTransformer(nn.Module):
         )
         last_hidden_state = self.post_layernorm(hidden_states)
 
-        restore = layout.restore_index
-        if restore is not None:
-            last_hidden_state = last_hidden_state[restore]
-            if all_hidden_states is not None:
-                all_hidden_states = tuple(h[restore] for h in all_hidden_states)
-            if all_attentions is not None:
-                all_attentions = tuple(
-                    self._restore_attention_order(layer_maps, layout, self.encoder.layers[i].full_attention)
-                    for i, layer_maps in enumerate(all_attentions)
-                )
+        restore = layout.restore_index  # back to input order, once
+        last_hidden_state = last_hidden_state[restore]
+        if all_hidden_states is not None:
+            all_hidden_states = tuple(h[restore] for h in all_hidden_states)
+        if all_attentions is not None:
+            all_attentions = tuple(
+                self._restore_attention_order(layer_maps, layout, self.encoder.layers[i].full_attention)
+                for i, layer_maps in enumerate(all_attentions)
+            )
 
         pooler_output = self._pool(last_hidden_state, layout) if self.config.vision_use_head else None
         return BaseModelOutputWithPooling(
@@ -1000,15 +997,19 @@ class Siglip2NavitVisionTransformer(nn.Module):
 
     @staticmethod
     def _restore_attention_order(maps: tuple, layout: PackedLayout, full_attention: bool) -> tuple:
-        """Frames were encoded in window-major order: put each full-attention map back in input token order."""
-        if not full_attention:
-            return maps  # window-major order keeps the input order inside each window
+        """Per-sequence maps of the working order -> input order: sequences sorted back by frame (or window), and the
+        tokens of each frame, window-major in the working order, put back in input order."""
+        partition = layout.full if full_attention else layout.window
+        if not full_attention:  # inside a window, the working order keeps the input order
+            return tuple(maps[i] for i in partition.input_seq_order)
         restored = []
-        cu = layout.full.cu_seqlens.tolist()
-        for seq_id, attn in enumerate(maps):
-            # frames are contiguous in both orders: the working positions of this frame's output tokens, made local
-            local = layout.restore_index[cu[seq_id] : cu[seq_id + 1]] - cu[seq_id]
-            restored.append(attn[:, local][:, :, local])
+        cu = partition.cu_seqlens_host.tolist()
+        output_start = 0  # frames are contiguous in the output, in input order
+        for seq_id in partition.input_seq_order:
+            length = cu[seq_id + 1] - cu[seq_id]
+            local = layout.restore_index[output_start : output_start + length] - cu[seq_id]  # working positions, local
+            restored.append(maps[seq_id][:, local][:, :, local])
+            output_start += length
         return tuple(restored)
 
 

@@ -276,10 +276,10 @@ def test_opaque_attention_op_matches_the_backend_and_passes_opcheck(backend):
     torch.library.opcheck accepts its schema, fake (meta) implementation and dynamic-shape tracing."""
     from siglip2_navit import modeling_siglip2_navit as modeling
 
-    model = tiny_model()
+    model = tiny_model(**WINDOWED)
     layout = modeling.build_packed_layout(GRIDS, model.config, torch.device("cpu"))
-    partition = layout.full
-    assert partition.regroup  # GRIDS has the same length twice, apart
+    partition = layout.window
+    assert partition.regroup  # window lengths alternate inside frames
     query, key, value = torch.randn(3, int(partition.cu_seqlens_host[-1]), 4, 8).unbind(0)
     expected, _ = modeling.PACKED_ATTENTION_FUNCTIONS[backend](None, query, key, value, partition, 0.3)
     args = (query, key, value, partition.cu_seqlens, partition.cu_seqlens_host, partition.group_index,
