@@ -155,7 +155,8 @@ def convert(
 
     tensors = checkpoint.read(names, desc="Reading the vision tower")
     state_dict = {names[key]: t for key, t in tensors.items()}
-    state_dict[PATCH_EMBEDDING] = inflate_temporal(patch_embedding_to_conv(state_dict[PATCH_EMBEDDING], c, p), temporal_patch_size)
+    conv = patch_embedding_to_conv(state_dict[PATCH_EMBEDDING], c, p)  # [D, C, p, p]
+    state_dict[PATCH_EMBEDDING] = inflate_temporal(conv, temporal_patch_size)  # [D, C·T, p, p]
     state_dict = utils.cast(state_dict, dtype)
     return utils.convert_to_folder(
         src, dst, state_dict, config, Path(__file__).name, overwrite=overwrite, base_model=base_model
