@@ -116,24 +116,47 @@ def _partition(segment_ids: torch.Tensor, device: torch.device) -> AttentionPart
     cu = [0]
     for length in seq_lens:
         cu.append(cu[-1] + length)
-    cu_host = torch.tensor(cu, dtype=torch.int64)
-    batches, grouped_seq_order = _batch_plan(seq_lens)
+    _, grouped_seq_order = _batch_plan(seq_lens)
     if grouped_seq_order is None:
         index = torch.arange(cu[-1])
     else:
         index = torch.cat([torch.arange(cu[i], cu[i + 1]) for i in grouped_seq_order])
+    cu_host = torch.tensor(cu, dtype=torch.int64)
     cu_seqlens = cu_host.to(device=device, dtype=torch.int32)
     _never_specialize(cu_seqlens, cu_host)
+    return _partition_from_tensors(
+        cu_seqlens,
+        cu_host,
+        index.to(device),
+        torch.argsort(index).to(device),
+        input_seq_order=tuple(torch.argsort(segment_ids[cu[:-1]], stable=True).tolist()),
+        seq_lens=seq_lens,
+    )
+
+
+def _partition_from_tensors(
+    cu_seqlens: torch.Tensor,
+    cu_seqlens_host: torch.Tensor,
+    group_index: torch.Tensor,
+    group_inverse: torch.Tensor,
+    input_seq_order: tuple[int, ...] = (),
+    seq_lens: Optional[list[int]] = None,
+) -> AttentionPartition:
+    """The partition delimited by `cu_seqlens` (`seq_lens`: its lengths, when the caller has them on the host
+    already); `group_index` must follow `_batch_plan` of those lengths."""
+    if seq_lens is None:
+        seq_lens = cu_seqlens_host.diff().tolist()
+    batches, grouped_seq_order = _batch_plan(seq_lens)
     return AttentionPartition(
         cu_seqlens=cu_seqlens,
-        cu_seqlens_host=cu_host,
+        cu_seqlens_host=cu_seqlens_host,
         max_seqlen=max(seq_lens),
         batches=batches,
         regroup=grouped_seq_order is not None,
-        group_index=index.to(device),
-        group_inverse=torch.argsort(index).to(device),
+        group_index=group_index,
+        group_inverse=group_inverse,
         grouped_seq_order=tuple(range(len(seq_lens))) if grouped_seq_order is None else grouped_seq_order,
-        input_seq_order=tuple(torch.argsort(segment_ids[cu[:-1]], stable=True).tolist()),
+        input_seq_order=input_seq_order,
     )
 
 
@@ -547,23 +570,6 @@ def get_packed_attention_interface(attn_implementation: Optional[str]) -> Callab
 # sync). Its backward is a second op that recomputes the attention under `torch.func.vjp` (like checkpointing the
 # attention alone); that needs aten-only kernels without dropout, so flash-attn, torch's CUDA varlen kernel and
 # attention dropout keep the traced path when autograd is on.
-
-
-def _partition_from_tensors(
-    cu_seqlens: torch.Tensor, cu_seqlens_host: torch.Tensor, group_index: torch.Tensor, group_inverse: torch.Tensor
-) -> AttentionPartition:
-    seq_lens = cu_seqlens_host.diff().tolist()
-    batches, grouped_seq_order = _batch_plan(seq_lens)
-    return AttentionPartition(
-        cu_seqlens=cu_seqlens,
-        cu_seqlens_host=cu_seqlens_host,
-        max_seqlen=max(seq_lens),
-        batches=batches,
-        regroup=grouped_seq_order is not None,
-        group_index=group_index,
-        group_inverse=group_inverse,
-        grouped_seq_order=tuple(range(len(seq_lens))) if grouped_seq_order is None else grouped_seq_order,
-    )
 
 
 def _packed_attention_kernel(
