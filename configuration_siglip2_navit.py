@@ -67,6 +67,11 @@ class Siglip2NavitConfig(PretrainedConfig):
         vision_use_head (`bool`, *optional*, defaults to `False`): add SigLIP's multi-head attention pooling head.
         num_patches (`int`, *optional*, defaults to -1): legacy Ovis field, kept for compatibility and ignored.
         initializer_range (`float`, *optional*, defaults to 0.02): std of the truncated-normal init of new weights.
+        cpu_block_tokens (`int`, *optional*, defaults to 4096): CPU inference (eval mode, no autograd, not compiled)
+            runs each layer block by block, a block being consecutive whole attention sequences (frames or windows)
+            of at most this many tokens, so that every intermediate is block-sized: it stays in cache and the memory
+            allocator recycles it instead of mapping fresh pages for every op. Same outputs as one op over all
+            tokens; `None` disables it (the GPU and training path is never blocked).
     """
 
     model_type = "siglip2_navit"
@@ -95,6 +100,7 @@ class Siglip2NavitConfig(PretrainedConfig):
         vision_use_head: bool = False,
         num_patches: int = -1,
         initializer_range: float = 0.02,
+        cpu_block_tokens: Optional[int] = 4096,
         **kwargs,
     ):
         super().__init__(**kwargs)
@@ -120,6 +126,7 @@ class Siglip2NavitConfig(PretrainedConfig):
         self.vision_use_head = vision_use_head
         self.num_patches = num_patches
         self.initializer_range = initializer_range
+        self.cpu_block_tokens = cpu_block_tokens
         self._validate()
 
     def _validate(self) -> None:
@@ -143,6 +150,9 @@ class Siglip2NavitConfig(PretrainedConfig):
                 f"`hidden_size` ({self.hidden_size}) must be divisible by `num_attention_heads` "
                 f"({self.num_attention_heads})."
             )
+        block = self.cpu_block_tokens
+        if block is not None and (not isinstance(block, int) or isinstance(block, bool) or block <= 0):
+            raise ValueError(f"`cpu_block_tokens` must be a positive integer or None, got {block!r}.")
         head_dim = self.hidden_size // self.num_attention_heads
         if self.use_rope and head_dim % 4 != 0:
             raise ValueError(f"2D RoPE needs head_dim divisible by 4, got head_dim={head_dim}.")

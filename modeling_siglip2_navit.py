@@ -112,7 +112,15 @@ def _never_specialize(*tensors: torch.Tensor) -> None:
 def _partition(segment_ids: torch.Tensor, device: torch.device) -> AttentionPartition:
     """Partition tokens by `segment_ids` (CPU; every segment is contiguous; ids number segments in input order)."""
     _, counts = torch.unique_consecutive(segment_ids, return_counts=True)
-    seq_lens = counts.tolist()
+    starts = torch.cumsum(counts, 0) - counts
+    input_seq_order = tuple(torch.argsort(segment_ids[starts], stable=True).tolist())
+    return _partition_of_lengths(counts.tolist(), device, input_seq_order)
+
+
+def _partition_of_lengths(
+    seq_lens: list[int], device: torch.device, input_seq_order: tuple[int, ...] = ()
+) -> AttentionPartition:
+    """The partition of consecutive sequences of `seq_lens` tokens, with the gather that groups equal lengths."""
     cu = [0]
     for length in seq_lens:
         cu.append(cu[-1] + length)
@@ -129,7 +137,7 @@ def _partition(segment_ids: torch.Tensor, device: torch.device) -> AttentionPart
         cu_host,
         index.to(device),
         torch.argsort(index).to(device),
-        input_seq_order=tuple(torch.argsort(segment_ids[cu[:-1]], stable=True).tolist()),
+        input_seq_order=input_seq_order,
         seq_lens=seq_lens,
     )
 
@@ -158,6 +166,32 @@ def _partition_from_tensors(
         grouped_seq_order=tuple(range(len(seq_lens))) if grouped_seq_order is None else grouped_seq_order,
         input_seq_order=input_seq_order,
     )
+
+
+@dataclass
+class AttentionBlock:
+    """Consecutive whole sequences of a partition (tokens `start:end` of the working order), run together by the CPU
+    block schedule; `partition` describes them with token offsets relative to `start`."""
+
+    start: int
+    end: int
+    partition: AttentionPartition
+
+
+def attention_blocks(partition: AttentionPartition, max_tokens: int) -> tuple[AttentionBlock, ...]:
+    """Split `partition` into runs of consecutive whole sequences of at most `max_tokens` tokens (a longer sequence
+    is a block of its own). Attention never crosses a sequence, so each block can run a whole layer on its own."""
+    cu = partition.cu_seqlens_host.tolist()
+    seq_lens = [b - a for a, b in zip(cu[:-1], cu[1:])]
+    device = partition.cu_seqlens.device
+    blocks, first = [], 0
+    while first < len(seq_lens):
+        last = first + 1
+        while last < len(seq_lens) and cu[last + 1] - cu[first] <= max_tokens:
+            last += 1
+        blocks.append(AttentionBlock(cu[first], cu[last], _partition_of_lengths(seq_lens[first:last], device)))
+        first = last
+    return tuple(blocks)
 
 
 def _token_coordinates(grids: Sequence[tuple[int, int, int]], stride: int, window_blocks: int):
@@ -843,6 +877,21 @@ class Siglip2NavitMLP(nn.Module):
         return self.fc2(hidden_states)
 
 
+# The CPU block schedule runs the MLP in pieces whose [piece, intermediate] activation stays below this size: glibc
+# serves allocations below its mmap threshold (at most 32 MiB) from recycled heap memory, larger ones with fresh pages.
+_MLP_PIECE_BYTES = 16 * 2**20
+
+
+def _has_hooks(module: nn.Module) -> bool:
+    """Whether forward hooks (own, global or accelerate's) could observe `module` or one of its submodules."""
+    global_hooks = getattr(nn.modules.module, "_global_forward_hooks", None) or getattr(
+        nn.modules.module, "_global_forward_pre_hooks", None
+    )
+    return bool(global_hooks) or any(
+        m._forward_hooks or m._forward_pre_hooks or hasattr(m, "_hf_hook") for m in module.modules()
+    )
+
+
 class Siglip2NavitEncoderLayer(nn.Module):
     """Pre-norm transformer block: x + attn(ln1(x)), then x + mlp(ln2(x))."""
 
@@ -869,6 +918,30 @@ class Siglip2NavitEncoderLayer(nn.Module):
         hidden_states = hidden_states + attn_output
         hidden_states = hidden_states + self.mlp(self.layer_norm2(hidden_states))
         return hidden_states, attn_weights
+
+    def forward_blocked(
+        self,
+        hidden_states: torch.Tensor,
+        position_embeddings: Optional[tuple[torch.Tensor, torch.Tensor]],
+        blocks: Sequence[AttentionBlock],
+        attention_interface: Callable,
+        out: torch.Tensor,
+    ) -> torch.Tensor:
+        """`forward` for inference (no autograd), computed block by block into `out` [K, hidden] (not `hidden_states`).
+
+        Same math as `forward`: attention never crosses a block's sequences, and the MLP is token-wise, run in pieces
+        whose [piece, intermediate] activation stays below `_MLP_PIECE_BYTES`. Every intermediate is block-sized.
+        """
+        piece = max(1, _MLP_PIECE_BYTES // (self.mlp.fc1.out_features * hidden_states.element_size()))
+        for block in blocks:
+            rows = slice(block.start, block.end)
+            residual = hidden_states[rows]  # [n, hidden]
+            rope = None if position_embeddings is None else tuple(t[rows] for t in position_embeddings)
+            attn_output, _ = self.self_attn(self.layer_norm1(residual), rope, block.partition, attention_interface)
+            block_out = torch.add(residual, attn_output, out=out[rows])
+            for chunk in block_out.split(piece):
+                chunk.add_(self.mlp(self.layer_norm2(chunk)))
+        return out
 
 
 class Siglip2NavitEncoder(nn.Module):
@@ -908,11 +981,21 @@ class Siglip2NavitEncoder(nn.Module):
             head_dim = self.config.hidden_size // self.config.num_attention_heads
             position_embeddings = rope_cos_sin(layout.positions, head_dim, self.config.rope_theta)
 
+        blocks = self._cpu_blocks(hidden_states, layout, output_attentions)
+        spare = None  # block schedule: a layer's output buffer is reused two layers later unless it is returned
+
         all_hidden_states = (hidden_states,) if output_hidden_states else None
         all_attentions = () if output_attentions else None
-        for layer in self.layers:
+        for index, layer in enumerate(self.layers):
             partition = layout.full if layer.full_attention else layout.window
-            if self.gradient_checkpointing and self.training:
+            if blocks is not None:
+                out = spare if spare is not None else torch.empty_like(hidden_states)
+                spare = hidden_states if index > 0 and not output_hidden_states else None  # never the caller's input
+                hidden_states = layer.forward_blocked(
+                    hidden_states, position_embeddings, blocks[layer.full_attention], attention_interface, out
+                )
+                attn_weights = None
+            elif self.gradient_checkpointing and self.training:
                 hidden_states, attn_weights = self._gradient_checkpointing_func(
                     layer.__call__, hidden_states, position_embeddings, partition, attention_interface, output_attentions
                 )
@@ -925,6 +1008,28 @@ class Siglip2NavitEncoder(nn.Module):
             if output_attentions:
                 all_attentions += (attn_weights,)
         return hidden_states, all_hidden_states, all_attentions
+
+    def _cpu_blocks(
+        self, hidden_states: torch.Tensor, layout: PackedLayout, output_attentions: bool
+    ) -> Optional[dict[bool, tuple[AttentionBlock, ...]]]:
+        """The blocks of the CPU block schedule per attention kind (True: full), or None when this forward runs every
+        op over all tokens: off (`cpu_block_tokens=None`), not CPU, autograd or training, attention maps asked,
+        torch.compile tracing, or hooks on the layers (they would see blocks instead of the whole batch)."""
+        max_tokens = self.config.cpu_block_tokens
+        if (
+            not max_tokens
+            or hidden_states.device.type != "cpu"
+            or self.training
+            or torch.is_grad_enabled()
+            or output_attentions
+            or torch.compiler.is_compiling()
+            or _has_hooks(self.layers)
+        ):
+            return None
+        blocks = {True: attention_blocks(layout.full, max_tokens)}
+        if layout.window is not None:
+            blocks[False] = attention_blocks(layout.window, max_tokens)
+        return blocks
 
 
 class Siglip2NavitMultiheadAttentionPoolingHead(nn.Module):

@@ -74,12 +74,12 @@ def test_host_syncs_per_forward_do_not_depend_on_layer_count(monkeypatch, backen
 
 def test_sync_counter_sees_a_per_layer_sync(monkeypatch):
     """The counter is not blind: the reference design (one .item() per layer) is caught."""
-    model = tiny_model(num_hidden_layers=3)
+    model = tiny_model(num_hidden_layers=3, cpu_block_tokens=None)  # hooks turn the block schedule off anyway
     pixel_values, grid = packed_inputs(model.config, GRIDS)
     for layer in model.vision_model.encoder.layers:
         layer.register_forward_pre_hook(lambda module, args: [args[2].cu_seqlens.diff().max().item()] and None)
     with torch.no_grad():
-        base = count_syncs(monkeypatch, 3, "sdpa")
+        base = count_syncs(monkeypatch, 3, "sdpa", cpu_block_tokens=None)
         with monkeypatch.context() as patch:
             counter = SyncCounter(patch)
             model(pixel_values, grid)
@@ -347,6 +347,143 @@ def test_memory_traffic_is_linear_in_the_number_of_images(backend, config):
         measured[n] = mode
     assert measured[64].total <= 4.2 * measured[16].total, (measured[64].total, measured[16].total)
     assert measured[64].largest <= 4 * measured[16].largest
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# CPU block schedule: each layer computed block by block (inference), same outputs as one op over all tokens
+# ---------------------------------------------------------------------------------------------------------------------
+
+BLOCK_TOKENS = 40  # GRIDS frames have 4, 24, 24, 24, 64 tokens: blocks of several frames and a frame above the budget
+
+
+def _blocked_calls(monkeypatch) -> list:
+    """Record every `forward_blocked` call (the layer's block schedule) with the sizes of its blocks."""
+    from siglip2_navit.modeling_siglip2_navit import Siglip2NavitEncoderLayer
+
+    calls, original = [], Siglip2NavitEncoderLayer.forward_blocked
+
+    def spy(self, hidden_states, position_embeddings, blocks, *args):
+        calls.append([block.end - block.start for block in blocks])
+        return original(self, hidden_states, position_embeddings, blocks, *args)
+
+    monkeypatch.setattr(Siglip2NavitEncoderLayer, "forward_blocked", spy)
+    return calls
+
+
+@pytest.mark.parametrize("keep", [False, True], ids=["all-tokens", "keep_indices"])
+@pytest.mark.parametrize(
+    "config",
+    [{}, WINDOWED, {**WINDOWED, "use_rope": False, "vision_use_head": True}],
+    ids=["full", "windowed", "no-rope-head"],
+)
+@pytest.mark.parametrize("backend", ["sdpa", "eager"])
+def test_cpu_block_schedule_matches_one_op_over_all_tokens(monkeypatch, backend, config, keep):
+    from siglip2_navit import modeling_siglip2_navit as modeling
+
+    model = tiny_model(attn_implementation=backend, num_hidden_layers=3, **config)
+    pixel_values, grid = packed_inputs(model.config, GRIDS)
+    keep_indices = model.sample_keep_indices(grid, 0.4, generator=torch.Generator().manual_seed(1)) if keep else None
+    monkeypatch.setattr(modeling, "_MLP_PIECE_BYTES", 7 * model.config.intermediate_size * 4)  # 7-token MLP pieces
+    calls = _blocked_calls(monkeypatch)
+    with torch.no_grad():
+        model.config.cpu_block_tokens = None
+        expected = model(pixel_values, grid, keep_indices=keep_indices, output_hidden_states=True)
+        assert calls == []
+        model.config.cpu_block_tokens = BLOCK_TOKENS
+        blocked = model(pixel_values, grid, keep_indices=keep_indices, output_hidden_states=True)
+        assert len(calls) == 3 and all(len(sizes) > 1 for sizes in calls), calls
+        assert keep or any(size > BLOCK_TOKENS for sizes in calls for size in sizes)  # the 64-token frame alone
+        buffers_in_turn = model(pixel_values, grid, keep_indices=keep_indices)  # no hidden states kept: 2 buffers
+    for name in ("last_hidden_state", "pooler_output"):
+        if getattr(expected, name) is not None:
+            torch.testing.assert_close(getattr(blocked, name), getattr(expected, name), atol=1e-6, rtol=1e-5)
+            torch.testing.assert_close(getattr(buffers_in_turn, name), getattr(expected, name), atol=1e-6, rtol=1e-5)
+    assert len(blocked.hidden_states) == len(expected.hidden_states) == 4
+    for got, want in zip(blocked.hidden_states, expected.hidden_states):  # each layer's output kept intact
+        torch.testing.assert_close(got, want, atol=1e-6, rtol=1e-5)
+
+
+def test_cpu_block_schedule_never_overwrites_the_encoders_input():
+    model = tiny_model(num_hidden_layers=4, cpu_block_tokens=BLOCK_TOKENS)
+    hidden, _, layout, _ = _layer_inputs(model, GRIDS)
+    before = hidden.clone()
+    with torch.no_grad():
+        model.vision_model.encoder(hidden, layout)
+    assert torch.equal(hidden, before)
+
+
+def test_attention_blocks_hold_whole_sequences_within_the_budget():
+    from siglip2_navit.modeling_siglip2_navit import _partition_of_lengths, attention_blocks
+
+    lengths = [3, 5, 5, 9, 2, 2, 2, 12, 1]
+    partition = _partition_of_lengths(lengths, torch.device("cpu"))
+    blocks = attention_blocks(partition, 10)
+    lengths_per_block = [b.partition.cu_seqlens_host.diff().tolist() for b in blocks]
+    assert lengths_per_block == [[3, 5], [5], [9], [2, 2, 2], [12], [1]]
+    assert [(b.start, b.end) for b in blocks] == [(0, 8), (8, 13), (13, 22), (22, 28), (28, 40), (40, 41)]
+    assert attention_blocks(partition, 1000)[0].partition.batches == ((3, 1), (5, 2), (9, 1), (2, 3), (12, 1), (1, 1))
+
+
+def test_cpu_block_schedule_keeps_every_intermediate_block_sized():
+    """Under the block schedule no op produces a [K, intermediate] activation; without it the MLP does (control)."""
+    model = tiny_model(**WINDOWED)
+    pixel_values, grid = packed_inputs(model.config, GRIDS * 4)
+    total, inter = pixel_values.shape[0], model.config.intermediate_size
+
+    def widest_mlp_activation() -> int:
+        shapes = []
+
+        class Shapes(TorchDispatchMode):
+            def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+                out = func(*args, **(kwargs or {}))
+                for t in out if isinstance(out, (tuple, list)) else (out,):
+                    if isinstance(t, torch.Tensor) and t.dim() == 2 and t.shape[1] == inter:
+                        shapes.append(t.shape[0])
+                return out
+
+        with torch.no_grad(), Shapes():
+            model(pixel_values, grid)
+        return max(shapes)
+
+    model.config.cpu_block_tokens = None
+    assert widest_mlp_activation() == total
+    model.config.cpu_block_tokens = BLOCK_TOKENS
+    assert widest_mlp_activation() <= 64  # the longest frame
+
+
+def test_cpu_block_schedule_only_runs_for_plain_cpu_inference(monkeypatch):
+    """Autograd, training, attention maps and hooks see the whole batch in one op per layer, as on GPU."""
+    model = tiny_model(**WINDOWED)
+    model.config.cpu_block_tokens = BLOCK_TOKENS
+    pixel_values, grid = packed_inputs(model.config, GRIDS)
+    calls = _blocked_calls(monkeypatch)
+    with torch.no_grad():
+        model(pixel_values, grid)
+    assert len(calls) == 2
+    calls.clear()
+    model(pixel_values, grid)  # autograd on
+    model.config._attn_implementation = "eager"
+    with torch.no_grad():
+        model(pixel_values, grid, output_attentions=True)
+        model.train()
+        model(pixel_values, grid)
+        model.eval()
+        seen = []
+        mlp = model.vision_model.encoder.layers[0].mlp
+        handle = mlp.register_forward_hook(lambda module, args, out: seen.append(out.shape))
+        model(pixel_values, grid)
+        handle.remove()
+    assert calls == []
+    assert seen == [torch.Size([pixel_values.shape[0], model.config.hidden_size])]
+
+
+def test_cpu_block_tokens_is_validated():
+    from siglip2_navit.configuration_siglip2_navit import Siglip2NavitConfig
+
+    for bad in (0, -1, 1.5, True, "4096"):
+        with pytest.raises(ValueError, match="cpu_block_tokens"):
+            Siglip2NavitConfig(cpu_block_tokens=bad)
+    assert Siglip2NavitConfig(cpu_block_tokens=None).cpu_block_tokens is None
 
 
 # ---------------------------------------------------------------------------------------------------------------------
