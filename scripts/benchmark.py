@@ -26,8 +26,9 @@ per-round paired ratio).
 
 Reported per contender and workload: median wall time over `--repeats` runs after `--warmup` runs, tokens/s (real
 tokens, no padding), speed ratio vs naflex-padded from the same run, efficiency = matmul floor / time, achieved
-FLOP/s and its fraction of the device's measured matmul peak, and peak memory (CPU: process RSS high-water during
-the first call, see `PeakMemory`; CUDA: torch.cuda.max_memory_allocated). Also: token dropping (keep 50%) and
+FLOP/s and its fraction of the device's measured matmul peak, and peak memory of the first call (CPU: peak live
+tensor bytes, see `LiveTensorBytes`; CUDA: torch.cuda.max_memory_allocated). Timed calls run under the process's own
+allocator settings (the benchmark sets none). Also: token dropping (keep 50%) and
 torch.compile. Writes `<out>/benchmark.json`, `<out>/benchmark.md`, and `<out>/benchmark.png` when matplotlib is
 installed (`pip install 'siglip2-navit[bench]'`).
 
@@ -49,6 +50,7 @@ import re
 import statistics
 import sys
 import time
+import weakref
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Optional
@@ -56,6 +58,7 @@ from typing import Callable, Optional
 import numpy as np
 import torch
 import torch.nn.functional as F
+from torch.utils._python_dispatch import TorchDispatchMode
 
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
@@ -233,50 +236,62 @@ def naflex_inputs(pixel_values: torch.Tensor, grids: list, num_channels: int, pa
 # ----------------------------------------------------------------------------------------------------------------------
 
 
-def _proc_status_kib(field_name: str) -> Optional[int]:
-    try:
-        with open("/proc/self/status") as f:
-            match = re.search(rf"^{field_name}:\s+(\d+) kB", f.read(), re.MULTILINE)
-    except OSError:
-        return None
-    return int(match.group(1)) if match else None
+class LiveTensorBytes(TorchDispatchMode):
+    """Peak bytes of live tensor storage created during a call: every op's output storage counts from the op that
+    creates it until it is freed. The CPU counterpart of `torch.cuda.max_memory_allocated`: independent of the
+    allocator (whether glibc keeps freed memory mapped or not), of other contenders and of the process's baseline.
+    Scratch buffers that a kernel allocates and frees internally are not seen (as on CUDA they would be)."""
+
+    def __init__(self):
+        super().__init__()
+        self.live = self.peak = 0
+        self._storages: set[int] = set()
+
+    def _freed(self, key: int, size: int) -> None:
+        self.live -= size
+        self._storages.discard(key)
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        for tensor in torch.utils._pytree.tree_leaves(out):
+            if not isinstance(tensor, torch.Tensor):
+                continue
+            storage = tensor.untyped_storage()
+            key, size = storage.data_ptr(), storage.nbytes()
+            if size == 0 or key in self._storages:  # a view, or an in-place result
+                continue
+            self._storages.add(key)
+            self.live += size
+            self.peak = max(self.peak, self.live)
+            weakref.finalize(storage, self._freed, key, size)
+        return out
 
 
 class PeakMemory:
-    """Peak memory of one call, in bytes above what was allocated before it.
-
-    CUDA: `torch.cuda.max_memory_allocated` (exact, tensors only). CPU: torch's CPU allocator is plain malloc, which
-    tracemalloc does not see, so we read the process RSS high-water mark (VmHWM) after resetting it through
-    `/proc/self/clear_refs` (Linux). glibc returns blocks above `MALLOC_MMAP_THRESHOLD_` to the OS on free; the
-    benchmark re-executes itself with a fixed 128 KiB threshold so that freed activations leave RSS and the reset
-    baseline is meaningful. Without /proc (other OSes) memory is reported as None.
-    """
+    """Peak memory of one call, in bytes above what was allocated before it: CUDA `torch.cuda.max_memory_allocated`,
+    CPU `LiveTensorBytes` (the call runs under a dispatch mode, so it is never one of the timed calls)."""
 
     def __init__(self, device: torch.device):
         self.device = device
-        self.available = device.type == "cuda" or (
-            _proc_status_kib("VmHWM") is not None and os.access("/proc/self/clear_refs", os.W_OK)
-        )
+        self.peak = None
 
     def __enter__(self) -> "PeakMemory":
-        self.peak = None
         if self.device.type == "cuda":
             torch.cuda.synchronize(self.device)
             torch.cuda.reset_peak_memory_stats(self.device)
             self.base = torch.cuda.memory_allocated(self.device)
-        elif self.available:
+        else:
             gc.collect()
-            with open("/proc/self/clear_refs", "w") as f:
-                f.write("5")  # reset VmHWM to the current RSS
-            self.base = _proc_status_kib("VmRSS") * 1024
+            self.mode = LiveTensorBytes().__enter__()
         return self
 
     def __exit__(self, *exc) -> None:
         if self.device.type == "cuda":
             torch.cuda.synchronize(self.device)
             self.peak = torch.cuda.max_memory_allocated(self.device) - self.base
-        elif self.available:
-            self.peak = _proc_status_kib("VmHWM") * 1024 - self.base
+        else:
+            self.mode.__exit__(*exc)
+            self.peak = self.mode.peak
 
 
 def _sync(device: torch.device) -> None:
@@ -288,21 +303,25 @@ CLOCKS = {"wall": time.perf_counter, "cpu": time.process_time}
 CLOCK = CLOCKS["wall"]  # set by --timer
 
 
-def time_interleaved(fns: dict, device: torch.device, warmup: int, repeats: int) -> dict:
-    """Time several callables side by side: each is warmed up (its first call measures peak memory), then `repeats`
-    rounds run every callable once, in turn. A slow drift of the machine's load (other processes, thermal state) hits
-    every contender alike instead of whichever ran last, and each round gives paired ratios. Per name: the median,
-    the individual times (round order) and the peak memory of the first call.
+def time_interleaved(
+    fns: dict, device: torch.device, warmup: int, repeats: int, measure_memory: bool = True
+) -> dict:
+    """Time several callables side by side: each first runs once to measure its peak memory (unless not
+    `measure_memory`) and `warmup` more times untimed, then `repeats` rounds run every callable once, in turn. A slow
+    drift of the machine's load (other processes, thermal state) hits every contender alike instead of whichever ran
+    last, and each round gives paired ratios. Per name: the median, the individual times (round order) and the peak
+    memory of the first call.
 
     The clock is wall time, or with `--timer cpu` this process's CPU time (robust on a busy machine when run with
     `--threads 1`: time spent descheduled is not counted)."""
     results = {}
     for name, fn in fns.items():
         memory = PeakMemory(device)
-        with memory:
-            out = fn()
-            del out
-        for _ in range(warmup - 1):
+        if measure_memory:
+            with memory:
+                out = fn()
+                del out
+        for _ in range(warmup):
             fn()
         results[name] = {"times_s": [], "peak_memory_bytes": memory.peak}
     for _ in range(repeats):
@@ -318,9 +337,11 @@ def time_interleaved(fns: dict, device: torch.device, warmup: int, repeats: int)
     return results
 
 
-def time_call(fn: Callable[[], object], device: torch.device, warmup: int, repeats: int) -> dict:
+def time_call(
+    fn: Callable[[], object], device: torch.device, warmup: int, repeats: int, measure_memory: bool = True
+) -> dict:
     """`time_interleaved` of one callable."""
-    return time_interleaved({"fn": fn}, device, warmup, repeats)["fn"]
+    return time_interleaved({"fn": fn}, device, warmup, repeats, measure_memory)["fn"]
 
 
 def paired_ratio(numerator: dict, denominator: dict) -> dict:
@@ -562,7 +583,8 @@ def render_markdown(report: dict) -> str:
     lines.append(
         f"Machine: {m['cpu']}; {m.get('gpu', 'no GPU')}; torch {m['torch']}, transformers {m.get('transformers', '?')}, "
         f"{m['threads']} threads. dtype {report['dtype']}. Config: {report['config_description']}. "
-        f"Median of {report['repeats']} after {report['warmup']} warm-up ({report['timer']} time). Matmul peak measured: "
+        f"Median of {report['repeats']} after a memory-measuring call and {report['warmup']} warm-up "
+        f"({report['timer']} time). Matmul peak measured: "
         f"{report['matmul_peak_flops'] / 1e9:,.0f} GFLOP/s."
     )
     lines.append("")
@@ -686,13 +708,6 @@ def parse_args(argv: Optional[list[str]] = None) -> argparse.Namespace:
     parser.add_argument("--title", default=None)
     parser.add_argument("--seed", type=int, default=0)
     return parser.parse_args(argv)
-
-
-def _ensure_malloc_threshold() -> None:
-    """Re-exec with a fixed glibc mmap threshold so freed activations leave RSS (see PeakMemory)."""
-    if sys.platform.startswith("linux") and "MALLOC_MMAP_THRESHOLD_" not in os.environ and __name__ == "__main__":
-        os.environ["MALLOC_MMAP_THRESHOLD_"] = str(128 * 1024)
-        os.execv(sys.executable, [sys.executable, *sys.argv])
 
 
 def main(argv: Optional[list[str]] = None) -> dict:
@@ -873,7 +888,9 @@ def benchmark_compile(model, pixel_values, grid_thws, report, device, args) -> d
             _sync(device)
             first = time.perf_counter() - start
             diff = float((out.float() - reference.float()).abs().max())
-            measured = time_call(lambda: compiled(pixel_values, grid_thws).last_hidden_state, device, args.warmup, args.repeats)
+            measured = time_call(  # no dispatch mode around a compiled graph
+                lambda: compiled(pixel_values, grid_thws).last_hidden_state, device, args.warmup, args.repeats, False
+            )
             graphs = _compiled_graph_count()
             start = time.perf_counter()
             compiled(*other)
@@ -895,5 +912,4 @@ def benchmark_compile(model, pixel_values, grid_thws, report, device, args) -> d
 
 
 if __name__ == "__main__":
-    _ensure_malloc_threshold()
     main()

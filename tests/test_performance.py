@@ -528,8 +528,8 @@ def test_benchmark_smoke(tmp_path, monkeypatch):
 
 
 def test_contenders_are_timed_round_robin_after_their_warm_up():
-    """time_interleaved: warm-ups first (the first call of each measures memory), then rounds of one call each, so a
-    drift in machine load affects every contender alike; paired ratios come from the same rounds."""
+    """time_interleaved: per contender a memory-measuring call and the warm-ups first, then rounds of one call each,
+    so a drift in machine load affects every contender alike; paired ratios come from the same rounds."""
     benchmark = _load_benchmark()
     calls = []
     clock = iter(range(100))
@@ -539,10 +539,29 @@ def test_contenders_are_timed_round_robin_after_their_warm_up():
         result = benchmark.time_interleaved(fns, torch.device("cpu"), warmup=2, repeats=3)
     finally:
         benchmark.CLOCK = benchmark.CLOCKS["wall"]
-    assert calls == ["a", "a", "b", "b", "c", "c"] + ["a", "b", "c"] * 3
+    assert calls == ["a", "a", "a", "b", "b", "b", "c", "c", "c"] + ["a", "b", "c"] * 3
     assert all(r["times_s"] == [1, 1, 1] and r["median_s"] == 1 for r in result.values())
     ratio = benchmark.paired_ratio({"times_s": [2.0, 3.0, 4.0]}, {"times_s": [1.0, 2.0, 4.0]})
     assert ratio == {"median": 1.5, "min": 1.0, "max": 2.0, "rounds": 3}
+
+
+def test_cpu_peak_memory_counts_live_tensor_storage():
+    """The benchmark's CPU memory figure: peak bytes of live op outputs, views and in-place results not counted twice,
+    freed tensors subtracted (independent of the allocator's settings)."""
+    benchmark = _load_benchmark()
+    x = torch.randn(256, 256)  # 256 KiB, allocated before: not counted
+    mib = 256 * 256 * 4
+    with benchmark.PeakMemory(torch.device("cpu")) as memory:
+        a = x @ x  # 1 live
+        b = a + 1  # 2 live
+        del a  # 1 live
+        c = b.mul_(2)[:128].t()  # in place, then views: still 1
+        d = torch.cat([b, b])  # 3 live
+        del b, c, d
+        e = x * 3  # 1 live
+    assert memory.peak == 3 * mib
+    assert memory.mode.live == mib  # e is still alive
+    del e
 
 
 def test_flops_formula_counts_dense_and_attention_matmuls():
