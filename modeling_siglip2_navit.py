@@ -752,6 +752,34 @@ def apply_rotary_pos_emb(
 # ----------------------------------------------------------------------------------------------------------------------
 
 
+# The CPU block schedule runs the MLP in pieces whose [piece, intermediate] activation stays below this size: glibc
+# serves allocations below its mmap threshold (at most 32 MiB) from recycled heap memory, larger ones with fresh pages.
+_MLP_PIECE_BYTES = 16 * 2**20
+
+
+def _has_hooks(module: nn.Module) -> bool:
+    """Whether forward hooks (own, global or accelerate's) could observe `module` or one of its submodules."""
+    global_hooks = getattr(nn.modules.module, "_global_forward_hooks", None) or getattr(
+        nn.modules.module, "_global_forward_pre_hooks", None
+    )
+    return bool(global_hooks) or any(
+        m._forward_hooks or m._forward_pre_hooks or hasattr(m, "_hf_hook") for m in module.modules()
+    )
+
+
+def _cpu_block_tokens(config: Siglip2NavitConfig, tensor: torch.Tensor) -> Optional[int]:
+    """Tokens per block when work on `tensor` runs the CPU block schedule (CPU inference: no autograd, not traced by
+    torch.compile, `config.cpu_block_tokens` set), else None."""
+    if (
+        not config.cpu_block_tokens
+        or tensor.device.type != "cpu"
+        or torch.is_grad_enabled()
+        or torch.compiler.is_compiling()
+    ):
+        return None
+    return config.cpu_block_tokens
+
+
 class Siglip2NavitEmbeddings(nn.Module):
     """Patch embedding (stored in Conv2d layout, computed as one matmul) plus the resized learned PE."""
 
@@ -799,10 +827,28 @@ class Siglip2NavitEmbeddings(nn.Module):
 
     def forward(self, pixel_values: torch.Tensor, layout: PackedLayout) -> torch.Tensor:
         weight = self.patch_embedding.weight
+        piece = _cpu_block_tokens(self.config, weight)
+        if piece is not None:
+            return self._forward_in_pieces(pixel_values, layout, piece)
         pixel_values = pixel_values[layout.token_rows].to(device=weight.device, dtype=weight.dtype)  # working order
         embeddings = F.linear(pixel_values, weight.reshape(self.embed_dim, -1), self.patch_embedding.bias)  # [K, D]
         if self.config.preserve_original_pe:
             embeddings = embeddings + self.token_position_embeddings(layout)
+        return embeddings
+
+    def _forward_in_pieces(self, pixel_values: torch.Tensor, layout: PackedLayout, piece: int) -> torch.Tensor:
+        """`forward` for CPU inference, `piece` rows at a time into one [K, hidden] output (no [K, ·] temporaries)."""
+        weight = self.patch_embedding.weight
+        flat_weight = weight.reshape(self.embed_dim, -1)  # [hidden, C·T·p²]
+        table = self.resized_position_embeddings(layout) if self.config.preserve_original_pe else None
+        num_tokens = layout.token_rows.shape[0]
+        embeddings = torch.empty(num_tokens, self.embed_dim, dtype=weight.dtype, device=weight.device)  # [K, hidden]
+        for start in range(0, num_tokens, piece):
+            rows = slice(start, start + piece)
+            patches = pixel_values[layout.token_rows[rows]].to(device=weight.device, dtype=weight.dtype)  # [piece, C·T·p²]
+            out = torch.addmm(self.patch_embedding.bias, patches, flat_weight.t(), out=embeddings[rows])
+            if table is not None:
+                out.add_(table[layout.pe_index[rows]])
         return embeddings
 
 
@@ -875,21 +921,6 @@ class Siglip2NavitMLP(nn.Module):
         else:
             hidden_states = self.activation_fn(hidden_states)
         return self.fc2(hidden_states)
-
-
-# The CPU block schedule runs the MLP in pieces whose [piece, intermediate] activation stays below this size: glibc
-# serves allocations below its mmap threshold (at most 32 MiB) from recycled heap memory, larger ones with fresh pages.
-_MLP_PIECE_BYTES = 16 * 2**20
-
-
-def _has_hooks(module: nn.Module) -> bool:
-    """Whether forward hooks (own, global or accelerate's) could observe `module` or one of its submodules."""
-    global_hooks = getattr(nn.modules.module, "_global_forward_hooks", None) or getattr(
-        nn.modules.module, "_global_forward_pre_hooks", None
-    )
-    return bool(global_hooks) or any(
-        m._forward_hooks or m._forward_pre_hooks or hasattr(m, "_hf_hook") for m in module.modules()
-    )
 
 
 class Siglip2NavitEncoderLayer(nn.Module):
@@ -1015,16 +1046,8 @@ class Siglip2NavitEncoder(nn.Module):
         """The blocks of the CPU block schedule per attention kind (True: full), or None when this forward runs every
         op over all tokens: off (`cpu_block_tokens=None`), not CPU, autograd or training, attention maps asked,
         torch.compile tracing, or hooks on the layers (they would see blocks instead of the whole batch)."""
-        max_tokens = self.config.cpu_block_tokens
-        if (
-            not max_tokens
-            or hidden_states.device.type != "cpu"
-            or self.training
-            or torch.is_grad_enabled()
-            or output_attentions
-            or torch.compiler.is_compiling()
-            or _has_hooks(self.layers)
-        ):
+        max_tokens = _cpu_block_tokens(self.config, hidden_states)
+        if max_tokens is None or self.training or output_attentions or _has_hooks(self.layers):
             return None
         blocks = {True: attention_blocks(layout.full, max_tokens)}
         if layout.window is not None:
@@ -1080,10 +1103,14 @@ class Siglip2NavitVisionTransformer(nn.Module):
         hidden_states, all_hidden_states, all_attentions = self.encoder(
             hidden_states, layout, output_attentions=output_attentions, output_hidden_states=output_hidden_states
         )
-        last_hidden_state = self.post_layernorm(hidden_states)
-
         restore = layout.restore_index  # back to input order, once
-        last_hidden_state = last_hidden_state[restore]
+        piece = _cpu_block_tokens(self.config, hidden_states)
+        if piece is not None and not _has_hooks(self.post_layernorm):  # CPU inference: normalize in place, by pieces
+            last_hidden_state = hidden_states[restore]
+            for rows in last_hidden_state.split(piece):
+                rows.copy_(self.post_layernorm(rows))
+        else:
+            last_hidden_state = self.post_layernorm(hidden_states)[restore]
         if all_hidden_states is not None:
             all_hidden_states = tuple(h[restore] for h in all_hidden_states)
         if all_attentions is not None:
