@@ -843,12 +843,13 @@ class Siglip2NavitEmbeddings(nn.Module):
         table = self.resized_position_embeddings(layout) if self.config.preserve_original_pe else None
         num_tokens = layout.token_rows.shape[0]
         embeddings = torch.empty(num_tokens, self.embed_dim, dtype=weight.dtype, device=weight.device)  # [K, hidden]
-        for start in range(0, num_tokens, piece):
-            rows = slice(start, start + piece)
-            patches = pixel_values[layout.token_rows[rows]].to(device=weight.device, dtype=weight.dtype)  # [piece, C·T·p²]
-            out = torch.addmm(self.patch_embedding.bias, patches, flat_weight.t(), out=embeddings[rows])
+        for out, token_rows, pe_index in zip(
+            embeddings.split(piece), layout.token_rows.split(piece), layout.pe_index.split(piece)
+        ):
+            patches = pixel_values[token_rows].to(device=weight.device, dtype=weight.dtype)  # [piece, C·T·p²]
+            torch.addmm(self.patch_embedding.bias, patches, flat_weight.t(), out=out)
             if table is not None:
-                out.add_(table[layout.pe_index[rows]])
+                out.add_(table[pe_index])
         return embeddings
 
 
