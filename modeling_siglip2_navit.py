@@ -16,6 +16,7 @@ equal-length sequences, `eager` does matmul + softmax per sequence (and can retu
 """
 
 import functools
+import inspect
 import math
 import re
 from dataclasses import dataclass
@@ -458,13 +459,32 @@ def eager_packed_attention(
     return _grouped_attention(query, key, value, partition, kernel)
 
 
-def _torch_varlen_attention() -> Optional[Callable]:
-    """torch's bundled flash varlen kernel (torch >= 2.10 on CUDA), or None."""
+def _load_torch_varlen() -> Optional[Callable]:
+    """torch's bundled flash varlen kernel (torch >= 2.10, CUDA) as `fn(q, k, v, cu_q, cu_k, max_q, max_k, *, scale)`,
+    or None when this torch has none."""
     try:
         from torch.nn.attention.varlen import varlen_attn
     except ImportError:
         return None
-    return varlen_attn
+    if "scale" in inspect.signature(varlen_attn).parameters:  # torch >= 2.11
+        return varlen_attn
+
+    def varlen_attn_scaled(query, key, value, cu_seq_q, cu_seq_k, max_q, max_k, *, scale=None):
+        """torch 2.10's kernel always scales by head_dim**-0.5: other scales are folded into the queries."""
+        default = query.shape[-1] ** -0.5
+        if scale is not None and not math.isclose(scale, default):
+            query = query * (scale / default)
+        return varlen_attn(query, key, value, cu_seq_q, cu_seq_k, max_q, max_k)
+
+    return varlen_attn_scaled
+
+
+_TORCH_VARLEN = _load_torch_varlen()  # resolved at import: a constant for torch.compile, no per-layer introspection
+
+
+def _torch_varlen_attention() -> Optional[Callable]:
+    """torch's varlen kernel with a `scale` argument on every torch that has one (see `_load_torch_varlen`)."""
+    return _TORCH_VARLEN
 
 
 def _torch_varlen_usable(query: torch.Tensor, dropout: float) -> bool:

@@ -564,3 +564,32 @@ def test_sdpa_uses_torch_varlen_kernel_with_the_packed_partition(monkeypatch):
     torch.testing.assert_close(model(pixel_values, grid).last_hidden_state, want, atol=1e-5, rtol=1e-5)
     assert len(calls) == model.config.num_hidden_layers and all(dtype == torch.int32 for dtype, _ in calls)
     assert {max_q for _, max_q in calls} == {14 * 8, 36}  # largest frame (full layer), largest 6×6 window
+
+
+@pytest.mark.parametrize("scale", [None, 0.125, 0.3])
+def test_torch_varlen_kernel_without_scale_argument_gets_the_scale_folded_into_queries(scale, monkeypatch):
+    """torch 2.10's `varlen_attn` has no `scale` argument (it always uses head_dim**-0.5): the loader adapts it, so the
+    sdpa CUDA branch computes the same attention on torch 2.10 and on torch >= 2.11."""
+    varlen = pytest.importorskip("torch.nn.attention.varlen")
+    seen = []
+
+    def varlen_attn_2_10(query, key, value, cu_seq_q, cu_seq_k, max_q, max_k, is_causal=False, return_aux=None):
+        seen.append(query)
+        default_scale = query.shape[-1] ** -0.5
+        return cpu_flash_varlen(query, key, value, cu_seq_q, cu_seq_k, max_q, max_k, softmax_scale=default_scale)
+
+    monkeypatch.setattr(varlen, "varlen_attn", varlen_attn_2_10)
+    kernel = modeling._load_torch_varlen()
+    assert kernel is not varlen_attn_2_10
+    generator = torch.Generator().manual_seed(0)
+    query, key, value = (torch.randn(11, 2, 16, generator=generator) for _ in range(3))  # head_dim 16: default 0.25
+    cu = torch.tensor([0, 4, 11], dtype=torch.int32)
+    want = cpu_flash_varlen(query, key, value, cu, cu, 7, 7, softmax_scale=0.25 if scale is None else scale)
+    torch.testing.assert_close(kernel(query, key, value, cu, cu, 7, 7, scale=scale), want)
+    assert (seen[0] is query) == (scale is None)  # the default scale needs no extra multiply
+
+    def varlen_attn_2_11(query, key, value, cu_seq_q, cu_seq_k, max_q, max_k, *, scale=None, window_size=(-1, -1)):
+        raise AssertionError("not called")
+
+    monkeypatch.setattr(varlen, "varlen_attn", varlen_attn_2_11)
+    assert modeling._load_torch_varlen() is varlen_attn_2_11  # torch >= 2.11: used as it is
