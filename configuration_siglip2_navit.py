@@ -117,7 +117,7 @@ class Siglip2NavitConfig(PretrainedConfig):
         self.attention_dropout = attention_dropout
         self.hidden_stride = hidden_stride
         self.window_size = window_size
-        self.fullatt_block_indexes = _parse_fullatt_block_indexes(fullatt_block_indexes)
+        self.fullatt_block_indexes = fullatt_block_indexes  # parsed by __setattr__
         self.preserve_original_pe = preserve_original_pe
         self.use_rope = use_rope
         self.rope_theta = rope_theta
@@ -129,7 +129,16 @@ class Siglip2NavitConfig(PretrainedConfig):
         self.cpu_block_tokens = cpu_block_tokens
         self._validate()
 
+    def __setattr__(self, key, value):
+        # Parsed on every assignment, not only in __init__: `from_pretrained(..., fullatt_block_indexes="7|15")` and
+        # `config.fullatt_block_indexes = ...` set the attribute directly.
+        if key == "fullatt_block_indexes":
+            value = _parse_fullatt_block_indexes(value)
+        super().__setattr__(key, value)
+
     def _validate(self) -> None:
+        """Check field values and their consistency (at init and again when a model is built from the config, since
+        `from_pretrained` overrides and direct assignments bypass `__init__`)."""
         for name in (
             "hidden_size",
             "intermediate_size",

@@ -26,7 +26,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 from transformers.activations import ACT2FN
-from transformers.modeling_outputs import BaseModelOutputWithPooling
+from transformers.modeling_outputs import BaseModelOutput, BaseModelOutputWithPooling
 from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS, PreTrainedModel
 from transformers.utils import logging
 
@@ -103,7 +103,7 @@ def _batch_plan(seq_lens: Sequence[int]) -> tuple[tuple[tuple[int, int], ...], O
 def _never_specialize(*tensors: torch.Tensor) -> None:
     """Mark dim 0 as unbacked for torch.compile: a count that happens to be 1 or to equal another size in the first
     batch (one image, one window per frame) must not become a guard of the compiled graph. The graph never computes
-    with these sizes: only the opaque attention op reads cu_seqlens, and pooled outputs are only returned."""
+    with these sizes: only the opaque attention op reads cu_seqlens."""
     mark_unbacked = getattr(getattr(torch._dynamo, "decorators", None), "mark_unbacked", None)
     if mark_unbacked is not None:
         for tensor in tensors:
@@ -237,9 +237,10 @@ def _resize_matrix(size: int, side: int, mode: str) -> torch.Tensor:
     Bilinear and bicubic resizing are separable and linear, so the resized PE table is `A_h @ table @ A_w.T`; the
     matrices depend only on sizes, so they are cached while the weights stay live (and differentiable).
     """
-    basis = torch.eye(side, dtype=torch.float64).view(1, side, side, 1)  # channel k = unit impulse at row k
-    resized = F.interpolate(basis, size=(size, 1), mode=mode, align_corners=False)
-    return resized[0, :, :, 0].T.to(torch.float32).contiguous()
+    with torch.inference_mode(False):  # cached for the process: must stay usable by autograd after an inference call
+        basis = torch.eye(side, dtype=torch.float64).view(1, side, side, 1)  # channel k = unit impulse at row k
+        resized = F.interpolate(basis, size=(size, 1), mode=mode, align_corners=False)
+        return resized[0, :, :, 0].T.to(torch.float32).contiguous()
 
 
 @torch.compiler.disable  # host-side planning: under torch.compile it runs eagerly instead of being traced per batch
@@ -800,6 +801,15 @@ def _cpu_block_tokens(config: Siglip2NavitConfig, tensor: torch.Tensor) -> Optio
     return config.cpu_block_tokens
 
 
+class Siglip2NavitPatchEmbedding(nn.Conv2d):
+    """The patch embedding: Conv2d parameters (`[hidden, C·T, p, p]`, the checkpoints' layout), applied to packed patch
+    rows `[n, C·T·p·p]` as one matmul. A module call, so that hooks on `get_input_embeddings()` see it (e.g.
+    `enable_input_require_grads` for adapters with reentrant gradient checkpointing)."""
+
+    def forward(self, patches: torch.Tensor) -> torch.Tensor:
+        return F.linear(patches, self.weight.reshape(self.out_channels, -1), self.bias)  # [n, hidden]
+
+
 class Siglip2NavitEmbeddings(nn.Module):
     """Patch embedding (stored in Conv2d layout, computed as one matmul) plus the resized learned PE."""
 
@@ -807,7 +817,7 @@ class Siglip2NavitEmbeddings(nn.Module):
         super().__init__()
         self.config = config
         self.embed_dim = config.hidden_size
-        self.patch_embedding = nn.Conv2d(
+        self.patch_embedding = Siglip2NavitPatchEmbedding(
             in_channels=config.num_channels * config.temporal_patch_size,
             out_channels=config.hidden_size,
             kernel_size=config.patch_size,
@@ -821,10 +831,11 @@ class Siglip2NavitEmbeddings(nn.Module):
         """The learned PE table resized to each of `layout.pe_sizes`, raster order, concatenated: [Σ h·w, hidden]."""
         weight = self.position_embedding.weight
         side = self.position_embedding_size
-        table = weight.view(side, side, -1).float()  # [P, P, hidden]
+        table = weight.view(side, side, -1).to(torch.promote_types(weight.dtype, torch.float32))  # [P, P, hidden]
         tables = []
         if layout.pe_resize:
             for resize_h, resize_w in layout.pe_resize:  # [h, P], [w, P]
+                resize_h, resize_w = resize_h.to(table.dtype), resize_w.to(table.dtype)
                 resized = torch.einsum("wq,pqd->pwd", resize_w, table)  # [P, w, hidden]
                 tables.append(torch.einsum("hp,pwd->hwd", resize_h, resized).flatten(0, 1))  # [h·w, hidden]
         else:
@@ -848,10 +859,11 @@ class Siglip2NavitEmbeddings(nn.Module):
     def forward(self, pixel_values: torch.Tensor, layout: PackedLayout) -> torch.Tensor:
         weight = self.patch_embedding.weight
         piece = _cpu_block_tokens(self.config, weight)
-        if piece is not None:
+        if piece is not None and not _has_hooks(self.patch_embedding):
             return self._forward_in_pieces(pixel_values, layout, piece)
-        pixel_values = pixel_values[layout.token_rows].to(device=weight.device, dtype=weight.dtype)  # working order
-        embeddings = F.linear(pixel_values, weight.reshape(self.embed_dim, -1), self.patch_embedding.bias)  # [K, D]
+        pixel_values = pixel_values.to(weight.device)  # no-op unless the caller's rows live on another device
+        pixel_values = pixel_values[layout.token_rows].to(weight.dtype)  # [K, C·T·p²], working order
+        embeddings = self.patch_embedding(pixel_values)  # [K, hidden]
         if self.config.preserve_original_pe:
             embeddings = embeddings + self.token_position_embeddings(layout)
         return embeddings
@@ -863,10 +875,11 @@ class Siglip2NavitEmbeddings(nn.Module):
         table = self.resized_position_embeddings(layout) if self.config.preserve_original_pe else None
         num_tokens = layout.token_rows.shape[0]
         embeddings = torch.empty(num_tokens, self.embed_dim, dtype=weight.dtype, device=weight.device)  # [K, hidden]
-        for out, token_rows, pe_index in zip(
+        pixel_values = pixel_values.to(weight.device)
+        for out, rows, pe_index in zip(
             embeddings.split(piece), layout.token_rows.split(piece), layout.pe_index.split(piece)
         ):
-            patches = pixel_values[token_rows].to(device=weight.device, dtype=weight.dtype)  # [piece, C·T·p²]
+            patches = pixel_values[rows].to(weight.dtype)  # [piece, C·T·p²]
             torch.addmm(self.patch_embedding.bias, patches, flat_weight.t(), out=out)
             if table is not None:
                 out.add_(table[pe_index])
@@ -933,11 +946,11 @@ class Siglip2NavitMLP(nn.Module):
         if (
             self.inplace_gelu_tanh
             and not (torch.is_grad_enabled() and hidden_states.requires_grad)
-            and not self.fc1._forward_hooks
+            and not _has_hooks(self.fc1)
         ):
             # Inference: GELU in place on fc1's fresh output (same math as ACT2FN["gelu_pytorch_tanh"]): one [K, I]
-            # buffer less at peak and ~half the activation's memory traffic. Skipped when autograd or an fc1 forward
-            # hook could still see that tensor.
+            # buffer less at peak and ~half the activation's memory traffic. Skipped when autograd or a forward hook
+            # (fc1's own or a global one) could still see that tensor.
             hidden_states = torch.ops.aten.gelu_(hidden_states, approximate="tanh")
         else:
             hidden_states = self.activation_fn(hidden_states)
@@ -1119,7 +1132,9 @@ class Siglip2NavitVisionTransformer(nn.Module):
         layout: PackedLayout,
         output_attentions: bool = False,
         output_hidden_states: bool = False,
-    ) -> BaseModelOutputWithPooling:
+    ) -> BaseModelOutput:
+        """Embeddings, encoder and post_layernorm, outputs in input order. The MAP head runs in `pool`, which
+        `Siglip2NavitModel.forward` calls outside the compiled region (it groups images by token count)."""
         hidden_states = self.embeddings(pixel_values, layout)  # [K, hidden], working order
         hidden_states, all_hidden_states, all_attentions = self.encoder(
             hidden_states, layout, output_attentions=output_attentions, output_hidden_states=output_hidden_states
@@ -1139,20 +1154,14 @@ class Siglip2NavitVisionTransformer(nn.Module):
                 self._restore_attention_order(layer_maps, layout, self.encoder.layers[i].full_attention)
                 for i, layer_maps in enumerate(all_attentions)
             )
-
-        pooler_output = self._pool(last_hidden_state, layout) if self.config.vision_use_head else None
-        return BaseModelOutputWithPooling(
-            last_hidden_state=last_hidden_state,
-            pooler_output=pooler_output,
-            hidden_states=all_hidden_states,
-            attentions=all_attentions,
+        return BaseModelOutput(
+            last_hidden_state=last_hidden_state, hidden_states=all_hidden_states, attentions=all_attentions
         )
 
     @torch.compiler.disable  # groups images by token count: eager, so that torch.compile does not specialize on it
-    def _pool(self, last_hidden_state: torch.Tensor, layout: PackedLayout) -> torch.Tensor:
-        pooled = self.head(last_hidden_state, layout.image_token_counts)  # [n_images, hidden]
-        _never_specialize(pooled)  # a single image must not specialize the compiled graph that receives it
-        return pooled
+    def pool(self, last_hidden_state: torch.Tensor, layout: PackedLayout) -> torch.Tensor:
+        """The MAP head over each image's tokens: [n_images, hidden]."""
+        return self.head(last_hidden_state, layout.image_token_counts)
 
     @staticmethod
     def _restore_attention_order(maps: tuple, layout: PackedLayout, full_attention: bool) -> tuple:
@@ -1235,6 +1244,7 @@ class Siglip2NavitModel(Siglip2NavitPreTrainedModel):
     """
 
     def __init__(self, config: Siglip2NavitConfig):
+        config._validate()  # fields may have changed since the config's __init__ (from_pretrained overrides)
         super().__init__(config)
         self.vision_model = Siglip2NavitVisionTransformer(config)
         self.post_init()
@@ -1288,12 +1298,25 @@ class Siglip2NavitModel(Siglip2NavitPreTrainedModel):
         return_dict = return_dict if return_dict is not None else self.config.return_dict
 
         layout = self.plan(pixel_values, grid_thws, keep_indices)
-        outputs = self.vision_model(
+        encoded = self.vision_model(
             pixel_values, layout, output_attentions=output_attentions, output_hidden_states=output_hidden_states
         )
-        if not return_dict:
-            return tuple(v for v in outputs.to_tuple())
-        return outputs
+        return self._pool_and_wrap(encoded, layout, return_dict)
+
+    @torch.compiler.disable  # eager: the pooled [n_images, hidden] never enters a graph that would guard on its size
+    def _pool_and_wrap(
+        self, encoded: BaseModelOutput, layout: PackedLayout, return_dict: bool
+    ) -> Union[BaseModelOutputWithPooling, tuple]:
+        pooler_output = None
+        if self.config.vision_use_head:
+            pooler_output = self.vision_model.pool(encoded.last_hidden_state, layout)  # [n_images, hidden]
+        outputs = BaseModelOutputWithPooling(
+            last_hidden_state=encoded.last_hidden_state,
+            pooler_output=pooler_output,
+            hidden_states=encoded.hidden_states,
+            attentions=encoded.attentions,
+        )
+        return outputs if return_dict else outputs.to_tuple()
 
     @torch.compiler.disable  # host-side planning is never traced: torch.compile would specialize on the batch
     def plan(
@@ -1303,6 +1326,8 @@ class Siglip2NavitModel(Siglip2NavitPreTrainedModel):
         if isinstance(keep_indices, torch.Tensor):
             keep_indices = keep_indices.cpu()  # planned on the host, like grid_thws
         grids = validate_inputs(pixel_values, grid_thws, self.config, keep_indices)
+        if keep_indices is not None:
+            keep_indices = keep_indices.long()  # any integer dtype (uint8 would otherwise index as a mask)
         device = self.vision_model.embeddings.patch_embedding.weight.device
         layout = build_packed_layout(grids, self.config, device, keep_indices)
         if self.config.vision_use_head and 0 in layout.frame_token_counts:

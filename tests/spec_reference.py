@@ -73,10 +73,12 @@ def reference_forward(model, pixel_values: torch.Tensor, grids, keep: Optional[S
     cos, sin = emb.cos()[:, None], emb.sin()[:, None]
 
     def groups(key_index: int) -> list[torch.Tensor]:
+        """Kept tokens per frame (key (image, frame)) or window (key (image, frame, window row, window col)), in key
+        order: frames in order, windows in raster order (not in order of first kept token)."""
         by_key = {}
         for i, token in enumerate(kept):
             by_key.setdefault(token[key_index], []).append(i)
-        return [torch.tensor(v) for v in by_key.values()]
+        return [torch.tensor(by_key[key]) for key in sorted(by_key)]
 
     def rotate(v: torch.Tensor) -> torch.Tensor:
         return v * cos + torch.cat([-v[..., d // 2 :], v[..., : d // 2]], -1) * sin

@@ -59,12 +59,20 @@ def test_one_patch_wide_and_tall_images_match_reference(antialias):
 
 
 @pytest.mark.parametrize("config", [dict(), WINDOWED], ids=["full", "windowed"])
-def test_eager_attention_maps_match_reference(config):
+@pytest.mark.parametrize("drop", [False, True], ids=["all-tokens", "dropped"])
+def test_eager_attention_maps_match_reference(config, drop):
     model = tiny_model(attn_implementation="eager", **config)
-    grids = [(1, 6, 10), (2, 4, 6)]
+    grids = [(1, 6, 10), (2, 4, 6), (1, 14, 8)]
     pixel_values, _ = packed_inputs(model.config, grids)
-    out = run(model, pixel_values, grids, output_attentions=True)
-    _, _, ref_maps = reference_forward(model, pixel_values, grids, return_maps=True)
+    keep = None
+    if drop:  # image 0 (3×5 blocks, windows of 3×3 blocks) loses block rows 0-1 of its left window: its first kept
+        # token belongs to the right window; the other images lose a random half of their blocks
+        dropped = {bi * 5 + bj for bi in range(2) for bj in range(3)}
+        first = torch.tensor([4 * b + r for b in range(15) if b not in dropped for r in range(4)])
+        rest = model.sample_keep_indices(grids[1:], 0.5, torch.Generator().manual_seed(3)) + 60
+        keep = torch.cat([first, rest])
+    out = run(model, pixel_values, grids, output_attentions=True, keep_indices=keep)
+    _, _, ref_maps = reference_forward(model, pixel_values, grids, keep=keep, return_maps=True)
     assert len(out.attentions) == model.config.num_hidden_layers
     for layer_maps, expected in zip(out.attentions, ref_maps):  # frames in order, windows in raster order
         assert len(layer_maps) == len(expected)
@@ -290,6 +298,25 @@ def test_grid_thws_as_list_numpy_and_tensor_agree():
 # ---------------------------------------------------------------------------------------------------------------------
 
 
+# SPEC §2, written out here (not read from the config class): the Ovis2.5 / SigLIP2 so400m/16 vision tower.
+SPEC_DEFAULTS = dict(
+    hidden_size=1152, intermediate_size=4304, num_hidden_layers=27, num_attention_heads=16, num_channels=3,
+    patch_size=16, temporal_patch_size=1, image_size=512, hidden_act="gelu_pytorch_tanh", layer_norm_eps=1e-6,
+    attention_dropout=0.0, hidden_stride=2, window_size=112, fullatt_block_indexes=None, preserve_original_pe=True,
+    use_rope=True, rope_theta=10000.0, pe_interpolation="bicubic", pe_antialias=False, vision_use_head=False,
+    num_patches=-1,
+)
+
+
+@pytest.mark.parametrize("source", ["config.json", "class defaults"])
+def test_config_defaults_are_the_spec_table(source):
+    from transformers import AutoConfig
+
+    config = AutoConfig.from_pretrained(REPO_ROOT, trust_remote_code=True) if source == "config.json" else Siglip2NavitConfig()
+    assert {key: getattr(config, key) for key in SPEC_DEFAULTS} == SPEC_DEFAULTS
+    assert config.model_type == "siglip2_navit"
+
+
 def test_root_config_json_is_the_so400m_ovis_default():
     from transformers import AutoConfig
 
@@ -422,6 +449,92 @@ def test_gradient_checkpointing_gives_same_gradients():
     assert plain.keys() == checkpointed.keys() and len(plain) == len(list(model.parameters()))
     for name in plain:
         torch.testing.assert_close(checkpointed[name], plain[name], atol=1e-6, rtol=1e-5)
+
+
+def test_input_embedding_hooks_fire_and_enable_input_require_grads_feeds_reentrant_checkpointing():
+    """Adapters (PEFT) freeze the tower and call `enable_input_require_grads()`: a hook on `get_input_embeddings()`
+    makes its output require grad, so that reentrant checkpointed layers still backpropagate into their adapters."""
+    model = tiny_model(**WINDOWED)
+    pixel_values, grid = packed_inputs(model.config, ODD_GRIDS)
+    seen = []
+    handle = model.get_input_embeddings().register_forward_hook(lambda module, args, output: seen.append(output.shape))
+    with torch.no_grad():  # CPU inference path too
+        model(pixel_values, grid)
+    handle.remove()
+    assert seen == [(pixel_values.shape[0], model.config.hidden_size)]
+
+    model.train()
+    model.requires_grad_(False)
+    trainable = model.vision_model.encoder.layers[1].self_attn.q_proj.weight
+    trainable.requires_grad_(True)
+    enable_checkpointing(model, use_reentrant=True)
+    model.enable_input_require_grads()
+    model(pixel_values, grid).last_hidden_state.square().mean().backward()
+    assert trainable.grad is not None and trainable.grad.abs().sum() > 0
+
+
+def test_inference_mode_call_leaves_the_model_trainable():
+    """Process-wide caches filled under torch.inference_mode() must not hand inference tensors to a later training
+    step on the same image sizes."""
+    model = tiny_model(pe_interpolation="bilinear")  # the cached separable PE resize path
+    pixel_values, grid = packed_inputs(model.config, [(1, 10, 6)])  # a size no other test uses first
+    with torch.inference_mode():
+        model(pixel_values, grid)
+    model.train()
+    model(pixel_values, grid).last_hidden_state.sum().backward()
+    assert model.vision_model.embeddings.position_embedding.weight.grad is not None
+
+
+def test_global_forward_hooks_see_the_mlp_activation_before_gelu():
+    """The in-place GELU of inference is skipped when any forward hook, global ones included, could hold fc1's output."""
+    model = tiny_model()
+    pixel_values, grid = packed_inputs(model.config, ODD_GRIDS)
+    fc1 = model.vision_model.encoder.layers[0].mlp.fc1
+    captured = {}
+
+    def capture(module, args, output):
+        if module is fc1:
+            captured["input"], captured["output"] = args[0].clone(), output
+
+    handle = torch.nn.modules.module.register_module_forward_hook(capture)
+    try:
+        with torch.no_grad():
+            model(pixel_values, grid)
+    finally:
+        handle.remove()
+    torch.testing.assert_close(captured["output"], F.linear(captured["input"], fc1.weight, fc1.bias))
+
+
+def test_config_overrides_through_from_pretrained_are_parsed_and_validated(hub_folder):
+    """`from_pretrained(folder, **overrides)` sets attributes after __init__: the legacy string form is still parsed and
+    inconsistent values are still refused when the model is built."""
+    from transformers import AutoConfig, AutoModel
+
+    hub_folder = hub_folder(tiny_model(**WINDOWED))
+    config = AutoConfig.from_pretrained(hub_folder, trust_remote_code=True, fullatt_block_indexes="1")
+    assert config.fullatt_block_indexes == [1]
+    model = AutoModel.from_pretrained(hub_folder, trust_remote_code=True, fullatt_block_indexes="0|1")
+    assert model.config.fullatt_block_indexes == [0, 1]
+    for bad, match in ((dict(fullatt_block_indexes=[7]), "out of range"), (dict(pe_interpolation="nearest"), "pe_interp")):
+        config = AutoConfig.from_pretrained(hub_folder, trust_remote_code=True, **bad)
+        with pytest.raises(ValueError, match=match):
+            AutoModel.from_config(config, trust_remote_code=True)
+
+
+def test_outputs_carry_no_compile_markings():
+    """Returned tensors are plain: a user function compiled later may branch on their sizes."""
+    torch._dynamo.reset()
+    model = tiny_model(vision_use_head=True)
+    pixel_values, grid = packed_inputs(model.config, ODD_GRIDS)
+    with torch.no_grad():
+        out = model(pixel_values, grid)
+
+    @torch.compile(fullgraph=True, backend="eager")
+    def user_code(pooled: torch.Tensor) -> torch.Tensor:
+        return pooled * 2 if pooled.shape[0] > 1 else pooled
+
+    torch.testing.assert_close(user_code(out.pooler_output), out.pooler_output * 2)
+    torch.testing.assert_close(user_code(out.last_hidden_state), out.last_hidden_state * 2)
 
 
 @pytest.mark.parametrize("backend", ["sdpa", "eager"])

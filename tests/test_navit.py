@@ -336,12 +336,14 @@ def test_bad_keep_indices_raise_value_error_before_compute(case, monkeypatch):
         model(pixel_values, grid, keep_indices=keep)
 
 
-def test_keep_indices_int32_and_stride_one_single_tokens_are_accepted():
+@pytest.mark.parametrize("dtype", [torch.int32, torch.int16, torch.int8, torch.uint8])
+def test_keep_indices_of_any_integer_dtype_and_stride_one_single_tokens_are_accepted(dtype):
+    """Row positions, whatever their integer dtype (uint8 is never read as a boolean mask)."""
     model = model_for("windowed-p2-s1-bilinear-aa")  # s = 1: any strictly increasing subset is whole groups
     grids = [(1, 3, 5), (2, 2, 3)]
     pixel_values, grid = packed_inputs(model.config, grids, seed=11)
     keep = [0, 4, 7, 14, 16, 20, 26]
-    got = model(pixel_values, grid, keep_indices=torch.tensor(keep, dtype=torch.int32)).last_hidden_state
+    got = model(pixel_values, grid, keep_indices=torch.tensor(keep, dtype=dtype)).last_hidden_state
     want, _ = reference_forward(model, pixel_values, grids, keep)
     assert max_abs(got, want) <= 1e-4
 
