@@ -311,6 +311,29 @@ def _pil_to_rgb_uint8(image: PIL.Image.Image, do_convert_rgb: bool) -> np.ndarra
     return np.asarray(image, dtype=np.uint8)
 
 
+def _infer_channels_last(shape: tuple, is_tensor: bool) -> bool:
+    """Whether the channels of a 3-D array come last. As in transformers, a 1 or 3 at exactly one end decides; 4 (RGBA)
+    counts only when neither end is 1 or 3. Both ends 1 or 3 (e.g. a 3×3×3 image) is ambiguous: tensors are read
+    (C, H, W) and numpy arrays (H, W, C), with a warning; `input_data_format` decides."""
+    first, last = shape[0] in (1, 3), shape[-1] in (1, 3)
+    if first and last:
+        channels_last = not is_tensor
+        logger.warning_once(
+            f"The channel dimension of an image array of shape {tuple(shape)} is ambiguous; reading it as "
+            f"{'(H, W, C)' if channels_last else '(C, H, W)'}. Pass input_data_format='channels_first' or "
+            f"'channels_last' to choose."
+        )
+        return channels_last
+    if first or last:
+        return last
+    if shape[0] == 4 or shape[-1] == 4:  # RGBA
+        return shape[-1] == 4
+    raise ValueError(
+        f"Cannot read an array of shape {tuple(shape)} as an image: expected 1, 3 or 4 channels in the first "
+        f"(C, H, W) or last (H, W, C) dimension."
+    )
+
+
 def _array_to_rgb_uint8(array: Any, input_data_format: Optional[str], do_convert_rgb: bool) -> np.ndarray:
     """numpy array / torch tensor (HW, HWC or CHW) -> uint8 `[H, W, 3]` array.
 
@@ -331,23 +354,14 @@ def _array_to_rgb_uint8(array: Any, input_data_format: Optional[str], do_convert
         array = array[:, :, None]
     else:
         fmt = None if input_data_format is None else str(getattr(input_data_format, "value", input_data_format))
-        first_ok, last_ok = array.shape[0] in (1, 3, 4), array.shape[-1] in (1, 3, 4)
         if fmt == "channels_first":
             channels_last = False
         elif fmt == "channels_last":
             channels_last = True
         elif fmt is not None:
             raise ValueError(f"`input_data_format` must be 'channels_first' or 'channels_last', got {fmt!r}.")
-        elif first_ok and last_ok:
-            # Ambiguous (e.g. a 3x3x3 image): tensors are usually CHW, numpy arrays HWC.
-            channels_last = not is_tensor
-        elif first_ok or last_ok:
-            channels_last = last_ok
         else:
-            raise ValueError(
-                f"Cannot read an array of shape {tuple(array.shape)} as an image: expected 1, 3 or 4 channels in the "
-                f"first (C, H, W) or last (H, W, C) dimension."
-            )
+            channels_last = _infer_channels_last(array.shape, is_tensor)
         if not channels_last:
             array = np.moveaxis(array, 0, -1)
         if array.shape[-1] not in (1, 3, 4):
@@ -373,7 +387,7 @@ def _array_to_rgb_uint8(array: Any, input_data_format: Optional[str], do_convert
                 f"for 0..255 data."
             )
         array = np.rint(array.astype(np.float64) * 255.0).astype(np.uint8)
-    elif dtype == np.uint16:
+    elif dtype.kind == "u" and dtype.itemsize == 2:  # uint16 of either byte order
         array = np.rint(array / 257.0).astype(np.uint8)
     elif np.issubdtype(dtype, np.integer):
         low, high = int(array.min()), int(array.max())
@@ -463,6 +477,8 @@ def _make_video_list(videos: Any) -> List[List[Any]]:
                 raise ValueError("Got a video with no frames (first dimension is 0).")
             return [[videos[i] for i in range(videos.shape[0])]]
         if videos.ndim == 5:  # a batch of videos
+            if videos.shape[0] == 0:
+                raise ValueError("Got an empty batch of videos (first dimension is 0).")
             return [_make_video_list(videos[i])[0] for i in range(videos.shape[0])]
         raise ValueError(
             f"A video array must have 4 dimensions [T, H, W, C] (or 5 for a batch), got shape {tuple(videos.shape)}."
@@ -470,7 +486,7 @@ def _make_video_list(videos: Any) -> List[List[Any]]:
     if isinstance(videos, (list, tuple)):
         if len(videos) == 0:
             raise ValueError("Got an empty list of videos; pass at least one video (a list of frames).")
-        is_video = [isinstance(v, (list, tuple)) or (_is_array(v) and v.ndim == 4) for v in videos]
+        is_video = [isinstance(v, (list, tuple)) or (_is_array(v) and v.ndim in (4, 5)) for v in videos]
         if all(is_video):
             result = []
             for video in videos:
@@ -511,7 +527,8 @@ class Siglip2NavitImageProcessor(BaseImageProcessor):
     Constructs a native-resolution SigLIP2 NaViT image processor (the Ovis2.5 vision-tower preprocessing).
 
     Each image keeps its aspect ratio: it is resized with [`smart_resize`] to a size whose sides are multiples of
-    `patch_size * hidden_stride` and whose area lies in `[min_pixels, max_pixels]`, then cut into patches that are
+    `patch_size * hidden_stride` and whose area lies in `[min_pixels, max_pixels]` (up to rounding: an enlarged image
+    rounds its sides up, so with a narrow budget its area can pass `max_pixels`), then cut into patches that are
     packed, for all images of the call, into one `pixel_values` matrix, with one `grid_thws` row per image.
 
     Args:
@@ -789,28 +806,24 @@ class Siglip2NavitImageProcessor(BaseImageProcessor):
         image_list = _make_image_list(images) if images is not None else []
         video_list = _make_video_list(videos) if videos is not None else []
 
-        lut = self._value_table(do_rescale, rescale_factor, do_normalize, image_mean, image_std)
-        options = dict(
+        # Decode every image and frame and fix its target size first: an unreadable or invalid input anywhere in
+        # the batch raises before any image is resized.
+        decode = dict(
+            factor=factor,
             min_pixels=min_pixels,
             max_pixels=max_pixels,
             do_resize=do_resize,
-            resample=resample,
             do_convert_rgb=do_convert_rgb,
             input_data_format=input_data_format,
-            patch_size=patch_size,
-            temporal_patch_size=temporal_patch_size,
-            hidden_stride=hidden_stride,
-            lut=lut,
         )
+        decoded = [self._decode_frames([image], **decode) for image in image_list]
+        decoded += [self._decode_frames(frames, **decode) for frames in video_list]
 
+        lut = self._value_table(do_rescale, rescale_factor, do_normalize, image_mean, image_std)
         rows: List[np.ndarray] = []
         grids: List[Tuple[int, int, int]] = []
-        for image in image_list:
-            patches, grid = self._process_frames([image], **options)
-            rows.append(patches)
-            grids.append(grid)
-        for frames in video_list:
-            patches, grid = self._process_frames(frames, **options)
+        for frames, target in decoded:
+            patches, grid = self._patchify(frames, target, resample, patch_size, temporal_patch_size, hidden_stride, lut)
             rows.append(patches)
             grids.append(grid)
 
@@ -836,43 +849,56 @@ class Siglip2NavitImageProcessor(BaseImageProcessor):
             table = (table - mean) / std
         return table.astype(np.float32)
 
-    def _process_frames(
-        self,
+    @staticmethod
+    def _decode_frames(
         frames: List[Any],
+        factor: int,
         min_pixels: int,
         max_pixels: int,
         do_resize: bool,
-        resample: int,
         do_convert_rgb: bool,
         input_data_format: Optional[str],
-        patch_size: int,
-        temporal_patch_size: int,
-        hidden_stride: int,
-        lut: np.ndarray,
-    ) -> Tuple[np.ndarray, Tuple[int, int, int]]:
-        """Resize, normalise and patchify one image (one frame) or one video; returns `(rows, (t, h, w))`."""
-        factor = patch_size * hidden_stride
+    ) -> Tuple[List[np.ndarray], Tuple[int, int]]:
+        """Decode one image (one frame) or one video to uint8 RGB frames and fix its target `(height, width)` (the
+        first frame's `smart_resize` size); every check on the input happens here."""
+        rgb_frames: List[np.ndarray] = []
         target: Optional[Tuple[int, int]] = None
-        channels_first: List[np.ndarray] = []
         for frame in frames:
             rgb = to_rgb_uint8(frame, input_data_format=input_data_format, do_convert_rgb=do_convert_rgb)
             height, width = rgb.shape[:2]
             if target is None:
                 if do_resize:
                     target = smart_resize(height, width, factor, min_pixels, max_pixels)
-                else:
-                    if height % factor or width % factor:
-                        raise ValueError(
-                            f"With do_resize=False the image sides must be multiples of patch_size * hidden_stride "
-                            f"= {factor}, got {height}x{width} (height x width)."
-                        )
-                    target = (height, width)
-            if (height, width) != target:
-                if not do_resize:
+                elif height % factor or width % factor:
                     raise ValueError(
-                        f"With do_resize=False all frames of a video must have the same size; got {height}x{width} "
-                        f"after {target[0]}x{target[1]}."
+                        f"With do_resize=False the image sides must be multiples of patch_size * hidden_stride "
+                        f"= {factor}, got {height}x{width} (height x width)."
                     )
+                else:
+                    target = (height, width)
+            elif not do_resize and (height, width) != target:
+                raise ValueError(
+                    f"With do_resize=False all frames of a video must have the same size; got {height}x{width} "
+                    f"after {target[0]}x{target[1]}."
+                )
+            rgb_frames.append(rgb)
+        return rgb_frames, target
+
+    @staticmethod
+    def _patchify(
+        rgb_frames: List[np.ndarray],
+        target: Tuple[int, int],
+        resample: int,
+        patch_size: int,
+        temporal_patch_size: int,
+        hidden_stride: int,
+        lut: np.ndarray,
+    ) -> Tuple[np.ndarray, Tuple[int, int, int]]:
+        """Resize decoded frames to `target`, rescale + normalise them, and cut them into packed patch rows in SPEC §3
+        order; returns `(rows, (t, h, w))`."""
+        channels_first: List[np.ndarray] = []
+        for rgb in rgb_frames:
+            if rgb.shape[:2] != target:
                 resized = PIL.Image.fromarray(rgb).resize((target[1], target[0]), resample=resample)
                 rgb = np.asarray(resized, dtype=np.uint8)
             # uint8 HWC -> float32 CHW through the value table (rescale + normalise).
@@ -899,14 +925,17 @@ class Siglip2NavitImageProcessor(BaseImageProcessor):
         output["image_processor_type"] = self.__class__.__name__
         return output
 
-    def save_pretrained(self, save_directory: Union[str, os.PathLike], push_to_hub: bool = False, **kwargs) -> List[str]:
-        """Save `preprocessor_config.json` and, with the same settings nested under `"image_processor"`,
-        `processor_config.json` (other keys of an existing `processor_config.json` are kept), so that every
-        transformers version reads the same values whichever file it prefers."""
+    def to_json_file(self, json_file_path: Union[str, os.PathLike]) -> None:
+        """Write the settings; when that is a folder's `preprocessor_config.json`, also write them, nested under
+        `"image_processor"`, into its `processor_config.json` (other keys of an existing one are kept), so that
+        every transformers version reads the same values whichever file it prefers. `save_pretrained` writes through
+        here, so with `push_to_hub=True` both files count as modified and are uploaded."""
         import json
 
-        files = super().save_pretrained(save_directory, push_to_hub=False, **kwargs)
-        processor_file = os.path.join(os.fspath(save_directory), "processor_config.json")
+        super().to_json_file(json_file_path)
+        if os.path.basename(os.fspath(json_file_path)) != "preprocessor_config.json":
+            return
+        processor_file = os.path.join(os.path.dirname(os.fspath(json_file_path)), "processor_config.json")
         content: Dict[str, Any] = {}
         if os.path.isfile(processor_file):
             with open(processor_file, encoding="utf-8") as f:
@@ -916,16 +945,17 @@ class Siglip2NavitImageProcessor(BaseImageProcessor):
                     content = {}
             if not isinstance(content, dict):
                 content = {}
-        with open(files[0], encoding="utf-8") as f:
+        with open(json_file_path, encoding="utf-8") as f:
             content["image_processor"] = json.load(f)
         tmp_file = processor_file + ".tmp"
         with open(tmp_file, "w", encoding="utf-8") as f:
             f.write(json.dumps(content, indent=2, sort_keys=True) + "\n")
         os.replace(tmp_file, processor_file)
-        if push_to_hub:
-            # Upload both files through the standard path.
-            super().save_pretrained(save_directory, push_to_hub=True, **kwargs)
-        return list(files) + [processor_file]
+
+    def save_pretrained(self, save_directory: Union[str, os.PathLike], push_to_hub: bool = False, **kwargs) -> List[str]:
+        """Save `preprocessor_config.json` and `processor_config.json` (see `to_json_file`); returns both paths."""
+        files = super().save_pretrained(save_directory, push_to_hub=push_to_hub, **kwargs)
+        return list(files) + [os.path.join(os.fspath(save_directory), "processor_config.json")]
 
 
 Siglip2NavitImageProcessor.register_for_auto_class("AutoImageProcessor")

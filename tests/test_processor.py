@@ -249,6 +249,49 @@ def test_smart_resize_properties(height, width, min_side, extra):
             assert (h, w) == (round(height / 32) * 32, round(width / 32) * 32)
 
 
+def spec_smart_resize(height: int, width: int, factor: int, min_pixels: int, max_pixels: int) -> tuple[int, int]:
+    """SPEC §8 steps 1-3 exactly as written (Ovis2.5's arithmetic); may return a side below `factor`."""
+    if min(height, width) < factor:
+        if height <= width:
+            height, width = factor, round(factor / height * width)
+        else:
+            height, width = round(factor / width * height), factor
+    elif max(height, width) / min(height, width) > 200:
+        if height > width:
+            height = 200 * width
+        else:
+            width = 200 * height
+    h, w = round(height / factor) * factor, round(width / factor) * factor
+    if h * w > max_pixels:
+        beta = math.sqrt(height * width / max_pixels)
+        h, w = math.floor(height / beta / factor) * factor, math.floor(width / beta / factor) * factor
+    elif h * w < min_pixels:
+        beta = math.sqrt(min_pixels / (height * width))
+        h, w = math.ceil(height * beta / factor) * factor, math.ceil(width * beta / factor) * factor
+    return h, w
+
+
+@given(
+    height=st.one_of(st.integers(1, 200), st.integers(1, 30000)),
+    width=st.one_of(st.integers(1, 200), st.integers(1, 30000)),
+    factor=st.sampled_from([14, 16, 28, 32]),
+    min_tiles=st.integers(1, 400),
+    extra_tiles=st.integers(0, 4000),
+)
+@settings(max_examples=1500, deadline=None)
+def test_smart_resize_equals_spec_formula(height, width, factor, min_tiles, extra_tiles):
+    """Every branch (small side, aspect clamp, plain rounding, floor and ceil budgets) against the SPEC text; where the
+    SPEC arithmetic yields a side below `factor`, the documented guarantee applies instead."""
+    min_pixels = min_tiles * factor * factor
+    max_pixels = min_pixels + extra_tiles * factor * factor
+    got = smart_resize(height, width, factor, min_pixels, max_pixels)
+    want = spec_smart_resize(height, width, factor, min_pixels, max_pixels)
+    if min(want) >= factor:
+        assert got == want
+    else:
+        assert min(got) >= factor and got[0] % factor == 0 and got[1] % factor == 0 and got[0] * got[1] <= max_pixels
+
+
 def test_get_num_tokens(proc):
     # 427x640 -> 416x640 -> 26x40 patches = 1040, 260 merged tokens (by hand)
     assert proc.get_num_tokens(427, 640) == TokenCount(1040, 260)
@@ -303,6 +346,83 @@ def test_i16_image_is_scaled_to_8_bits():
     np.testing.assert_array_equal(ours["pixel_values"], expected["pixel_values"])
     # plain PIL convert("RGB") would clip almost everything to white; ours keeps the contrast
     assert ours["pixel_values"].std() > 0.3
+
+
+def test_sixteen_bit_float_and_bool_inputs_map_to_eight_bits():
+    """Wide and odd dtypes against the 8-bit image they encode (SPEC §8's uint8 pipeline): uint16 of either byte order
+    and PIL I / I;16 as round(v / 257), PIL I with values <= 255 as is, float [0, 1] and PIL F as round(v · 255), bool as
+    {0, 255}."""
+    proc = Siglip2NavitImageProcessor()
+    rng = np.random.default_rng(5)
+    gray = rng.integers(0, 256, size=(40, 56), dtype=np.uint8)
+    expected = _process(proc, PIL.Image.fromarray(gray, "L"))["pixel_values"]
+    wide = gray.astype(np.uint16) * 257
+    variants = {
+        "uint16": wide,
+        "uint16 big-endian": wide.astype(">u2"),
+        "PIL I;16": PIL.Image.fromarray(wide),
+        "PIL I (> 255)": PIL.Image.fromarray(wide.astype(np.int32), "I"),
+        "PIL I (<= 255)": PIL.Image.fromarray(gray.astype(np.int32), "I"),
+        "float32 [0, 1]": gray.astype(np.float32) / 255,
+        "PIL F [0, 1]": PIL.Image.fromarray(gray.astype(np.float32) / 255, "F"),
+        "PIL F [0, 255]": PIL.Image.fromarray(gray.astype(np.float32), "F"),
+    }
+    for name, value in variants.items():
+        np.testing.assert_array_equal(_process(proc, value)["pixel_values"], expected, err_msg=name)
+    mask = gray > 127
+    np.testing.assert_array_equal(
+        _process(proc, mask)["pixel_values"],
+        _process(proc, PIL.Image.fromarray(mask.astype(np.uint8) * 255, "L"))["pixel_values"],
+    )
+
+
+def test_channel_axis_is_inferred_like_transformers():
+    """1 or 3 at exactly one end marks the channels (a (3, 64, 4) array is a 3-channel 64×4 image, not a 3×64 RGBA
+    one); 4 counts only when neither end is 1 or 3; both ends 1 or 3 is ambiguous (numpy HWC, tensors CHW, warned)."""
+    from transformers.testing_utils import CaptureLogger
+
+    from siglip2_navit import image_processing_siglip2_navit as module
+
+    proc = Siglip2NavitImageProcessor()
+    rng = np.random.default_rng(6)
+    chw = rng.integers(0, 256, size=(3, 64, 4), dtype=np.uint8)
+    np.testing.assert_array_equal(
+        _process(proc, chw)["pixel_values"], _process(proc, chw.transpose(1, 2, 0).copy())["pixel_values"]
+    )
+    rgba = rng.integers(0, 256, size=(4, 40, 40), dtype=np.uint8)  # CHW RGBA: alpha dropped
+    np.testing.assert_array_equal(
+        _process(proc, rgba)["pixel_values"], _process(proc, rgba[:3].transpose(1, 2, 0).copy())["pixel_values"]
+    )
+    cube = rng.integers(0, 256, size=(3, 40, 3), dtype=np.uint8)
+    module.logger.warning_once.cache_clear()
+    with CaptureLogger(module.logger) as captured:
+        as_hwc = _process(proc, cube)["pixel_values"]
+    assert "ambiguous" in captured.out
+    np.testing.assert_array_equal(as_hwc, _process(proc, cube, input_data_format="channels_last")["pixel_values"])
+    np.testing.assert_array_equal(
+        _process(proc, torch.from_numpy(cube))["pixel_values"],
+        _process(proc, cube, input_data_format="channels_first")["pixel_values"],
+    )
+
+
+def test_a_bad_input_anywhere_raises_before_any_image_is_resized(monkeypatch):
+    """Every image and frame of the call is decoded and checked before the first one is resized and patchified."""
+    proc = Siglip2NavitImageProcessor()
+
+    def no_compute(*args, **kwargs):
+        raise AssertionError("an image was processed before the bad input was found")
+
+    monkeypatch.setattr(Siglip2NavitImageProcessor, "_patchify", staticmethod(no_compute))
+    good = np.zeros((64, 64, 3), dtype=np.uint8)
+    bad_inputs = {
+        "NaN image last": dict(images=[good, good, np.full((8, 8, 3), np.nan)]),
+        "missing file last": dict(images=[good, "/nonexistent/image.png"]),
+        "bad video frame": dict(images=[good], videos=[[good, np.full((8, 8, 3), 2.0)]]),
+        "not divisible, do_resize=False": dict(images=[good, np.zeros((50, 64, 3), np.uint8)], do_resize=False),
+    }
+    for name, kwargs in bad_inputs.items():
+        with pytest.raises(ValueError):
+            proc(**kwargs)
 
 
 def test_array_and_tensor_inputs_match_pil():
@@ -464,6 +584,31 @@ def test_video_frames_padded_to_temporal_patch_size():
     np.testing.assert_array_equal(proc(videos=frames, return_tensors="np")["pixel_values"], out["pixel_values"])
 
 
+@pytest.mark.parametrize("num_frames, tps", [(4, 3), (5, 4), (3, 3)])
+def test_video_padding_repeats_the_last_frame_up_to_a_multiple(num_frames, tps):
+    proc = Siglip2NavitImageProcessor(temporal_patch_size=tps, min_pixels=32 * 32, max_pixels=64 * 96)
+    frames = _frames(num_frames)
+    out = proc(videos=[frames], return_tensors="np")
+    padded = -(-num_frames // tps) * tps  # ceil to a multiple of tps
+    assert tuple(out["grid_thws"][0]) == (padded // tps, 4, 6)
+    rebuilt = _unpatchify(out["pixel_values"], out["grid_thws"][0], 16, tps, 2)
+    assert rebuilt.shape[0] == padded
+    for i, frame in enumerate(frames + [frames[-1]] * (padded - num_frames)):
+        np.testing.assert_allclose(rebuilt[i], _independent_pixels(frame, 64, 96), atol=1e-6)
+
+
+def test_video_batches_as_five_dimensional_arrays():
+    proc = Siglip2NavitImageProcessor(min_pixels=32 * 32, max_pixels=64 * 96)
+    videos = np.stack([np.stack(_frames(2)), np.stack(_frames(2))[::-1]])  # [2 videos, 2 frames, H, W, C]
+    as_lists = proc(videos=[list(v) for v in videos], return_tensors="np")
+    for value in (videos, [videos]):
+        got = proc(videos=value, return_tensors="np")
+        np.testing.assert_array_equal(got["pixel_values"], as_lists["pixel_values"])
+        np.testing.assert_array_equal(got["grid_thws"], as_lists["grid_thws"])
+    with pytest.raises(ValueError, match="empty batch of videos"):
+        proc(videos=np.zeros((0, 2, 8, 8, 3), dtype=np.uint8))
+
+
 def test_video_mismatched_frames_resized_to_first_frame_target():
     proc = Siglip2NavitImageProcessor(min_pixels=32 * 32, max_pixels=64 * 96)
     first, other = _frames(1, 64, 96)[0], _frames(1, 50, 40)[0]
@@ -555,6 +700,38 @@ def test_save_pretrained_without_auto_class_and_existing_processor_config(tmp_pa
     assert content["image_processor"] == json.loads((tmp_path / "preprocessor_config.json").read_text())
     reloaded = Siglip2NavitImageProcessor.from_pretrained(str(tmp_path))
     assert (reloaded.min_pixels, reloaded.max_pixels) == (1024, 65536)
+
+
+def test_save_pretrained_with_push_to_hub_uploads_both_config_files(tmp_path, monkeypatch):
+    """push_to_hub uploads what changed since the save began: processor_config.json must be among it, or a Hub repo
+    that already has one (loaders prefer it) would keep stale settings. Network calls are stubbed."""
+    import types
+
+    from transformers import image_processing_base
+
+    uploaded = []
+
+    def record_upload(self, working_dir, repo_id, files_timestamps, **kwargs):
+        uploaded.extend(
+            name
+            for name in os.listdir(working_dir)
+            if name not in files_timestamps or os.path.getmtime(os.path.join(working_dir, name)) > files_timestamps[name]
+        )
+
+    repo = types.SimpleNamespace(create_repo=lambda repo_id, **kwargs: types.SimpleNamespace(repo_id=repo_id))
+    monkeypatch.setattr(image_processing_base, "hf_api", lambda: repo, raising=False)  # transformers 5.x
+    monkeypatch.setattr(Siglip2NavitImageProcessor, "_create_repo", lambda self, repo_id, **kw: repo_id, raising=False)
+    monkeypatch.setattr(Siglip2NavitImageProcessor, "_upload_modified_files", record_upload)
+
+    folder = _hub_like_folder(tmp_path)
+    past = os.path.getmtime(folder / "processor_config.json") - 60
+    for name in os.listdir(folder):  # an earlier download of the repo
+        os.utime(folder / name, (past, past))
+    processor = Siglip2NavitImageProcessor(max_pixels=896 * 896)
+    processor.save_pretrained(str(folder), push_to_hub=True, repo_id="someone/siglip2-navit")
+    assert {"preprocessor_config.json", "processor_config.json"} <= set(uploaded)
+    nested = json.loads((folder / "processor_config.json").read_text())["image_processor"]
+    assert nested["max_pixels"] == 896 * 896
 
 
 def test_auto_image_processor_on_repo_root():
