@@ -499,7 +499,7 @@ def _load_benchmark():
     return module
 
 
-def test_benchmark_smoke(tmp_path, monkeypatch):
+def _tiny_benchmark(monkeypatch):
     benchmark = _load_benchmark()
     monkeypatch.setattr(benchmark, "SMALL", dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=2))
     monkeypatch.setattr(
@@ -510,6 +510,11 @@ def test_benchmark_smoke(tmp_path, monkeypatch):
             *[benchmark.Workload(f"scaling-{n}", [(64, 64)] * n, min_pixels=32 * 32, max_pixels=128 * 128) for n in (1, 2)],
         ],
     )
+    return benchmark
+
+
+def test_benchmark_smoke(tmp_path, monkeypatch):
+    benchmark = _tiny_benchmark(monkeypatch)
     report = benchmark.main(
         ["--quick", "--repeats", "1", "--all-contenders", "--out", str(tmp_path), "--threads", "1"]
     )
@@ -525,6 +530,21 @@ def test_benchmark_smoke(tmp_path, monkeypatch):
         assert ratio["rounds"] == 1 and ratio["min"] <= ratio["median"] <= ratio["max"]
     assert (tmp_path / "benchmark.json").exists() and (tmp_path / "benchmark.md").exists()
     assert "| mixed |" in (tmp_path / "benchmark.md").read_text()
+
+
+def test_benchmark_subsets_of_contenders_and_names_are_checked(tmp_path, monkeypatch):
+    """Any subset of contenders writes a report (torch.compile without the eager packed-sdpa time to compare with
+    included); misspelt contender or workload names are refused before anything runs."""
+    benchmark = _tiny_benchmark(monkeypatch)
+    compile_ = torch.compile
+    monkeypatch.setattr(torch, "compile", lambda model, **kwargs: compile_(model, **kwargs, backend="eager"))
+    args = ["--quick", "--repeats", "1", "--threads", "1", "--workloads", "mixed", "--out", str(tmp_path)]
+    report = benchmark.main([*args, "--contenders", "per-image-sdpa", "--compile"])
+    assert [c["name"] for c in report["workloads"][0]["contenders"]] == ["per-image-sdpa"]
+    assert report["compile"]["eager_median_s"] is None and "not timed" in (tmp_path / "benchmark.md").read_text()
+    for bad in (["--contenders", "packed_sdpa"], ["--workloads", "mixd"]):
+        with pytest.raises(SystemExit, match="unknown"):
+            benchmark.main([*args, *bad])
 
 
 def test_contenders_are_timed_round_robin_after_their_warm_up():
