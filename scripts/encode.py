@@ -91,12 +91,23 @@ def parse_overrides(text: Optional[str]) -> Dict[str, Any]:
 
 
 def unique_names(files: List[str]) -> List[str]:
-    """Tensor names from file stems (safe characters only), made unique by appending the file index."""
+    """Tensor names from file stems (safe characters only). A stem shared by several files gets the file index
+    appended, and any name still taken (e.g. by another file's stem "a_1") gets a further suffix: never two alike."""
     stems = [re.sub(r"[^A-Za-z0-9_\-]", "_", Path(f).stem) or "image" for f in files]
     counts: Dict[str, int] = {}
     for s in stems:
         counts[s] = counts.get(s, 0) + 1
-    return [s if counts[s] == 1 else f"{s}_{i}" for i, s in enumerate(stems)]
+    wanted = [s if counts[s] == 1 else f"{s}_{i}" for i, s in enumerate(stems)]
+    taken = {name for name, stem in zip(wanted, stems) if counts[stem] == 1}  # unique stems keep their name
+    names = []
+    for name, stem in zip(wanted, stems):
+        if counts[stem] > 1:
+            base, suffix = name, 1
+            while name in taken:
+                name, suffix = f"{base}_{suffix}", suffix + 1
+            taken.add(name)
+        names.append(name)
+    return names
 
 
 def has_weights(model_dir: str) -> bool:

@@ -197,3 +197,21 @@ def test_encode_rejects_bad_arguments(tmp_path):
         result = subprocess.run([sys.executable, str(SCRIPT), *args], capture_output=True, text=True, env=_env(),
                                 timeout=120)
         assert result.returncode != 0 and message in result.stderr, (args, result.stderr)
+
+
+def test_tensor_names_are_unique_even_when_an_index_suffix_meets_another_stem():
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("siglip2_navit_encode_script", SCRIPT)
+    encode = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(encode)
+    cases = {
+        ("x/a.png", "y/a.jpg", "a_1.png"): None,  # "a" twice -> a_0, a_1; but a_1.png is also "a_1"
+        ("a.png", "b.png", "c d.png"): ["a", "b", "c_d"],  # unique stems keep their (sanitised) names
+        ("p/x.png", "q/x.png", "x_0.png", "x_1.png", "x_0_1.png"): None,
+    }
+    for files, expected in cases.items():
+        names = encode.unique_names(list(files))
+        assert len(set(names)) == len(files), names
+        if expected is not None:
+            assert names == expected
