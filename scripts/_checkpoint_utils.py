@@ -281,6 +281,8 @@ def save_model_folder(
 def check_destination(dst: Path, src: Path, overwrite: bool) -> None:
     if dst.resolve() == src.resolve() or src.resolve() in dst.resolve().parents:
         raise ConversionError(f"Destination {dst} must not be the source folder or inside it.")
+    if dst.resolve() in src.resolve().parents:  # replacing dst would delete the source with it
+        raise ConversionError(f"Destination {dst} must not contain the source folder {src}.")
     if dst.exists() and not overwrite:
         raise ConversionError(f"Destination {dst} already exists; pass --overwrite to replace it.")
     if dst.exists() and not dst.is_dir():

@@ -269,6 +269,16 @@ def test_refuses_existing_destination_unless_overwrite(tmp_path, capsys):
     assert sorted(p.name for p in tmp_path.iterdir()) == ["ovis", "vit"]
 
 
+def test_refuses_a_destination_that_contains_the_source(tmp_path, capsys):
+    """--overwrite replaces DST as a whole: a DST holding SRC would take the source with it."""
+    src = tmp_path / "models" / "ovis"
+    write_fake_ovis(src)
+    for dst in (tmp_path / "models", tmp_path):
+        assert convert_ovis_checkpoint.main([str(src), str(dst), "--overwrite"]) == 1
+        assert "must not contain the source" in capsys.readouterr().err
+    assert (src / "config.json").is_file()
+
+
 def test_failed_overwrite_keeps_the_old_destination(tmp_path, monkeypatch):
     src, dst = tmp_path / "ovis", tmp_path / "vit"
     write_fake_ovis(src)
