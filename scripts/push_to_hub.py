@@ -5,6 +5,7 @@
 Validation (everything must pass before anything is sent):
   * the folder holds safetensors weights and no pickle files (*.bin, *.pt, *.pth, *.ckpt, *.pkl, ...);
   * config.json, both processor configs, the remote-code files named by auto_map and the model card are present;
+  * every tensor in the safetensors headers is one the config implies, with its shape, and none is missing;
   * `AutoModel.from_pretrained(DIR, trust_remote_code=True)` loads every weight (no missing, unexpected or
     mismatched tensors) and `AutoImageProcessor.from_pretrained(DIR, trust_remote_code=True)` loads;
   * the processor and the model agree on patch_size, temporal_patch_size and hidden_stride, and
@@ -113,11 +114,19 @@ def validate(folder, image: Optional[Path] = None) -> List[str]:
     files = folder_files(folder)
     _check_files(folder, files)
     _check_processor_configs(folder)
+    try:  # tensor names and shapes from the safetensors headers: a precise message before any loading
+        checkpoint = utils.SafetensorsCheckpoint(folder)
+        expected = utils.expected_shapes(utils.config_class().from_pretrained(folder))
+        utils.check_shapes(checkpoint.shapes(checkpoint.keys()), expected, str(folder))
+    except utils.ConversionError as err:
+        raise ValidationError(str(err)) from err
+    except (OSError, ValueError) as err:
+        raise ValidationError(f"{folder}/config.json does not give a valid configuration: {err}") from err
 
     try:
         model, info = AutoModel.from_pretrained(folder, trust_remote_code=True, output_loading_info=True)
         processor = AutoImageProcessor.from_pretrained(folder, trust_remote_code=True)
-    except (OSError, ValueError, ImportError) as err:
+    except (OSError, ValueError, ImportError, RuntimeError) as err:  # RuntimeError: transformers 5.x, wrong shapes
         raise ValidationError(f"{folder} does not load with the Auto API: {err}") from err
     problems = {kind: info.get(kind) for kind in ("missing_keys", "unexpected_keys", "mismatched_keys") if info.get(kind)}
     if problems:

@@ -155,3 +155,11 @@ def test_refuses_missing_remote_code(model_dir, monkeypatch, capsys):
 def test_refuses_card_without_front_matter(model_dir, monkeypatch, capsys):
     (model_dir / "README.md").write_text("# a model\n")
     _expect_refusal(model_dir, monkeypatch, capsys, "YAML front matter")
+
+
+def test_refuses_weights_of_the_wrong_shape(model_dir, monkeypatch, capsys):
+    tensors = load_file(model_dir / "model.safetensors")
+    name = next(n for n in tensors if n.endswith("mlp.fc1.weight"))
+    tensors[name] = torch.zeros(tensors[name].shape[0] + 6, tensors[name].shape[1])
+    save_file(tensors, str(model_dir / "model.safetensors"), metadata={"format": "pt"})
+    _expect_refusal(model_dir, monkeypatch, capsys, name.removesuffix(".weight").split(".")[-1])
