@@ -1240,8 +1240,11 @@ def naflex_to_packed(
     return torch.cat(rows, dim=0), torch.tensor(grids, dtype=torch.long)
 
 
-# Reachable from a processor loaded with trust_remote_code: `processor.naflex_to_packed(...)`.
-Siglip2NavitImageProcessor.naflex_to_packed = staticmethod(naflex_to_packed)
+# Reachable from a processor loaded with trust_remote_code (no package install needed): `processor.naflex_to_packed(...)`,
+# `processor.pack_by_token_budget(...)`, `processor.collate_packed(...)`, `processor.sample_max_pixels(...)`.
+for _helper in (naflex_to_packed, pack_by_token_budget, collate_packed, sample_max_pixels):
+    setattr(Siglip2NavitImageProcessor, _helper.__name__, staticmethod(_helper))
+del _helper
 
 __all__ = [
     "naflex_to_packed",

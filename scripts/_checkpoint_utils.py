@@ -36,6 +36,9 @@ CODE_FILES = (
     "image_processing_siglip2_navit.py",
 )
 MODEL_CARD = "README.md"
+# Folders the model card links to (docs/) and its code examples open (examples/): copied into every converted folder,
+# so that the card's links resolve and its snippets run in the Hub repository too.
+CARD_ASSETS = ("docs", "examples")
 AUTO_MAP = {
     "AutoConfig": "configuration_siglip2_navit.Siglip2NavitConfig",
     "AutoModel": "modeling_siglip2_navit.Siglip2NavitModel",
@@ -248,7 +251,8 @@ def save_model_folder(
     """Write a complete Hub model folder into the (existing, empty) `folder`.
 
     Files: `model.safetensors`, `config.json` (with `auto_map`), `preprocessor_config.json` and
-    `processor_config.json` (processor settings taken from `config`), the three `.py` files and `README.md`.
+    `processor_config.json` (processor settings taken from `config`), the three `.py` files, `README.md` and the
+    folders it refers to (`CARD_ASSETS`: docs/, examples/).
     """
     package = import_package()
     processor_cls = importlib.import_module(f"{PACKAGE}.image_processing_siglip2_navit").Siglip2NavitImageProcessor
@@ -276,6 +280,8 @@ def save_model_folder(
     for name in CODE_FILES:
         shutil.copyfile(REPO_ROOT / name, folder / name)
     (folder / MODEL_CARD).write_text(model_card(base_model, source_note), encoding="utf-8")
+    for name in CARD_ASSETS:
+        shutil.copytree(REPO_ROOT / name, folder / name)
 
 
 def check_destination(dst: Path, src: Path, overwrite: bool) -> None:

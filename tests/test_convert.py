@@ -180,7 +180,11 @@ def test_ovis_conversion_round_trip(tmp_path, monkeypatch):
         "modeling_siglip2_navit.py",
         "image_processing_siglip2_navit.py",
         "README.md",
+        "docs",
+        "examples",
     } == {p.name for p in dst.iterdir()}
+    for folder in ("docs", "examples"):  # what the model card links to and its snippets open
+        assert sorted(p.name for p in (dst / folder).iterdir()) == sorted(p.name for p in (ROOT / folder).iterdir())
     assert not [p for p in dst.parent.iterdir() if p.name != "vit"], "no temp folder may be left behind"
 
     config = json.loads((dst / "config.json").read_text())

@@ -21,16 +21,20 @@ import push_to_hub  # noqa: E402
 from siglip2_navit import Siglip2NavitConfig, Siglip2NavitModel  # noqa: E402
 
 
-PUBLISHED = [
-    "README.md",
-    "config.json",
-    "configuration_siglip2_navit.py",
-    "image_processing_siglip2_navit.py",
-    "model.safetensors",
-    "modeling_siglip2_navit.py",
-    "preprocessor_config.json",
-    "processor_config.json",
-]
+PUBLISHED = sorted(
+    [
+        "README.md",
+        "config.json",
+        "configuration_siglip2_navit.py",
+        "image_processing_siglip2_navit.py",
+        "model.safetensors",
+        "modeling_siglip2_navit.py",
+        "preprocessor_config.json",
+        "processor_config.json",
+    ]
+    # the model card's linked docs and example images, as in this checkout
+    + [p.relative_to(ROOT).as_posix() for folder in ("docs", "examples") for p in (ROOT / folder).rglob("*") if p.is_file()]
+)
 
 
 @pytest.fixture
@@ -67,7 +71,7 @@ def test_dry_run_validates_and_lists_files(model_dir, monkeypatch, capsys):
     out = capsys.readouterr().out
     listed = [line.split()[0] for line in out.splitlines() if line.startswith("  ")]
     assert listed == PUBLISHED
-    assert "Would upload 8 files (" in out and "MB) to someone/tiny-navit (public):" in out
+    assert f"Would upload {len(PUBLISHED)} files (" in out and "MB) to someone/tiny-navit (public):" in out
     assert "Dry run: nothing was uploaded." in out
     assert "features (" in out  # the forward pass ran
 

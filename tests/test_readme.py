@@ -83,7 +83,7 @@ def test_python_block_runs(code, line, skip, tiny_models, monkeypatch):
     for placeholder, folder in tiny_models.items():
         code = code.replace(f'"{placeholder}"', repr(folder))
     assert '"path/' not in code, f"README.md:{line}: unknown placeholder"
-    monkeypatch.chdir(ROOT)  # examples/ and scripts/ as in a checkout
+    monkeypatch.chdir(tiny_models["path/or/hub-id"])  # in a converted (Hub) folder: its examples/, no scripts/
     monkeypatch.setattr(sys, "path", list(sys.path))  # blocks may extend sys.path
     namespace = {"__name__": "__readme__"}
     exec(compile(code, f"README.md:{line}", "exec"), namespace)
@@ -107,11 +107,21 @@ def test_ci_commands_are_intact(marker):
     assert after.startswith("```bash\n" + CI_COMMANDS[marker] + "\n```\n")
 
 
-def test_relative_links_resolve():
-    for target in re.findall(r"\]\(([^)#\s]+)(?:#[^)]*)?\)", TEXT):
-        if re.match(r"[a-z]+://", target):
-            continue
-        assert (ROOT / target).exists(), f"README.md links to missing {target}"
+def test_python_blocks_need_no_package_install():
+    """Hub users load the remote code with trust_remote_code; they have no `siglip2_navit` package to import."""
+    for code, line, _ in PYTHON_BLOCKS:
+        assert not re.search(r"^\s*(from|import)\s+siglip2_navit\b", code, re.M), f"README.md:{line}"
+
+
+def test_relative_links_resolve(tiny_models):
+    """In this checkout, and in the card of a converted folder (what the Hub shows)."""
+    card_folder = Path(tiny_models["path/or/hub-id"])
+    card = (card_folder / "README.md").read_text(encoding="utf-8")
+    for folder, text in ((ROOT, TEXT), (card_folder, card)):
+        for target in re.findall(r"\]\(([^)#\s]+)(?:#[^)]*)?\)", text):
+            if re.match(r"[a-z]+://", target):
+                continue
+            assert (folder / target).exists(), f"{folder}/README.md links to missing {target}"
 
 
 def test_anchor_links_resolve():
