@@ -706,3 +706,80 @@ def test_torch_varlen_kernel_without_scale_argument_gets_the_scale_folded_into_q
 
     monkeypatch.setattr(varlen, "varlen_attn", varlen_attn_2_11)
     assert modeling._load_torch_varlen() is varlen_attn_2_11  # torch >= 2.11: used as it is
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# CUDA, for real (run with `pytest -m gpu` on a GPU machine; skipped elsewhere; the CPU stand-ins above cover the logic)
+# ---------------------------------------------------------------------------------------------------------------------
+
+needs_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+GPU_CONFIG = dict(hidden_size=64, intermediate_size=128, num_attention_heads=2, **WINDOWED)  # head_dim 32
+
+
+def _relative_error(got: torch.Tensor, want: torch.Tensor) -> float:
+    return float((got.float().cpu() - want.float().cpu()).norm() / want.float().norm())
+
+
+def _counting_varlen(monkeypatch) -> list:
+    """Route the sdpa CUDA branch through a wrapper of torch's real varlen kernel that counts its calls."""
+    kernel = modeling._torch_varlen_attention()
+    if kernel is None:
+        pytest.skip("this torch has no torch.nn.attention.varlen")
+    calls = []
+
+    def counting(*args, **kwargs):
+        calls.append(args[0].dtype)
+        return kernel(*args, **kwargs)
+
+    monkeypatch.setattr(modeling, "_torch_varlen_attention", lambda: counting)
+    return calls
+
+
+@needs_cuda
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_cuda_half_precision_sdpa_runs_torch_varlen_and_matches_fp32(dtype, monkeypatch):
+    model = tiny_model(**GPU_CONFIG)
+    pixel_values, grid = packed_inputs(model.config, ODD_GRIDS)
+    with torch.no_grad():
+        want = model(pixel_values, grid).last_hidden_state  # fp32 CPU
+        calls = _counting_varlen(monkeypatch)
+        half = model.to("cuda", dtype)
+        got = half(pixel_values.cuda(), grid).last_hidden_state  # grid_thws stays on the CPU
+    assert calls == [dtype] * model.config.num_hidden_layers
+    assert got.dtype == dtype and got.is_cuda
+    assert _relative_error(got, want) < 3e-2
+
+
+@needs_cuda
+@pytest.mark.gpu
+def test_cuda_training_step_through_torch_varlen_matches_fp32_gradients(monkeypatch):
+    model = tiny_model(**GPU_CONFIG).train()
+    pixel_values, grid = packed_inputs(model.config, ODD_GRIDS)
+    model(pixel_values, grid).last_hidden_state.square().mean().backward()
+    want = {n: p.grad.clone() for n, p in model.named_parameters()}
+    model.zero_grad()
+    calls = _counting_varlen(monkeypatch)
+    model.to("cuda", torch.bfloat16)
+    model(pixel_values.cuda(), grid).last_hidden_state.float().square().mean().backward()
+    assert len(calls) == model.config.num_hidden_layers
+    for name, param in model.named_parameters():
+        assert torch.isfinite(param.grad).all(), name
+        assert _relative_error(param.grad, want[name]) < 0.1, name
+
+
+@needs_cuda
+@pytest.mark.gpu
+@pytest.mark.parametrize("backend", ["sdpa", "eager"])
+def test_cuda_fp32_backends_match_cpu_with_inputs_on_either_device(backend):
+    """fp32 on CUDA (grouped SDPA / eager kernels): same as on CPU, whether pixel_values and grid_thws are on the
+    CPU or on the GPU."""
+    model = tiny_model(attn_implementation=backend, **GPU_CONFIG)
+    pixel_values, grid = packed_inputs(model.config, ODD_GRIDS)
+    with torch.no_grad():
+        want = model(pixel_values, grid).last_hidden_state
+        model.cuda()
+        for rows, grid_thws in ((pixel_values, grid), (pixel_values.cuda(), grid.cuda()), (pixel_values.cuda(), grid)):
+            got = model(rows, grid_thws).last_hidden_state
+            assert got.is_cuda
+            torch.testing.assert_close(got.cpu(), want, atol=1e-4, rtol=1e-4)

@@ -547,6 +547,22 @@ def test_benchmark_subsets_of_contenders_and_names_are_checked(tmp_path, monkeyp
             benchmark.main([*args, *bad])
 
 
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+@pytest.mark.gpu
+def test_benchmark_runs_on_cuda_in_bf16(tmp_path, monkeypatch):
+    """The GPU run end to end on a tiny config: bf16, CUDA-only contenders, peak-matmul MFU, memory from the CUDA
+    allocator; so that `python scripts/benchmark.py --device cuda` is known to work before it is spent on so400m."""
+    benchmark = _tiny_benchmark(monkeypatch)
+    report = benchmark.main(["--quick", "--device", "cuda", "--repeats", "1", "--no-compile", "--out", str(tmp_path)])
+    assert report["device"] == "cuda" and report["dtype"] == "bfloat16" and report["matmul_peak_flops"] > 1e12
+    for workload in report["workloads"]:
+        timed = {c["name"]: c for c in workload["contenders"] if "error" not in c}
+        assert {"packed-sdpa", "packed-sdpa-sync-per-layer", "per-image-sdpa", "naflex-padded"} <= set(timed)
+        for contender in timed.values():
+            assert 0 < contender["fraction_of_matmul_peak"] < 1 and contender["peak_memory_bytes"] > 0
+    assert "| mixed |" in (tmp_path / "benchmark.md").read_text()
+
+
 def test_contenders_are_timed_round_robin_after_their_warm_up():
     """time_interleaved: per contender a memory-measuring call and the warm-ups first, then rounds of one call each,
     so a drift in machine load affects every contender alike; paired ratios come from the same rounds."""
