@@ -1198,6 +1198,12 @@ class Siglip2NavitPreTrainedModel(PreTrainedModel):
     _supports_flex_attn = False
     _supports_attention_backend = True
 
+    @classmethod
+    def _can_set_attn_implementation(cls) -> bool:
+        """Runtime switching always works: the backend is read from `config._attn_implementation` at every forward.
+        (transformers 4.56-4.57 guess this from the source text, and their guess is wrong for this file.)"""
+        return True
+
     if not hasattr(PreTrainedModel, "set_attn_implementation"):  # older transformers 4.5x have no runtime switch
 
         def set_attn_implementation(self, attn_implementation: str) -> None:
