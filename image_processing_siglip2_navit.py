@@ -1083,8 +1083,12 @@ def collate_packed(samples: Sequence[Any], return_tensors: str = "pt") -> BatchF
     for i, sample in enumerate(samples):
         if not hasattr(sample, "keys") or "pixel_values" not in sample or "grid_thws" not in sample:
             raise ValueError(f"Sample {i} must be a mapping with 'pixel_values' and 'grid_thws'.")
-        pv = _to_numpy(sample["pixel_values"]).astype(np.float32, copy=False)
-        grid = _to_numpy(sample["grid_thws"]).astype(np.int64, copy=False)
+        pv, grid = _to_numpy(sample["pixel_values"]), _to_numpy(sample["grid_thws"])
+        if pv.dtype.kind != "f":
+            raise ValueError(f"Sample {i}: `pixel_values` must be floating point, got dtype {pv.dtype}.")
+        if grid.dtype.kind not in "iu" or (grid.size and grid.min() <= 0):
+            raise ValueError(f"Sample {i}: `grid_thws` must hold positive integers (t, h, w), got {grid.tolist()}.")
+        pv, grid = pv.astype(np.float32, copy=False), grid.astype(np.int64, copy=False)
         if pv.ndim != 2:
             raise ValueError(f"Sample {i}: `pixel_values` must be 2-D [N, D], got shape {tuple(pv.shape)}.")
         if grid.ndim != 2 or grid.shape[1] != 3:
@@ -1101,7 +1105,13 @@ def collate_packed(samples: Sequence[Any], return_tensors: str = "pt") -> BatchF
         keep = sample.get("keep_indices") if hasattr(sample, "get") else None
         if keep is not None:
             any_keep = True
-            keep = _to_numpy(keep).astype(np.int64, copy=False).reshape(-1)
+            keep = _to_numpy(keep)
+            if keep.ndim != 1 or keep.dtype.kind not in "iu":
+                raise ValueError(
+                    f"Sample {i}: `keep_indices` must be a 1-D integer array of row positions, got dtype {keep.dtype} "
+                    f"and shape {tuple(keep.shape)}."
+                )
+            keep = keep.astype(np.int64, copy=False)
             if keep.size and (keep.min() < 0 or keep.max() >= pv.shape[0] or np.any(np.diff(keep) <= 0)):
                 raise ValueError(
                     f"Sample {i}: `keep_indices` must be strictly increasing positions in [0, {pv.shape[0]})."
@@ -1162,12 +1172,16 @@ def sample_max_pixels(
         uniforms = [rng.random() for _ in range(count)]
     elif isinstance(rng, np.random.Generator):
         uniforms = rng.random(count).tolist()
-    elif rng is None or isinstance(rng, int) and not isinstance(rng, bool):
+    elif rng is None or isinstance(rng, (int, np.integer)) and not isinstance(rng, bool):
         uniforms = np.random.default_rng(rng).random(count).tolist()
     else:
         raise ValueError(f"`rng` must be None, an int seed, a numpy Generator or a random.Random, got {type(rng).__name__}.")
-    lowest = min(-(-low // tile) * tile, (high // tile) * tile)
-    highest = (high // tile) * tile
+    lowest, highest = -(-low // tile) * tile, (high // tile) * tile  # whole tiles inside [low, high]
+    if lowest > highest:
+        raise ValueError(
+            f"No whole {factor}x{factor} tile count lies in [low, high] = [{low}, {high}]: budgets are multiples of "
+            f"{tile} pixels; widen the range."
+        )
     budgets = []
     for u in uniforms:
         if distribution == "log_uniform":

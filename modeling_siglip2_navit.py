@@ -1352,7 +1352,8 @@ class Siglip2NavitModel(Siglip2NavitPreTrainedModel):
         At least one group per frame is kept. Returns sorted row indices into the packed batch (CPU int64), ready for
         `forward(..., keep_indices=...)`; pass a seeded `torch.Generator` for reproducible draws.
         """
-        if not 0.0 <= float(drop_rate) <= 1.0:
+        drop_rate = float(drop_rate)  # a Python number or a 0-d tensor
+        if not 0.0 <= drop_rate <= 1.0:
             raise ValueError(f"`drop_rate` must be in [0, 1], got {drop_rate}.")
         stride = self.config.hidden_stride
         group = stride * stride
@@ -1363,7 +1364,8 @@ class Siglip2NavitModel(Siglip2NavitPreTrainedModel):
             groups = (h // stride) * (w // stride)
             n_keep = max(1, groups - round(drop_rate * groups))
             for _ in range(t):
-                chosen = torch.randperm(groups, generator=generator)[:n_keep].sort().values
+                device = "cpu" if generator is None else generator.device  # a CUDA generator draws on its device
+                chosen = torch.randperm(groups, generator=generator, device=device)[:n_keep].sort().values.cpu()
                 kept.append((offset + chosen[:, None] * group + torch.arange(group)).flatten())
                 offset += groups * group
         return torch.cat(kept)

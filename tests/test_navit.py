@@ -406,6 +406,9 @@ def test_sample_keep_indices_seeds_and_global_rng():
         assert keep.numel() == 4 and keep[0] % 4 == 0
         counts[keep[0] // 4] += 1
     assert (counts > 0).sum() >= 40, counts  # 200 draws over 64 groups: not a fixed or narrow choice
+    # a 0-d tensor rate is the same rate
+    as_tensor = model.sample_keep_indices(grids, torch.tensor(0.5), torch.Generator().manual_seed(7))
+    assert torch.equal(as_tensor, model.sample_keep_indices(grids, 0.5, torch.Generator().manual_seed(7)))
 
 
 # ---------------------------------------------------------------------------------------------------------------------

@@ -838,16 +838,31 @@ def test_collate_packed():
         collate_packed([{"pixel_values": a["pixel_values"][:10], "grid_thws": a["grid_thws"]}])
     with pytest.raises(ValueError, match="width"):
         collate_packed([a, {"pixel_values": torch.zeros(16, 10), "grid_thws": a["grid_thws"]}])
+    bad_samples = {  # never silently cast: the model would refuse each of these
+        "float keep_indices": ({**dict(a), "keep_indices": torch.tensor([0.9, 1.5])}, "1-D integer"),
+        "bool keep_indices": ({**dict(a), "keep_indices": torch.tensor([False, True])}, "1-D integer"),
+        "2-D keep_indices": ({**dict(a), "keep_indices": torch.tensor([[0, 1], [2, 3]])}, "1-D integer"),
+        "float grid": ({**dict(a), "grid_thws": a["grid_thws"].float() + 0.7}, "positive integers"),
+        "zero grid": ({"pixel_values": a["pixel_values"][:0], "grid_thws": torch.tensor([[1, 0, 4]])}, "positive"),
+        "integer pixels": ({**dict(a), "pixel_values": a["pixel_values"].long()}, "floating point"),
+    }
+    for name, (sample, match) in bad_samples.items():
+        with pytest.raises(ValueError, match=match):
+            collate_packed([sample])
 
 
 def test_sample_max_pixels():
-    first = sample_max_pixels(123, 256 * 256, 1024 * 1024, num_samples=200)
-    assert first == sample_max_pixels(123, 256 * 256, 1024 * 1024, num_samples=200)  # seeded
-    assert first != sample_max_pixels(124, 256 * 256, 1024 * 1024, num_samples=200)
+    first = sample_max_pixels(123, 256 * 256, 1024 * 1024, num_samples=2000)
+    assert first == sample_max_pixels(np.int64(123), 256 * 256, 1024 * 1024, num_samples=2000)  # seeded
+    assert first != sample_max_pixels(124, 256 * 256, 1024 * 1024, num_samples=2000)
     assert all(256 * 256 <= b <= 1024 * 1024 and b % 1024 == 0 for b in first)
-    # log-uniform: about half the draws below the geometric mean 512*512
-    below = sum(b < 512 * 512 for b in first)
-    assert 60 < below < 140
+    # Below the geometric mean 512²: log-uniform area -> P = 1/2 (1000 ± 22 of 2000); uniform side in [256, 1024]
+    # -> P = (512 - 256) / (1024 - 256) = 1/3 (667 ± 21). The windows (> 4 sd apart) tell the two apart.
+    assert 900 < sum(b < 512 * 512 for b in first) < 1100
+    sides = sample_max_pixels(123, 256 * 256, 1024 * 1024, num_samples=2000, distribution="uniform_side")
+    assert 580 < sum(b < 512 * 512 for b in sides) < 750
+    with pytest.raises(ValueError, match="No whole 32x32 tile"):
+        sample_max_pixels(0, 1100, 2000)  # 1024 < 1100 and 2048 > 2000
     single = sample_max_pixels(np.random.default_rng(0), 1024, 4096, distribution="uniform_side")
     assert isinstance(single, int) and 1024 <= single <= 4096
     import random
