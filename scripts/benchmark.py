@@ -304,7 +304,7 @@ CLOCK = CLOCKS["wall"]  # set by --timer
 
 
 def time_interleaved(
-    fns: dict, device: torch.device, warmup: int, repeats: int, measure_memory: bool = True
+    fns: dict, device: torch.device, warmup: int, repeats: int, measure_memory: bool = True, keep_going: bool = False
 ) -> dict:
     """Time several callables side by side: each first runs once to measure its peak memory (unless not
     `measure_memory`) and `warmup` more times untimed, then `repeats` rounds run every callable once, in turn. A slow
@@ -313,17 +313,29 @@ def time_interleaved(
     memory of the first call.
 
     The clock is wall time, or with `--timer cpu` this process's CPU time (robust on a busy machine when run with
-    `--threads 1`: time spent descheduled is not counted)."""
-    results = {}
+    `--threads 1`: time spent descheduled is not counted).
+
+    With `keep_going`, a callable that raises in its first calls (out of memory, a broken optional kernel) is reported
+    as `{"error": ...}` and left out of the rounds, so one failing contender does not cost the whole run."""
+    results, failed = {}, {}
     for name, fn in fns.items():
         memory = PeakMemory(device)
-        if measure_memory:
-            with memory:
-                out = fn()
-                del out
-        for _ in range(warmup):
-            fn()
+        try:
+            if measure_memory:
+                with memory:
+                    out = fn()
+                    del out
+            for _ in range(warmup):
+                fn()
+        except Exception as err:  # noqa: BLE001 - reported, not hidden
+            if not keep_going:
+                raise
+            failed[name] = {"error": f"{type(err).__name__}: {err}"[:300]}
+            if device.type == "cuda":
+                torch.cuda.empty_cache()
+            continue
         results[name] = {"times_s": [], "peak_memory_bytes": memory.peak}
+    fns = {name: fn for name, fn in fns.items() if name not in failed}
     for _ in range(repeats):
         for name, fn in fns.items():
             _sync(device)
@@ -334,7 +346,7 @@ def time_interleaved(
             del out
     for result in results.values():
         result["median_s"] = statistics.median(result["times_s"])
-    return results
+    return {**results, **failed}
 
 
 def time_call(
@@ -800,7 +812,7 @@ def main(argv: Optional[list[str]] = None) -> dict:
                     continue
                 contenders.append((contender, None))
                 runs[contender.name] = contender.run
-            timed = time_interleaved(runs, device, args.warmup, args.repeats)
+            timed = time_interleaved(runs, device, args.warmup, args.repeats, keep_going=True)
             floor = {"median_s": floor_timed["floor-bmm"]["median_s"], "times_s": floor_timed["floor-bmm"]["times_s"],
                      "sdpa_floor_s": floor_timed["floor-sdpa"]["median_s"]}
             entry = {
@@ -817,8 +829,10 @@ def main(argv: Optional[list[str]] = None) -> dict:
             if naflex is not None:
                 entry["naflex_max_abs_diff"] = naflex_agreement(model, naflex, pixel_values, grid_thws)
             for contender, skipped in contenders:
+                skipped = skipped or timed[contender.name].get("error")
                 if skipped:
                     entry["contenders"].append({"name": contender.name, "error": skipped})
+                    print(f"  {contender.name:28s} {skipped}", flush=True)
                     continue
                 measured = timed[contender.name]
                 measured.update(
@@ -834,9 +848,9 @@ def main(argv: Optional[list[str]] = None) -> dict:
                     measured["padded_tokens"] = contender.padded_tokens
                 entry["contenders"].append(measured)
                 print(f"  {contender.name:28s} {measured['median_s']:8.3f} s  peak {_fmt_bytes(measured['peak_memory_bytes'])}", flush=True)
-            if "packed-sdpa" in timed and "per-image-sdpa" in timed:
+            if all("median_s" in timed.get(name, {}) for name in ("packed-sdpa", "per-image-sdpa")):
                 entry["packed_vs_per_image"] = paired_ratio(timed["per-image-sdpa"], timed["packed-sdpa"])
-            baseline = next((c for c in entry["contenders"] if c["name"] == "naflex-padded"), None)
+            baseline = next((c for c in entry["contenders"] if c["name"] == "naflex-padded" and "error" not in c), None)
             for c in entry["contenders"]:
                 if baseline is not None and "error" not in c:
                     c["speedup_vs_naflex_padded"] = baseline["median_s"] / c["median_s"]
@@ -845,7 +859,7 @@ def main(argv: Optional[list[str]] = None) -> dict:
             gc.collect()
 
         scaling = {
-            w["name"]: next((c["peak_memory_bytes"] for c in w["contenders"] if c["name"] == "packed-sdpa"), None)
+            w["name"]: next((c.get("peak_memory_bytes") for c in w["contenders"] if c["name"] == "packed-sdpa"), None)
             for w in report["workloads"]
             if w["name"].startswith("scaling-")
         }
@@ -857,14 +871,16 @@ def main(argv: Optional[list[str]] = None) -> dict:
                                         "ratio_vs_linear": scaling[big] / (factor * scaling[small])}
 
         drop_name = "mixed" if "mixed" in inputs_by_name else next(iter(inputs_by_name), None)
-        if drop_name is not None and (wanted is None or "packed-sdpa" in wanted):
+        full = next((w for w in report["workloads"] if w["name"] == drop_name), None)
+        full_s = None if full is None else next(
+            (c.get("median_s") for c in full["contenders"] if c["name"] == "packed-sdpa"), None
+        )
+        if full_s is not None:  # token dropping, against the full packed-sdpa forward of the same run
             pixel_values, grid_thws = inputs_by_name[drop_name]
             keep = model.sample_keep_indices(grid_thws, 0.5, generator=torch.Generator().manual_seed(args.seed))
             model.config._attn_implementation = "sdpa"
             dropped = time_call(lambda: model(pixel_values, grid_thws, keep_indices=keep).last_hidden_state,
                                 device, args.warmup, args.repeats)
-            full = next(w for w in report["workloads"] if w["name"] == drop_name)
-            full_s = next(c["median_s"] for c in full["contenders"] if c["name"] == "packed-sdpa")
             report["token_dropping"] = {
                 "workload": drop_name, "keep_fraction": keep.numel() / full["tokens"], "kept_tokens": keep.numel(),
                 "tokens": full["tokens"], "median_s": dropped["median_s"], "times_s": dropped["times_s"],
@@ -921,7 +937,7 @@ def benchmark_compile(model, pixel_values, grid_thws, report, device, args) -> d
     except Exception as err:  # report, don't crash the whole benchmark
         return {"workload": "mixed", "error": f"{type(err).__name__}: {err}"[:500]}
     eager = next(w for w in report["workloads"] if w["name"] == "mixed")
-    eager_s = next((c["median_s"] for c in eager["contenders"] if c["name"] == "packed-sdpa"), None)  # if timed
+    eager_s = next((c.get("median_s") for c in eager["contenders"] if c["name"] == "packed-sdpa"), None)  # if timed
     print(f"[compile] first call {first:.1f} s, then {measured['median_s']:.3f} s (eager packed-sdpa: "
           f"{'not timed' if eager_s is None else f'{eager_s:.3f} s'}); new composition: {other_first:.2f} s, "
           f"{new_graphs} new graph(s)", flush=True)
