@@ -720,11 +720,14 @@ def _relative_error(got: torch.Tensor, want: torch.Tensor) -> float:
     return float((got.float().cpu() - want.float().cpu()).norm() / want.float().norm())
 
 
+needs_torch_varlen = pytest.mark.skipif(
+    modeling._torch_varlen_attention() is None, reason="this torch has no torch.nn.attention.varlen (torch < 2.10)"
+)
+
+
 def _counting_varlen(monkeypatch) -> list:
     """Route the sdpa CUDA branch through a wrapper of torch's real varlen kernel that counts its calls."""
     kernel = modeling._torch_varlen_attention()
-    if kernel is None:
-        pytest.skip("this torch has no torch.nn.attention.varlen")
     calls = []
 
     def counting(*args, **kwargs):
@@ -736,6 +739,7 @@ def _counting_varlen(monkeypatch) -> list:
 
 
 @needs_cuda
+@needs_torch_varlen
 @pytest.mark.gpu
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
 def test_cuda_half_precision_sdpa_runs_torch_varlen_and_matches_fp32(dtype, monkeypatch):
@@ -752,6 +756,7 @@ def test_cuda_half_precision_sdpa_runs_torch_varlen_and_matches_fp32(dtype, monk
 
 
 @needs_cuda
+@needs_torch_varlen
 @pytest.mark.gpu
 def test_cuda_training_step_through_torch_varlen_matches_fp32_gradients(monkeypatch):
     model = tiny_model(**GPU_CONFIG).train()
