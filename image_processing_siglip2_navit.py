@@ -806,8 +806,10 @@ class Siglip2NavitImageProcessor(BaseImageProcessor):
         image_list = _make_image_list(images) if images is not None else []
         video_list = _make_video_list(videos) if videos is not None else []
 
-        # Decode every image and frame and fix its target size first: an unreadable or invalid input anywhere in
-        # the batch raises before any image is resized.
+        # Decode every image and frame and fix its target size first (as transformers' processors convert every
+        # input to an array up front): an unreadable or invalid input anywhere in the batch raises before any image
+        # is resized. Each decoded image is released as soon as its patches are made, so the peak stays about
+        # max(decoded inputs, patch rows) rather than their sum.
         decode = dict(
             factor=factor,
             min_pixels=min_pixels,
@@ -822,8 +824,11 @@ class Siglip2NavitImageProcessor(BaseImageProcessor):
         lut = self._value_table(do_rescale, rescale_factor, do_normalize, image_mean, image_std)
         rows: List[np.ndarray] = []
         grids: List[Tuple[int, int, int]] = []
-        for frames, target in decoded:
+        decoded.reverse()
+        while decoded:
+            frames, target = decoded.pop()  # in input order; dropped here, freed after its patches are made
             patches, grid = self._patchify(frames, target, resample, patch_size, temporal_patch_size, hidden_stride, lut)
+            del frames
             rows.append(patches)
             grids.append(grid)
 
