@@ -33,7 +33,12 @@ PUBLISHED = sorted(
         "processor_config.json",
     ]
     # the model card's linked docs and example images, as in this checkout
-    + [p.relative_to(ROOT).as_posix() for folder in ("docs", "examples") for p in (ROOT / folder).rglob("*") if p.is_file()]
+    + [
+        p.relative_to(ROOT).as_posix()
+        for folder in ("docs", "examples")
+        for p in (ROOT / folder).rglob("*")
+        if p.is_file() and not any(part.startswith(".") for part in p.relative_to(ROOT).parts)  # no OS litter
+    ]
 )
 
 
