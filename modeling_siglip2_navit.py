@@ -125,7 +125,8 @@ def _partition_of_lengths(
     cu = [0]
     for length in seq_lens:
         cu.append(cu[-1] + length)
-    _, grouped_seq_order = _batch_plan(seq_lens)
+    plan = _batch_plan(seq_lens)
+    grouped_seq_order = plan[1]
     if grouped_seq_order is None:
         index = torch.arange(cu[-1])
     else:
@@ -140,6 +141,7 @@ def _partition_of_lengths(
         torch.argsort(index).to(device),
         input_seq_order=input_seq_order,
         seq_lens=seq_lens,
+        plan=plan,
     )
 
 
@@ -150,12 +152,13 @@ def _partition_from_tensors(
     group_inverse: torch.Tensor,
     input_seq_order: tuple[int, ...] = (),
     seq_lens: Optional[list[int]] = None,
+    plan: Optional[tuple] = None,
 ) -> AttentionPartition:
-    """The partition delimited by `cu_seqlens` (`seq_lens`: its lengths, when the caller has them on the host
-    already); `group_index` must follow `_batch_plan` of those lengths."""
+    """The partition delimited by `cu_seqlens` (`seq_lens` and `plan`: its lengths and their `_batch_plan`, when the
+    caller has them already); `group_index` must follow that plan."""
     if seq_lens is None:
         seq_lens = cu_seqlens_host.diff().tolist()
-    batches, grouped_seq_order = _batch_plan(seq_lens)
+    batches, grouped_seq_order = plan if plan is not None else _batch_plan(seq_lens)
     return AttentionPartition(
         cu_seqlens=cu_seqlens,
         cu_seqlens_host=cu_seqlens_host,
