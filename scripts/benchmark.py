@@ -303,6 +303,11 @@ CLOCKS = {"wall": time.perf_counter, "cpu": time.process_time}
 CLOCK = CLOCKS["wall"]  # set by --timer
 
 
+def _error_text(err: Exception, limit: int = 300) -> str:
+    """A failure as reported in the benchmark's results: exception type and message, cut to `limit` characters."""
+    return f"{type(err).__name__}: {err}"[:limit]
+
+
 def time_interleaved(
     fns: dict, device: torch.device, warmup: int, repeats: int, measure_memory: bool = True, keep_going: bool = False
 ) -> dict:
@@ -330,7 +335,7 @@ def time_interleaved(
         except Exception as err:  # noqa: BLE001 - reported, not hidden
             if not keep_going:
                 raise
-            failed[name] = {"error": f"{type(err).__name__}: {err}"[:300]}
+            failed[name] = {"error": _error_text(err)}
             if device.type == "cuda":
                 torch.cuda.empty_cache()
             continue
@@ -830,7 +835,7 @@ def main(argv: Optional[list[str]] = None) -> dict:
                 try:  # the padded batch once more, outside the timed rounds: may still fail (out of memory)
                     entry["naflex_max_abs_diff"] = naflex_agreement(model, naflex, pixel_values, grid_thws)
                 except Exception as err:  # noqa: BLE001 - reported, not hidden
-                    entry["naflex_agreement_error"] = f"{type(err).__name__}: {err}"[:300]
+                    entry["naflex_agreement_error"] = _error_text(err)
             for contender, skipped in contenders:
                 skipped = skipped or timed[contender.name].get("error")
                 if skipped:
@@ -938,7 +943,7 @@ def benchmark_compile(model, pixel_values, grid_thws, report, device, args) -> d
             other_first = time.perf_counter() - start
             new_graphs = _compiled_graph_count() - graphs
     except Exception as err:  # report, don't crash the whole benchmark
-        return {"workload": "mixed", "error": f"{type(err).__name__}: {err}"[:500]}
+        return {"workload": "mixed", "error": _error_text(err, 500)}
     eager = next(w for w in report["workloads"] if w["name"] == "mixed")
     eager_s = next((c.get("median_s") for c in eager["contenders"] if c["name"] == "packed-sdpa"), None)  # if timed
     print(f"[compile] first call {first:.1f} s, then {measured['median_s']:.3f} s (eager packed-sdpa: "
