@@ -1,24 +1,18 @@
 # Copyright 2026 The siglip2-navit authors. Licensed under the Apache License, Version 2.0.
 """SigLIP2 NaViT vision encoder: images of any size packed into one sequence (the Ovis2.5 vision tower).
 
-Data flow of one forward (N packed patch rows, K kept tokens, K == N unless `keep_indices` drops tokens):
+Only what is SigLIP2's lives here; the packed layout, validation, attention backends and the encoder loop are the
+shared core (`navit_core.py`). One forward (N packed patch rows, K kept tokens, K == N unless `keep_indices` drops):
 
     pixel_values [N, C·T·p·p], grid_thws [n_images, 3]
-      -> validate (host)            every error is raised here, before any compute
-      -> PackedLayout (host, once)  token positions, attention partitions (`cu_seqlens`), RoPE/PE indices
-      -> embeddings                 patch embedding (one matmul) + resized learned PE        [K, hidden]
-      -> encoder layers             attention runs per frame (or per window) of the packed batch
-      -> post_layernorm             -> last_hidden_state [K, hidden], optional MAP pooling per image
-
-Attention never sees a dense mask over the packed batch: `flash_attention_2` runs varlen kernels on
-`cu_seqlens`, `sdpa` uses torch's varlen kernel on CUDA or one `scaled_dot_product_attention` call per group of
-equal-length sequences, `eager` does matmul + softmax per sequence (and can return the attention maps).
+      -> plan (host, once)    validation, PackedLayout (`cu_seqlens`, windows) + this family's resized-PE indices
+      -> embeddings           patch embedding (one matmul) + learned PE resized to each image's grid       [K, hidden]
+      -> encoder layers       pre-norm blocks with 2D RoPE; attention per frame (or window) of the packed batch
+      -> post_layernorm       -> last_hidden_state [K, hidden], optional MAP pooling per image
 """
 
 import functools
-import inspect
 import math
-import re
 from dataclasses import dataclass
 from typing import Callable, Optional, Sequence, Union
 
@@ -27,211 +21,45 @@ import torch.nn.functional as F
 from torch import nn
 from transformers.activations import ACT2FN
 from transformers.modeling_outputs import BaseModelOutput, BaseModelOutputWithPooling
-from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS, PreTrainedModel
-from transformers.utils import logging
 
 from .configuration_siglip2_navit import Siglip2NavitConfig
-
-
-logger = logging.get_logger(__name__)
-
-GridLike = Union[torch.Tensor, Sequence[Sequence[int]]]
+from .navit_core import (  # noqa: F401  (re-exported: the packed API stays importable from this module)
+    PACKED_ATTENTION_FUNCTIONS,
+    AttentionBlock,
+    AttentionPartition,
+    GridLike,
+    PackedEncoder,
+    PackedEncoderLayer,
+    PackedLayout,
+    PackedPreTrainedModel,
+    PackedSelfAttention,
+    _cpu_block_tokens,
+    _has_hooks,
+    _partition_of_lengths,
+    apply_rotary_pos_emb,
+    attention_blocks,
+    final_norm_in_input_order,
+    get_packed_attention_interface,
+    per_image_groups,
+    restore_encoder_outputs,
+    rotate_half,
+    validate_inputs,
+)
+from .navit_core import build_packed_layout as build_core_layout
 
 
 # ----------------------------------------------------------------------------------------------------------------------
-# Packed layout: everything about token positions and attention scopes, derived once per forward on the host.
+# Planning: the learned position embedding resized to every grid of the batch
 # ----------------------------------------------------------------------------------------------------------------------
 
 
 @dataclass
-class AttentionPartition:
-    """How the K tokens of the working order split into independent attention sequences.
+class PositionEmbeddingPlan:
+    """Which resized PE tables a batch needs and where each token reads its row (planned once per forward)."""
 
-    Sequences (frames or windows) are contiguous in the working order; `cu_seqlens` delimits them. For kernels that
-    need equal lengths, `batches` lists runs of `n` sequences of length `L` in the *grouped* order, which is the
-    working order itself unless `regroup`, else `working[group_index]`.
-    """
-
-    cu_seqlens: torch.Tensor  # [n_seq + 1] int32, on the model's device
-    cu_seqlens_host: torch.Tensor  # [n_seq + 1] int64, CPU: read without a device sync
-    max_seqlen: int
-    batches: tuple[tuple[int, int], ...]  # (seq_len, n_seqs) in grouped order
-    regroup: bool  # whether equal-length sequences must be gathered together (else group_index is the identity)
-    group_index: torch.Tensor  # [K] working -> grouped order, on device
-    group_inverse: torch.Tensor  # [K] grouped -> working order, on device
-    grouped_seq_order: tuple[int, ...]  # sequence ids in grouped order
-    input_seq_order: tuple[int, ...] = ()  # sequence ids (working order) sorted by their frame / window in the input
-
-
-@dataclass
-class PackedLayout:
-    """Host-side description of one packed batch (computed once per forward, shared by every layer)."""
-
-    token_rows: torch.Tensor  # [K] rows of pixel_values in working order, on device
-    restore_index: torch.Tensor  # [K] working -> output (input) order, on device
-    positions: torch.Tensor  # [K, 2] (row, col) of each token in working order, int64 on device
-    pe_index: torch.Tensor  # [K] index into the concatenated resized PE tables, on device
-    pe_sizes: tuple[tuple[int, int], ...]  # the (h, w) of each resized PE table, in concatenation order
+    pe_index: torch.Tensor  # [K] row of the concatenated resized tables, working order, on device
+    pe_sizes: tuple[tuple[int, int], ...]  # the (h, w) of each resized table, in concatenation order
     pe_resize: tuple[tuple[torch.Tensor, torch.Tensor], ...]  # per table ([h, P], [w, P]); () = F.interpolate
-    full: AttentionPartition
-    window: Optional[AttentionPartition]
-    image_token_counts: tuple[int, ...]  # output tokens per image (for pooling)
-    frame_token_counts: tuple[int, ...]  # encoded tokens per frame
-
-
-def _batch_plan(seq_lens: Sequence[int]) -> tuple[tuple[tuple[int, int], ...], Optional[tuple[int, ...]]]:
-    """Batches (seq_len, n_seqs) of equal-length sequences, and the sequence order that groups them (None: as is).
-
-    Runs of consecutive equal-length sequences are batched without moving tokens; when a length appears in more than
-    one run, the sequences of each length are gathered together (stable, so the order is recoverable).
-    """
-    runs: list[list[int]] = []
-    for length in seq_lens:
-        if runs and runs[-1][0] == length:
-            runs[-1][1] += 1
-        else:
-            runs.append([length, 1])
-    if len({length for length, _ in runs}) == len(runs):
-        return tuple((length, n) for length, n in runs), None
-    by_length: dict[int, list[int]] = {}
-    for seq_id, length in enumerate(seq_lens):
-        by_length.setdefault(length, []).append(seq_id)
-    batches = tuple((length, len(ids)) for length, ids in by_length.items())
-    return batches, tuple(seq_id for ids in by_length.values() for seq_id in ids)
-
-
-def _never_specialize(*tensors: torch.Tensor) -> None:
-    """Mark dim 0 as unbacked for torch.compile: a count that happens to be 1 or to equal another size in the first
-    batch (one image, one window per frame) must not become a guard of the compiled graph. The graph never computes
-    with these sizes: only the opaque attention op reads cu_seqlens."""
-    mark_unbacked = getattr(getattr(torch._dynamo, "decorators", None), "mark_unbacked", None)
-    if mark_unbacked is not None:
-        for tensor in tensors:
-            mark_unbacked(tensor, 0)
-
-
-def _partition(segment_ids: torch.Tensor, device: torch.device) -> AttentionPartition:
-    """Partition tokens by `segment_ids` (CPU; every segment is contiguous; ids number segments in input order)."""
-    _, counts = torch.unique_consecutive(segment_ids, return_counts=True)
-    starts = torch.cumsum(counts, 0) - counts
-    input_seq_order = tuple(torch.argsort(segment_ids[starts], stable=True).tolist())
-    return _partition_of_lengths(counts.tolist(), device, input_seq_order)
-
-
-def _partition_of_lengths(
-    seq_lens: list[int], device: torch.device, input_seq_order: tuple[int, ...] = ()
-) -> AttentionPartition:
-    """The partition of consecutive sequences of `seq_lens` tokens, with the gather that groups equal lengths."""
-    cu = [0]
-    for length in seq_lens:
-        cu.append(cu[-1] + length)
-    plan = _batch_plan(seq_lens)
-    grouped_seq_order = plan[1]
-    if grouped_seq_order is None:
-        index = torch.arange(cu[-1])
-    else:
-        index = torch.cat([torch.arange(cu[i], cu[i + 1]) for i in grouped_seq_order])
-    cu_host = torch.tensor(cu, dtype=torch.int64)
-    cu_seqlens = cu_host.to(device=device, dtype=torch.int32)
-    _never_specialize(cu_seqlens, cu_host)
-    return _partition_from_tensors(
-        cu_seqlens,
-        cu_host,
-        index.to(device),
-        torch.argsort(index).to(device),
-        input_seq_order=input_seq_order,
-        seq_lens=seq_lens,
-        plan=plan,
-    )
-
-
-def _partition_from_tensors(
-    cu_seqlens: torch.Tensor,
-    cu_seqlens_host: torch.Tensor,
-    group_index: torch.Tensor,
-    group_inverse: torch.Tensor,
-    input_seq_order: tuple[int, ...] = (),
-    seq_lens: Optional[list[int]] = None,
-    plan: Optional[tuple] = None,
-) -> AttentionPartition:
-    """The partition delimited by `cu_seqlens` (`seq_lens` and `plan`: its lengths and their `_batch_plan`, when the
-    caller has them already); `group_index` must follow that plan."""
-    if seq_lens is None:
-        seq_lens = cu_seqlens_host.diff().tolist()
-    batches, grouped_seq_order = plan if plan is not None else _batch_plan(seq_lens)
-    return AttentionPartition(
-        cu_seqlens=cu_seqlens,
-        cu_seqlens_host=cu_seqlens_host,
-        max_seqlen=max(seq_lens),
-        batches=batches,
-        regroup=grouped_seq_order is not None,
-        group_index=group_index,
-        group_inverse=group_inverse,
-        grouped_seq_order=tuple(range(len(seq_lens))) if grouped_seq_order is None else grouped_seq_order,
-        input_seq_order=input_seq_order,
-    )
-
-
-@dataclass
-class AttentionBlock:
-    """Consecutive whole sequences of a partition (tokens `start:end` of the working order), run together by the CPU
-    block schedule; `partition` describes them with token offsets relative to `start`."""
-
-    start: int
-    end: int
-    partition: AttentionPartition
-
-
-def attention_blocks(partition: AttentionPartition, max_tokens: int) -> tuple[AttentionBlock, ...]:
-    """Split `partition` into runs of consecutive whole sequences of at most `max_tokens` tokens (a longer sequence
-    is a block of its own). Attention never crosses a sequence, so each block can run a whole layer on its own."""
-    cu = partition.cu_seqlens_host.tolist()
-    seq_lens = [b - a for a, b in zip(cu[:-1], cu[1:])]
-    device = partition.cu_seqlens.device
-    blocks, first = [], 0
-    while first < len(seq_lens):
-        last = first + 1
-        while last < len(seq_lens) and cu[last + 1] - cu[first] <= max_tokens:
-            last += 1
-        blocks.append(AttentionBlock(cu[first], cu[last], _partition_of_lengths(seq_lens[first:last], device)))
-        first = last
-    return tuple(blocks)
-
-
-def _token_coordinates(grids: Sequence[tuple[int, int, int]], stride: int, window_blocks: int):
-    """(row, col, frame id, window id, image id) of every packed token, in the SPEC §3 order (CPU, int64)."""
-    frame_h, frame_w, frame_image = [], [], []
-    for image_id, (t, h, w) in enumerate(grids):
-        frame_h += [h] * t
-        frame_w += [w] * t
-        frame_image += [image_id] * t
-    frame_h_t = torch.tensor(frame_h)
-    frame_w_t = torch.tensor(frame_w)
-    frame_sizes = frame_h_t * frame_w_t
-    frame_ids = torch.repeat_interleave(torch.arange(len(frame_h)), frame_sizes)
-    frame_start = torch.cumsum(frame_sizes, 0) - frame_sizes
-    within = torch.arange(int(frame_sizes.sum())) - frame_start[frame_ids]
-
-    # within-frame index -> (block row, block col, row in block, col in block): blocks of stride×stride patches
-    blocks_w = (frame_w_t // stride)[frame_ids]
-    col_in_block = within % stride
-    row_in_block = (within // stride) % stride
-    block = within // (stride * stride)
-    block_row, block_col = block // blocks_w, block % blocks_w
-    rows = block_row * stride + row_in_block
-    cols = block_col * stride + col_in_block
-
-    # windows of window_blocks × window_blocks blocks, tiled from the top-left of each frame
-    windows_w = (frame_w_t // stride + window_blocks - 1) // window_blocks
-    windows_h = (frame_h_t // stride + window_blocks - 1) // window_blocks
-    windows_per_frame = windows_w * windows_h
-    window_start = torch.cumsum(windows_per_frame, 0) - windows_per_frame
-    window_ids = (
-        window_start[frame_ids] + (block_row // window_blocks) * windows_w[frame_ids] + block_col // window_blocks
-    )
-    image_ids = torch.tensor(frame_image)[frame_ids]
-    return rows, cols, frame_ids, window_ids, image_ids
-
 
 @functools.lru_cache(maxsize=512)
 def _resize_matrix(size: int, side: int, mode: str) -> torch.Tensor:
@@ -246,34 +74,10 @@ def _resize_matrix(size: int, side: int, mode: str) -> torch.Tensor:
         return resized[0, :, :, 0].T.to(torch.float32).contiguous()
 
 
-@torch.compiler.disable  # host-side planning: under torch.compile it runs eagerly instead of being traced per batch
-def build_packed_layout(
-    grids: Sequence[tuple[int, int, int]],
-    config: Siglip2NavitConfig,
-    device: torch.device,
-    keep_indices: Optional[torch.Tensor] = None,
-) -> PackedLayout:
-    """Derive token positions, attention partitions and PE indices for a packed batch (host side, once)."""
-    stride = config.hidden_stride
-    rows, cols, frame_ids, window_ids, image_ids = _token_coordinates(grids, stride, config.window_blocks)
-    if keep_indices is not None:
-        rows, cols, frame_ids = rows[keep_indices], cols[keep_indices], frame_ids[keep_indices]
-        window_ids, image_ids = window_ids[keep_indices], image_ids[keep_indices]
-
-    # The working order every layer runs in (the output is put back in input order once, at the end): frames sorted
-    # by token count (stable), so that equal-length frames are adjacent and batch without regrouping tokens in any
-    # full-attention layer; inside each frame window-major (Ovis/Qwen2.5-VL style), so that every window is
-    # contiguous. Always a permutation tensor, even the identity: every batch has the same structure under compile.
-    has_windows = not all(config.is_full_attention_layer(i) for i in range(config.num_hidden_layers))
-    working = torch.argsort(window_ids, stable=True) if has_windows else torch.arange(frame_ids.shape[0])
-    num_frames = sum(t for t, _, _ in grids)
-    frame_rank = torch.empty(num_frames, dtype=torch.long)
-    frame_rank[torch.argsort(torch.bincount(frame_ids, minlength=num_frames), stable=True)] = torch.arange(num_frames)
-    working = working[torch.argsort(frame_rank[frame_ids[working]], stable=True)]
-    rows, cols, frame_ids, window_ids = rows[working], cols[working], frame_ids[working], window_ids[working]
-    token_rows = working if keep_indices is None else keep_indices[working]
-
-    # Learned PE: one resized table per distinct (h, w); each token indexes its row/col in its frame's table.
+def plan_position_embeddings(
+    layout: PackedLayout, grids: Sequence[tuple[int, int, int]], config: Siglip2NavitConfig
+) -> PositionEmbeddingPlan:
+    """One resized PE table per distinct (h, w); each token indexes its row/col in its frame's table."""
     pe_sizes: list[tuple[int, int]] = []
     table_offset: dict[tuple[int, int], int] = {}
     offset = 0
@@ -285,464 +89,37 @@ def build_packed_layout(
             offset += h * w
         frame_table_offset += [table_offset[(h, w)]] * t
         frame_width += [w] * t
+    rows, cols = layout.host_positions.unbind(-1)
+    frame_ids = layout.host_frame_ids
     pe_index = torch.tensor(frame_table_offset)[frame_ids] + rows * torch.tensor(frame_width)[frame_ids] + cols
 
     # Without antialias, resizing is separable and linear: cache its per-axis matrices. PyTorch's antialiased kernels
     # are not separable for a 1-wide output, so antialias keeps F.interpolate on the live weight (exact naflex parity).
     side = config.image_size // config.patch_size
+    device = layout.positions.device
     pe_resize = ()
     if config.preserve_original_pe and not config.pe_antialias:
         pe_resize = tuple(
             tuple(_resize_matrix(n, side, config.pe_interpolation).to(device) for n in (h, w)) for h, w in pe_sizes
         )
-
-    image_token_counts = torch.bincount(image_ids, minlength=len(grids)).tolist()
-    frame_token_counts = torch.bincount(frame_ids, minlength=sum(t for t, _, _ in grids)).tolist()
-    return PackedLayout(
-        token_rows=token_rows.to(device),
-        restore_index=torch.argsort(working).to(device),
-        positions=torch.stack([rows, cols], dim=-1).to(device),
-        pe_index=pe_index.to(device),
-        pe_sizes=tuple(pe_sizes),
-        pe_resize=pe_resize,
-        full=_partition(frame_ids, device),
-        window=_partition(window_ids, device) if has_windows else None,
-        image_token_counts=tuple(image_token_counts),
-        frame_token_counts=tuple(frame_token_counts),
-    )
+    return PositionEmbeddingPlan(pe_index=pe_index.to(device), pe_sizes=tuple(pe_sizes), pe_resize=pe_resize)
 
 
-# ----------------------------------------------------------------------------------------------------------------------
-# Input validation: every inconsistency is a ValueError raised before any compute.
-# ----------------------------------------------------------------------------------------------------------------------
-
-
-def _grid_to_list(grid_thws: GridLike) -> list[tuple[int, int, int]]:
-    if isinstance(grid_thws, torch.Tensor):
-        grid = grid_thws
-    else:
-        try:
-            grid = torch.as_tensor(grid_thws)
-        except (TypeError, ValueError, RuntimeError) as err:
-            raise ValueError(f"`grid_thws` must be an integer array of shape [n_images, 3], got {grid_thws!r}.") from err
-    if grid.dtype.is_floating_point or grid.dtype.is_complex or grid.dtype == torch.bool:
-        raise ValueError(f"`grid_thws` must hold integers (t, h, w) in patch units, got dtype {grid.dtype}.")
-    if grid.dim() != 2 or grid.shape[-1] != 3:
-        raise ValueError(f"`grid_thws` must have shape [n_images, 3] (t, h, w per image), got {tuple(grid.shape)}.")
-    if grid.shape[0] == 0:
-        raise ValueError("`grid_thws` is empty: the batch must hold at least one image.")
-    return [tuple(int(v) for v in row) for row in grid.tolist()]  # the one host sync for the grid
-
-
-def _check_grids(grids: Sequence[tuple[int, int, int]], stride: int) -> None:
-    for i, (t, h, w) in enumerate(grids):
-        if t <= 0 or h <= 0 or w <= 0:
-            raise ValueError(f"`grid_thws[{i}]` = {(t, h, w)}: t, h and w must all be positive.")
-        if h % stride or w % stride:
-            raise ValueError(
-                f"`grid_thws[{i}]` = {(t, h, w)}: h and w must be divisible by hidden_stride={stride} "
-                "(tokens are ordered in hidden_stride × hidden_stride blocks)."
-            )
-
-
-@torch.compiler.disable  # host-side checks, like build_packed_layout
-def validate_inputs(
-    pixel_values: torch.Tensor,
-    grid_thws: GridLike,
+def build_packed_layout(
+    grids: Sequence[tuple[int, int, int]],
     config: Siglip2NavitConfig,
+    device: torch.device,
     keep_indices: Optional[torch.Tensor] = None,
-) -> list[tuple[int, int, int]]:
-    """Check packed inputs against the config; return `grid_thws` as a host list of (t, h, w)."""
-    if not isinstance(pixel_values, torch.Tensor):
-        raise ValueError(f"`pixel_values` must be a torch.Tensor, got {type(pixel_values).__name__}.")
-    width = config.num_channels * config.temporal_patch_size * config.patch_size**2
-    if pixel_values.dim() != 2:
-        raise ValueError(
-            f"`pixel_values` must be 2-D [num_patches, C·T·p·p = {width}] (packed patches), got shape "
-            f"{tuple(pixel_values.shape)}."
-        )
-    if pixel_values.shape[1] != width:
-        raise ValueError(
-            f"`pixel_values` rows must have C·T·p·p = {config.num_channels}·{config.temporal_patch_size}·"
-            f"{config.patch_size}·{config.patch_size} = {width} values, got {pixel_values.shape[1]}."
-        )
-    if not pixel_values.dtype.is_floating_point:
-        raise ValueError(f"`pixel_values` must be a floating-point tensor, got dtype {pixel_values.dtype}.")
-    if pixel_values.shape[0] == 0:
-        raise ValueError("`pixel_values` is empty: the batch must hold at least one patch.")
-
-    grids = _grid_to_list(grid_thws)
-    stride = config.hidden_stride
-    _check_grids(grids, stride)
-    total = sum(t * h * w for t, h, w in grids)
-    if total != pixel_values.shape[0]:
-        raise ValueError(
-            f"`grid_thws` describes Σ t·h·w = {total} patches but `pixel_values` has {pixel_values.shape[0]} rows."
-        )
-    if keep_indices is not None:
-        _validate_keep_indices(keep_indices, total, stride)  # on the host copy made by the caller
-    if not torch.compiler.is_compiling() and not bool(torch.isfinite(pixel_values).all()):
-        raise ValueError("`pixel_values` contains NaN or infinite values.")
-    return grids
-
-
-def _validate_keep_indices(keep_indices: torch.Tensor, total: int, stride: int) -> None:
-    if not isinstance(keep_indices, torch.Tensor) or keep_indices.dim() != 1:
-        raise ValueError("`keep_indices` must be a 1-D integer tensor of row positions into `pixel_values`.")
-    if keep_indices.dtype.is_floating_point or keep_indices.dtype == torch.bool:
-        raise ValueError(f"`keep_indices` must hold integers, got dtype {keep_indices.dtype}.")
-    if keep_indices.numel() == 0:
-        raise ValueError("`keep_indices` is empty: keep at least one token.")
-    if int(keep_indices.min()) < 0 or int(keep_indices.max()) >= total:
-        raise ValueError(f"`keep_indices` must lie in [0, {total}) (rows of `pixel_values`).")
-    if keep_indices.numel() > 1 and not bool((keep_indices[1:] > keep_indices[:-1]).all()):
-        raise ValueError("`keep_indices` must be strictly increasing (no repeats, input order).")
-    group = stride * stride
-    if group > 1:
-        _, counts = torch.unique_consecutive(keep_indices // group, return_counts=True)
-        if not bool((counts == group).all()):
-            raise ValueError(
-                f"`keep_indices` must keep whole {stride}×{stride} blocks (groups of {group} consecutive rows starting "
-                f"at a multiple of {group}), so that the hidden_stride merger still sees complete blocks."
-            )
-
-
-# ----------------------------------------------------------------------------------------------------------------------
-# Attention backends. Each takes packed q, k, v [K, heads, head_dim] and an AttentionPartition and returns
-# (output [K, heads, head_dim], per-sequence attention maps or None).
-# ----------------------------------------------------------------------------------------------------------------------
-
-
-def _grouped_attention(query, key, value, partition, kernel):
-    """Run `kernel` on each batch of equal-length sequences ([n, heads, L, head_dim] views); restore token order."""
-    if partition.regroup:
-        query, key, value = query[partition.group_index], key[partition.group_index], value[partition.group_index]
-    heads, head_dim = query.shape[1], query.shape[2]
-    outputs, weights = [], []
-    start = 0
-    for seq_len, n_seqs in partition.batches:
-        end = start + seq_len * n_seqs
-
-        def to_batch(x: torch.Tensor) -> torch.Tensor:
-            return x[start:end].view(n_seqs, seq_len, heads, head_dim).transpose(1, 2)
-
-        out, attn = kernel(to_batch(query), to_batch(key), to_batch(value))  # [n, heads, L, head_dim]
-        outputs.append(out.transpose(1, 2).reshape(end - start, heads, head_dim))
-        if attn is not None:
-            weights.extend(attn.unbind(0))
-        start = end
-    output = outputs[0] if len(outputs) == 1 else torch.cat(outputs, dim=0)
-    if partition.regroup:
-        output = output[partition.group_inverse]
-    if weights:  # back to sequence order
-        ordered = [None] * len(weights)
-        for position, seq_id in enumerate(partition.grouped_seq_order):
-            ordered[seq_id] = weights[position]
-        weights = ordered
-    return output, (tuple(weights) if weights else None)
-
-
-def eager_packed_attention(
-    module: nn.Module,
-    query: torch.Tensor,
-    key: torch.Tensor,
-    value: torch.Tensor,
-    partition: AttentionPartition,
-    scaling: float,
-    dropout: float = 0.0,
-    output_attentions: bool = False,
-) -> tuple[torch.Tensor, Optional[tuple[torch.Tensor, ...]]]:
-    """Reference backend: explicit matmul + float32 softmax per sequence; can return the attention maps."""
-
-    def kernel(q, k, v):
-        scores = torch.matmul(q, k.transpose(-1, -2)) * scaling  # [n, heads, L, L]
-        probs = torch.softmax(scores, dim=-1, dtype=torch.float32).to(q.dtype)
-        probs = F.dropout(probs, p=dropout, training=dropout > 0)
-        return torch.matmul(probs, v), (probs if output_attentions else None)
-
-    return _grouped_attention(query, key, value, partition, kernel)
-
-
-def _load_torch_varlen() -> Optional[Callable]:
-    """torch's bundled flash varlen kernel (torch >= 2.10, CUDA) as `fn(q, k, v, cu_q, cu_k, max_q, max_k, *, scale)`,
-    or None when this torch has none."""
-    try:
-        from torch.nn.attention.varlen import varlen_attn
-    except ImportError:
-        return None
-    if "scale" in inspect.signature(varlen_attn).parameters:  # torch >= 2.11
-        return varlen_attn
-
-    def varlen_attn_scaled(query, key, value, cu_seq_q, cu_seq_k, max_q, max_k, *, scale=None):
-        """torch 2.10's kernel always scales by head_dim**-0.5: other scales are folded into the queries."""
-        default = query.shape[-1] ** -0.5
-        if scale is not None and not math.isclose(scale, default):
-            query = query * (scale / default)
-        return varlen_attn(query, key, value, cu_seq_q, cu_seq_k, max_q, max_k)
-
-    return varlen_attn_scaled
-
-
-_TORCH_VARLEN = _load_torch_varlen()  # resolved at import: a constant for torch.compile, no per-layer introspection
-
-
-def _torch_varlen_attention() -> Optional[Callable]:
-    """torch's varlen kernel with a `scale` argument on every torch that has one (see `_load_torch_varlen`)."""
-    return _TORCH_VARLEN
-
-
-def _torch_varlen_usable(query: torch.Tensor, dropout: float) -> bool:
-    """The varlen kernel runs half precision on CUDA, without dropout (it has none)."""
-    return (
-        query.is_cuda
-        and query.dtype in (torch.float16, torch.bfloat16)
-        and dropout == 0.0
-        and _torch_varlen_attention() is not None
-    )
-
-
-def sdpa_packed_attention(
-    module: nn.Module,
-    query: torch.Tensor,
-    key: torch.Tensor,
-    value: torch.Tensor,
-    partition: AttentionPartition,
-    scaling: float,
-    dropout: float = 0.0,
-    output_attentions: bool = False,
-) -> tuple[torch.Tensor, None]:
-    """torch varlen kernel on CUDA half precision; else one SDPA call per group of equal-length sequences."""
-    if _torch_varlen_usable(query, dropout):
-        cu = partition.cu_seqlens
-        out = _torch_varlen_attention()(
-            query, key, value, cu, cu, partition.max_seqlen, partition.max_seqlen, scale=scaling
-        )
-        return out, None
-
-    def kernel(q, k, v):
-        return F.scaled_dot_product_attention(q, k, v, dropout_p=dropout, scale=scaling), None
-
-    return _grouped_attention(query, key, value, partition, kernel)
-
-
-_FLASH_VARLEN: dict[str, Callable] = {}
-
-
-def _flash_attn_varlen_func() -> Callable:
-    """Import `flash_attn.flash_attn_varlen_func` lazily (flash-attn is an optional dependency)."""
-    if "fn" not in _FLASH_VARLEN:
-        try:
-            from flash_attn import flash_attn_varlen_func
-        except ImportError as err:
-            raise ImportError(
-                "attn_implementation='flash_attention_2' needs the `flash-attn` package (pip install "
-                "'siglip2-navit[flash]' or pip install flash-attn --no-build-isolation), or the `kernels` package "
-                "for transformers' hub kernels. Use attn_implementation='sdpa' otherwise."
-            ) from err
-        _FLASH_VARLEN["fn"] = flash_attn_varlen_func
-    return _FLASH_VARLEN["fn"]
-
-
-def flash_packed_attention(
-    module: nn.Module,
-    query: torch.Tensor,
-    key: torch.Tensor,
-    value: torch.Tensor,
-    partition: AttentionPartition,
-    scaling: float,
-    dropout: float = 0.0,
-    output_attentions: bool = False,
-) -> tuple[torch.Tensor, None]:
-    """flash-attn varlen kernel over the whole packed batch."""
-    cu = partition.cu_seqlens
-    max_len = partition.max_seqlen
-    out = _flash_attn_varlen_func()(
-        query, key, value, cu, cu, max_len, max_len, dropout_p=dropout, softmax_scale=scaling, causal=False
-    )
-    return out, None
-
-
-def _registered_attention(name: str) -> Callable:
-    """Adapt a function registered in transformers' AttentionInterface (e.g. a hub flash kernel) to packed inputs."""
-    if hasattr(ALL_ATTENTION_FUNCTIONS, "get_interface"):
-        interface = ALL_ATTENTION_FUNCTIONS.get_interface(name, sdpa_packed_attention)
-    else:  # transformers 4.5x before get_interface
-        interface = ALL_ATTENTION_FUNCTIONS[name]
-    varlen = "flash" in name
-
-    def packed(module, query, key, value, partition, scaling, dropout=0.0, output_attentions=False):
-        if varlen:  # transformers' flash interface: [1, heads, K, head_dim] + cu_seq_lens kwargs
-            out, _ = interface(
-                module,
-                query.transpose(0, 1).unsqueeze(0),
-                key.transpose(0, 1).unsqueeze(0),
-                value.transpose(0, 1).unsqueeze(0),
-                attention_mask=None,
-                dropout=dropout,
-                scaling=scaling,
-                is_causal=False,
-                cu_seq_lens_q=partition.cu_seqlens,
-                cu_seq_lens_k=partition.cu_seqlens,
-                max_length_q=partition.max_seqlen,
-                max_length_k=partition.max_seqlen,
-            )
-            return out.reshape(query.shape), None
-
-        def kernel(q, k, v):
-            out, weights = interface(module, q, k, v, attention_mask=None, dropout=dropout, scaling=scaling)
-            return out.transpose(1, 2), weights  # interfaces return [n, L, heads, head_dim]
-
-        return _grouped_attention(query, key, value, partition, kernel)
-
-    return packed
-
-
-PACKED_ATTENTION_FUNCTIONS: dict[str, Callable] = {
-    "eager": eager_packed_attention,
-    "sdpa": sdpa_packed_attention,
-    "flash_attention_2": flash_packed_attention,
-}
-
-
-def get_packed_attention_interface(attn_implementation: Optional[str]) -> Callable:
-    """The packed attention function for `config._attn_implementation` (resolved once per forward)."""
-    name = attn_implementation or "sdpa"
-    if name in PACKED_ATTENTION_FUNCTIONS:
-        return PACKED_ATTENTION_FUNCTIONS[name]
-    try:
-        return _registered_attention(name)
-    except KeyError as err:
-        raise ValueError(
-            f"Unknown attn_implementation {name!r}: use 'sdpa', 'eager', 'flash_attention_2' or a function "
-            "registered with transformers' AttentionInterface."
-        ) from err
-
-
-# ----------------------------------------------------------------------------------------------------------------------
-# torch.compile: the built-in backends as one opaque custom op
-# ----------------------------------------------------------------------------------------------------------------------
-# Traced as Python, the per-group loop of the backends bakes the batch's sequence lengths into the graph: one recompile
-# per new batch composition. Under torch.compile, the built-in backends therefore run inside a custom op that takes
-# only tensors, so the graph has symbolic shapes and no per-batch constants and one compiled graph serves every batch.
-# The op re-derives the batching from a CPU copy of `cu_seqlens` (a few µs of host work per layer, never a device
-# sync). Its backward is a second op that recomputes the attention under `torch.func.vjp` (like checkpointing the
-# attention alone); that needs aten-only kernels without dropout, so flash-attn, torch's CUDA varlen kernel and
-# attention dropout keep the traced path when autograd is on.
-
-
-def _packed_attention_kernel(
-    query: torch.Tensor,
-    key: torch.Tensor,
-    value: torch.Tensor,
-    cu_seqlens: torch.Tensor,
-    cu_seqlens_host: torch.Tensor,
-    group_index: torch.Tensor,
-    group_inverse: torch.Tensor,
-    scaling: float,
-    dropout: float,
-    backend: str,
-) -> torch.Tensor:
-    """The forward op's eager body: rebuild the partition and run `backend` on it."""
-    partition = _partition_from_tensors(cu_seqlens, cu_seqlens_host, group_index, group_inverse)
-    output, _ = PACKED_ATTENTION_FUNCTIONS[backend](None, query, key, value, partition, scaling, dropout)
-    return output
-
-
-def _packed_attention_backward_kernel(
-    grad_output: torch.Tensor,
-    query: torch.Tensor,
-    key: torch.Tensor,
-    value: torch.Tensor,
-    cu_seqlens: torch.Tensor,
-    cu_seqlens_host: torch.Tensor,
-    group_index: torch.Tensor,
-    group_inverse: torch.Tensor,
-    scaling: float,
-    backend: str,
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """The backward op's eager body: recompute the attention under `torch.func.vjp` and pull `grad_output` back."""
-    partition = _partition_from_tensors(cu_seqlens, cu_seqlens_host, group_index, group_inverse)
-
-    def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
-        return PACKED_ATTENTION_FUNCTIONS[backend](None, q, k, v, partition, scaling, 0.0)[0]
-
-    _, pull_back = torch.func.vjp(attention, query, key, value)
-    return pull_back(grad_output)
-
-
-def _register_packed_attention_op():
-    """Register the forward and backward ops under names unique to this module (remote code can be loaded under
-    several module names, or executed again); returns the forward op, differentiable."""
-    base = "packed_attention_" + re.sub(r"\W", "_", __name__)
-    name, suffix = base, 0
-    while hasattr(torch.ops.siglip2_navit, name):  # this module executed again (reload): a fresh name
-        suffix += 1
-        name = f"{base}_{suffix}"
-    forward = torch.library.custom_op(f"siglip2_navit::{name}", mutates_args=())(_packed_attention_kernel)
-    backward = torch.library.custom_op(f"siglip2_navit::{name}_backward", mutates_args=())(
-        _packed_attention_backward_kernel
-    )
-
-    @forward.register_fake
-    def _(query, key, value, cu_seqlens, cu_seqlens_host, group_index, group_inverse, scaling, dropout, backend):
-        return torch.empty_like(query)  # [K, heads, head_dim]
-
-    @backward.register_fake
-    def _(grad_output, query, key, value, cu_seqlens, cu_seqlens_host, group_index, group_inverse, scaling, backend):
-        return torch.empty_like(query), torch.empty_like(key), torch.empty_like(value)
-
-    def setup_context(ctx, inputs, output):
-        query, key, value, cu_seqlens, cu_seqlens_host, group_index, group_inverse, scaling, dropout, backend = inputs
-        if dropout != 0.0:
-            raise RuntimeError("The packed attention op has no backward with dropout (its mask is not kept).")
-        ctx.save_for_backward(query, key, value, cu_seqlens, cu_seqlens_host, group_index, group_inverse)
-        ctx.scaling, ctx.backend = scaling, backend
-
-    def backward_formula(ctx, grad_output):
-        grads = backward(grad_output.contiguous(), *ctx.saved_tensors, ctx.scaling, ctx.backend)
-        return (*grads, None, None, None, None, None, None, None)
-
-    forward.register_autograd(backward_formula, setup_context=setup_context)
-    return forward
-
-
-_PACKED_ATTENTION_OP = _register_packed_attention_op()
-
-
-def _use_opaque_attention(name: str, hidden_states: torch.Tensor, dropout: float, output_attentions: bool) -> bool:
-    """Whether a layer traced by torch.compile runs the attention through the opaque op (decided at trace time)."""
-    if not torch.compiler.is_compiling() or output_attentions or name not in PACKED_ATTENTION_FUNCTIONS:
-        return False
-    if not torch.is_grad_enabled():
-        return True
-    # The backward recomputes the attention under torch.func.vjp: aten-only kernels, no dropout.
-    return dropout == 0.0 and name != "flash_attention_2" and not _torch_varlen_usable(hidden_states, 0.0)
-
-
-def _opaque_packed_attention(backend: str) -> Callable:
-    """`backend` (a key of PACKED_ATTENTION_FUNCTIONS) behind the custom op, with the packed-attention signature."""
-
-    def attention(module, query, key, value, partition, scaling, dropout=0.0, output_attentions=False):
-        output = _PACKED_ATTENTION_OP(
-            query,
-            key,
-            value,
-            partition.cu_seqlens,
-            partition.cu_seqlens_host,
-            partition.group_index,
-            partition.group_inverse,
-            scaling,
-            dropout,
-            backend,
-        )
-        return output, None
-
-    return attention
-
-
-# ----------------------------------------------------------------------------------------------------------------------
-# Rotary position embedding (2D)
-# ----------------------------------------------------------------------------------------------------------------------
+) -> PackedLayout:
+    """The core layout of a packed batch for this config (windows when some layers are windowed) with its PE plan."""
+    layout = build_core_layout(grids, config.hidden_stride, device, keep_indices, **_layout_options(config))
+    layout.family = plan_position_embeddings(layout, grids, config)
+    return layout
+
+
+def _layout_options(config: Siglip2NavitConfig) -> dict:
+    has_windows = not all(config.is_full_attention_layer(i) for i in range(config.num_hidden_layers))
+    return {"window_blocks": config.window_blocks if has_windows else None}
 
 
 def rope_cos_sin(positions: torch.Tensor, head_dim: int, theta: float) -> tuple[torch.Tensor, torch.Tensor]:
@@ -755,54 +132,9 @@ def rope_cos_sin(positions: torch.Tensor, head_dim: int, theta: float) -> tuple[
     return emb.cos(), emb.sin()
 
 
-def rotate_half(x: torch.Tensor) -> torch.Tensor:
-    half = x.shape[-1] // 2
-    return torch.cat([-x[..., half:], x[..., :half]], dim=-1)
-
-
-def apply_rotary_pos_emb(
-    query: torch.Tensor, key: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """Rotate q, k [K, heads, head_dim] in float32 and cast back."""
-    cos, sin = cos.unsqueeze(1), sin.unsqueeze(1)  # [K, 1, head_dim]
-    q, k = query.float(), key.float()
-    q_rot = q * cos + rotate_half(q) * sin
-    k_rot = k * cos + rotate_half(k) * sin
-    return q_rot.to(query.dtype), k_rot.to(key.dtype)
-
-
 # ----------------------------------------------------------------------------------------------------------------------
 # Modules
 # ----------------------------------------------------------------------------------------------------------------------
-
-
-# The CPU block schedule runs the MLP in pieces whose [piece, intermediate] activation stays below this size: glibc
-# serves allocations below its mmap threshold (at most 32 MiB) from recycled heap memory, larger ones with fresh pages.
-_MLP_PIECE_BYTES = 16 * 2**20
-
-
-def _has_hooks(module: nn.Module) -> bool:
-    """Whether forward hooks (own, global or accelerate's) could observe `module` or one of its submodules."""
-    global_hooks = getattr(nn.modules.module, "_global_forward_hooks", None) or getattr(
-        nn.modules.module, "_global_forward_pre_hooks", None
-    )
-    return bool(global_hooks) or any(
-        m._forward_hooks or m._forward_pre_hooks or hasattr(m, "_hf_hook") for m in module.modules()
-    )
-
-
-def _cpu_block_tokens(config: Siglip2NavitConfig, tensor: torch.Tensor) -> Optional[int]:
-    """Tokens per block when work on `tensor` runs the CPU block schedule (CPU inference: no autograd, not traced by
-    torch.compile, `config.cpu_block_tokens` set), else None."""
-    if (
-        not config.cpu_block_tokens
-        or tensor.device.type != "cpu"
-        or torch.is_grad_enabled()
-        or torch.compiler.is_compiling()
-    ):
-        return None
-    return config.cpu_block_tokens
-
 
 class Siglip2NavitPatchEmbedding(nn.Conv2d):
     """The patch embedding: Conv2d parameters (`[hidden, C·T, p, p]`, the checkpoints' layout), applied to packed patch
@@ -831,19 +163,19 @@ class Siglip2NavitEmbeddings(nn.Module):
             self.position_embedding = nn.Embedding(self.position_embedding_size**2, config.hidden_size)
 
     def resized_position_embeddings(self, layout: PackedLayout) -> torch.Tensor:
-        """The learned PE table resized to each of `layout.pe_sizes`, raster order, concatenated: [Σ h·w, hidden]."""
+        """The learned PE table resized to each of the batch's grid sizes, raster order, concatenated: [Σ h·w, hidden]."""
         weight = self.position_embedding.weight
         side = self.position_embedding_size
         table = weight.view(side, side, -1).to(torch.promote_types(weight.dtype, torch.float32))  # [P, P, hidden]
         tables = []
-        if layout.pe_resize:
-            for resize_h, resize_w in layout.pe_resize:  # [h, P], [w, P]
+        if layout.family.pe_resize:
+            for resize_h, resize_w in layout.family.pe_resize:  # [h, P], [w, P]
                 resize_h, resize_w = resize_h.to(table.dtype), resize_w.to(table.dtype)
                 resized = torch.einsum("wq,pqd->pwd", resize_w, table)  # [P, w, hidden]
                 tables.append(torch.einsum("hp,pwd->hwd", resize_h, resized).flatten(0, 1))  # [h·w, hidden]
         else:
             grid = table.permute(2, 0, 1).unsqueeze(0)  # [1, hidden, P, P]
-            for height, width in layout.pe_sizes:
+            for height, width in layout.family.pe_sizes:
                 resized = F.interpolate(
                     grid,
                     size=(height, width),
@@ -857,7 +189,7 @@ class Siglip2NavitEmbeddings(nn.Module):
     @torch.compiler.disable  # loops over the batch's image sizes: eager, so that torch.compile does not specialize on them
     def token_position_embeddings(self, layout: PackedLayout) -> torch.Tensor:
         """Each token's row of its frame's resized PE table: [K, hidden], working order."""
-        return self.resized_position_embeddings(layout)[layout.pe_index]
+        return self.resized_position_embeddings(layout)[layout.family.pe_index]
 
     def forward(self, pixel_values: torch.Tensor, layout: PackedLayout) -> torch.Tensor:
         weight = self.patch_embedding.weight
@@ -880,7 +212,7 @@ class Siglip2NavitEmbeddings(nn.Module):
         embeddings = torch.empty(num_tokens, self.embed_dim, dtype=weight.dtype, device=weight.device)  # [K, hidden]
         pixel_values = pixel_values.to(weight.device)
         for out, rows, pe_index in zip(
-            embeddings.split(piece), layout.token_rows.split(piece), layout.pe_index.split(piece)
+            embeddings.split(piece), layout.token_rows.split(piece), layout.family.pe_index.split(piece)
         ):
             patches = pixel_values[rows].to(weight.dtype)  # [piece, C·T·p²]
             torch.addmm(self.patch_embedding.bias, patches, flat_weight.t(), out=out)
@@ -889,21 +221,13 @@ class Siglip2NavitEmbeddings(nn.Module):
         return embeddings
 
 
-class Siglip2NavitAttention(nn.Module):
+
+class Siglip2NavitAttention(PackedSelfAttention):
     """Multi-head self-attention over packed sequences, with 2D RoPE on queries and keys."""
 
     def __init__(self, config: Siglip2NavitConfig):
-        super().__init__()
+        super().__init__(config.hidden_size, config.num_attention_heads, config.attention_dropout)
         self.config = config
-        self.embed_dim = config.hidden_size
-        self.num_heads = config.num_attention_heads
-        self.head_dim = self.embed_dim // self.num_heads
-        self.scale = self.head_dim**-0.5
-        self.dropout = config.attention_dropout
-        self.is_causal = False
-        self.q_proj = nn.Linear(self.embed_dim, self.embed_dim)
-        self.k_proj = nn.Linear(self.embed_dim, self.embed_dim)
-        self.v_proj = nn.Linear(self.embed_dim, self.embed_dim)
         self.out_proj = nn.Linear(self.embed_dim, self.embed_dim)
 
     def forward(
@@ -914,26 +238,10 @@ class Siglip2NavitAttention(nn.Module):
         attention_interface: Callable,
         output_attentions: bool = False,
     ) -> tuple[torch.Tensor, Optional[tuple[torch.Tensor, ...]]]:
-        num_tokens = hidden_states.shape[0]
-        shape = (num_tokens, self.num_heads, self.head_dim)
-        query = self.q_proj(hidden_states).view(shape)  # [K, heads, head_dim]
-        key = self.k_proj(hidden_states).view(shape)
-        value = self.v_proj(hidden_states).view(shape)
-        if position_embeddings is not None:
-            query, key = apply_rotary_pos_emb(query, key, *position_embeddings)
-
-        attn_output, attn_weights = attention_interface(
-            self,
-            query,
-            key,
-            value,
-            partition,
-            scaling=self.scale,
-            dropout=self.dropout if self.training else 0.0,
-            output_attentions=output_attentions,
+        attn_output, attn_weights = self.attend(
+            hidden_states, position_embeddings, partition, attention_interface, output_attentions
         )
-        attn_output = self.out_proj(attn_output.reshape(num_tokens, self.embed_dim))  # [K, hidden]
-        return attn_output, attn_weights
+        return self.out_proj(attn_output), attn_weights  # [K, hidden]
 
 
 class Siglip2NavitMLP(nn.Module):
@@ -960,136 +268,37 @@ class Siglip2NavitMLP(nn.Module):
         return self.fc2(hidden_states)
 
 
-class Siglip2NavitEncoderLayer(nn.Module):
+class Siglip2NavitEncoderLayer(PackedEncoderLayer):
     """Pre-norm transformer block: x + attn(ln1(x)), then x + mlp(ln2(x))."""
 
     def __init__(self, config: Siglip2NavitConfig, layer_idx: int):
         super().__init__()
         self.layer_idx = layer_idx
         self.full_attention = config.is_full_attention_layer(layer_idx)
+        self.mlp_width = config.intermediate_size
         self.layer_norm1 = nn.LayerNorm(config.hidden_size, eps=config.layer_norm_eps)
         self.self_attn = Siglip2NavitAttention(config)
         self.layer_norm2 = nn.LayerNorm(config.hidden_size, eps=config.layer_norm_eps)
         self.mlp = Siglip2NavitMLP(config)
 
-    def forward(
-        self,
-        hidden_states: torch.Tensor,
-        position_embeddings: Optional[tuple[torch.Tensor, torch.Tensor]],
-        partition: AttentionPartition,
-        attention_interface: Callable,
-        output_attentions: bool = False,
-    ) -> tuple[torch.Tensor, Optional[tuple[torch.Tensor, ...]]]:
-        attn_output, attn_weights = self.self_attn(
+    def attention_branch(self, hidden_states, position_embeddings, partition, attention_interface, output_attentions=False):
+        return self.self_attn(
             self.layer_norm1(hidden_states), position_embeddings, partition, attention_interface, output_attentions
         )
-        hidden_states = hidden_states + attn_output
-        hidden_states = hidden_states + self.mlp(self.layer_norm2(hidden_states))
-        return hidden_states, attn_weights
 
-    def forward_blocked(
-        self,
-        hidden_states: torch.Tensor,
-        position_embeddings: Optional[tuple[torch.Tensor, torch.Tensor]],
-        blocks: Sequence[AttentionBlock],
-        attention_interface: Callable,
-        out: torch.Tensor,
-    ) -> torch.Tensor:
-        """`forward` for inference (no autograd), computed block by block into `out` [K, hidden] (not `hidden_states`).
-
-        Same math as `forward`: attention never crosses a block's sequences, and the MLP is token-wise, run in pieces
-        whose [piece, intermediate] activation stays below `_MLP_PIECE_BYTES`. Every intermediate is block-sized.
-        """
-        piece = max(1, _MLP_PIECE_BYTES // (self.mlp.fc1.out_features * hidden_states.element_size()))
-        for block in blocks:
-            rows = slice(block.start, block.end)
-            residual = hidden_states[rows]  # [n, hidden]
-            rope = None if position_embeddings is None else tuple(t[rows] for t in position_embeddings)
-            attn_output, _ = self.self_attn(self.layer_norm1(residual), rope, block.partition, attention_interface)
-            block_out = torch.add(residual, attn_output, out=out[rows])
-            for chunk in block_out.split(piece):
-                chunk.add_(self.mlp(self.layer_norm2(chunk)))
-        return out
+    def mlp_branch(self, hidden_states: torch.Tensor) -> torch.Tensor:
+        return self.mlp(self.layer_norm2(hidden_states))
 
 
-class Siglip2NavitEncoder(nn.Module):
+class Siglip2NavitEncoder(PackedEncoder):
     def __init__(self, config: Siglip2NavitConfig):
-        super().__init__()
-        self.config = config
-        self.layers = nn.ModuleList([Siglip2NavitEncoderLayer(config, i) for i in range(config.num_hidden_layers)])
-        self.gradient_checkpointing = False
+        super().__init__(config, [Siglip2NavitEncoderLayer(config, i) for i in range(config.num_hidden_layers)])
 
-    def forward(
-        self,
-        hidden_states: torch.Tensor,
-        layout: PackedLayout,
-        output_attentions: bool = False,
-        output_hidden_states: bool = False,
-    ) -> tuple[torch.Tensor, Optional[tuple[torch.Tensor, ...]], Optional[tuple]]:
-        """Run all layers on `hidden_states` [K, hidden] in the layout's working order.
-
-        Returns the last hidden state and (when asked) every layer's hidden states and attention maps, all in the
-        working order; the caller restores the input order.
-        """
-        implementation = self.config._attn_implementation
-        if output_attentions and implementation != "eager":
-            logger.warning_once(
-                f"output_attentions=True needs the eager attention backend; running eager instead of "
-                f"{implementation!r} for this call."
-            )
-            implementation = "eager"
-        attention_interface = get_packed_attention_interface(implementation)
-        name = implementation or "sdpa"
-        dropout = self.config.attention_dropout if self.training else 0.0
-        if _use_opaque_attention(name, hidden_states, dropout, output_attentions):
-            attention_interface = _opaque_packed_attention(name)  # one graph for every batch composition
-
-        position_embeddings = None
-        if self.config.use_rope:
-            head_dim = self.config.hidden_size // self.config.num_attention_heads
-            position_embeddings = rope_cos_sin(layout.positions, head_dim, self.config.rope_theta)
-
-        blocks = self._cpu_blocks(hidden_states, layout, output_attentions)
-        spare = None  # block schedule: a layer's output buffer is reused two layers later unless it is returned
-
-        all_hidden_states = (hidden_states,) if output_hidden_states else None
-        all_attentions = () if output_attentions else None
-        for index, layer in enumerate(self.layers):
-            partition = layout.full if layer.full_attention else layout.window
-            if blocks is not None:
-                out = spare if spare is not None else torch.empty_like(hidden_states)
-                spare = hidden_states if index > 0 and not output_hidden_states else None  # never the caller's input
-                hidden_states = layer.forward_blocked(
-                    hidden_states, position_embeddings, blocks[layer.full_attention], attention_interface, out
-                )
-                attn_weights = None
-            elif self.gradient_checkpointing and self.training:
-                hidden_states, attn_weights = self._gradient_checkpointing_func(
-                    layer.__call__, hidden_states, position_embeddings, partition, attention_interface, output_attentions
-                )
-            else:
-                hidden_states, attn_weights = layer(
-                    hidden_states, position_embeddings, partition, attention_interface, output_attentions
-                )
-            if output_hidden_states:
-                all_hidden_states += (hidden_states,)
-            if output_attentions:
-                all_attentions += (attn_weights,)
-        return hidden_states, all_hidden_states, all_attentions
-
-    def _cpu_blocks(
-        self, hidden_states: torch.Tensor, layout: PackedLayout, output_attentions: bool
-    ) -> Optional[dict[bool, tuple[AttentionBlock, ...]]]:
-        """The blocks of the CPU block schedule per attention kind (True: full), or None when this forward runs every
-        op over all tokens: off (`cpu_block_tokens=None`), not CPU, autograd or training, attention maps asked,
-        torch.compile tracing, or hooks on the layers (they would see blocks instead of the whole batch)."""
-        max_tokens = _cpu_block_tokens(self.config, hidden_states)
-        if max_tokens is None or self.training or output_attentions or _has_hooks(self.layers):
+    def rotary_embeddings(self, layout: PackedLayout) -> Optional[tuple[torch.Tensor, torch.Tensor]]:
+        if not self.config.use_rope:
             return None
-        blocks = {True: attention_blocks(layout.full, max_tokens)}
-        if layout.window is not None:
-            blocks[False] = attention_blocks(layout.window, max_tokens)
-        return blocks
+        head_dim = self.config.hidden_size // self.config.num_attention_heads
+        return rope_cos_sin(layout.positions, head_dim, self.config.rope_theta)
 
 
 class Siglip2NavitMultiheadAttentionPoolingHead(nn.Module):
@@ -1105,11 +314,8 @@ class Siglip2NavitMultiheadAttentionPoolingHead(nn.Module):
     def forward(self, hidden_states: torch.Tensor, token_counts: Sequence[int]) -> torch.Tensor:
         """Pool `hidden_states` [K, hidden] (images back to back, `token_counts` each) to [n_images, hidden]."""
         per_image = torch.split(hidden_states, list(token_counts), dim=0)
-        by_length: dict[int, list[int]] = {}
-        for image_id, count in enumerate(token_counts):
-            by_length.setdefault(count, []).append(image_id)
         pooled: list[Optional[torch.Tensor]] = [None] * len(token_counts)
-        for ids in by_length.values():
+        for ids in per_image_groups(token_counts).values():
             batch = torch.stack([per_image[i] for i in ids])  # [n, L, hidden]
             probe = self.probe.expand(batch.shape[0], -1, -1)
             out = self.attention(probe, batch, batch, need_weights=False)[0]
@@ -1142,46 +348,13 @@ class Siglip2NavitVisionTransformer(nn.Module):
         hidden_states, all_hidden_states, all_attentions = self.encoder(
             hidden_states, layout, output_attentions=output_attentions, output_hidden_states=output_hidden_states
         )
-        restore = layout.restore_index  # back to input order, once
-        piece = _cpu_block_tokens(self.config, hidden_states)
-        if piece is not None and not _has_hooks(self.post_layernorm):  # CPU inference: normalize in place, by pieces
-            last_hidden_state = hidden_states[restore]
-            for rows in last_hidden_state.split(piece):
-                rows.copy_(self.post_layernorm(rows))
-        else:
-            last_hidden_state = self.post_layernorm(hidden_states)[restore]
-        if all_hidden_states is not None:
-            all_hidden_states = tuple(h[restore] for h in all_hidden_states)
-        if all_attentions is not None:
-            all_attentions = tuple(
-                self._restore_attention_order(layer_maps, layout, self.encoder.layers[i].full_attention)
-                for i, layer_maps in enumerate(all_attentions)
-            )
-        return BaseModelOutput(
-            last_hidden_state=last_hidden_state, hidden_states=all_hidden_states, attentions=all_attentions
-        )
+        last_hidden_state = final_norm_in_input_order(hidden_states, layout, self.post_layernorm, self.config)
+        return restore_encoder_outputs(last_hidden_state, all_hidden_states, all_attentions, layout, self.encoder.layers)
 
     @torch.compiler.disable  # groups images by token count: eager, so that torch.compile does not specialize on it
     def pool(self, last_hidden_state: torch.Tensor, layout: PackedLayout) -> torch.Tensor:
         """The MAP head over each image's tokens: [n_images, hidden]."""
         return self.head(last_hidden_state, layout.image_token_counts)
-
-    @staticmethod
-    def _restore_attention_order(maps: tuple, layout: PackedLayout, full_attention: bool) -> tuple:
-        """Per-sequence maps of the working order -> input order: sequences sorted back by frame (or window), and the
-        tokens of each frame, window-major in the working order, put back in input order."""
-        partition = layout.full if full_attention else layout.window
-        if not full_attention:  # inside a window, the working order keeps the input order
-            return tuple(maps[i] for i in partition.input_seq_order)
-        restored = []
-        cu = partition.cu_seqlens_host.tolist()
-        output_start = 0  # frames are contiguous in the output, in input order
-        for seq_id in partition.input_seq_order:
-            length = cu[seq_id + 1] - cu[seq_id]
-            local = layout.restore_index[output_start : output_start + length] - cu[seq_id]  # working positions, local
-            restored.append(maps[seq_id][:, local][:, :, local])
-            output_start += length
-        return tuple(restored)
 
 
 # ----------------------------------------------------------------------------------------------------------------------
@@ -1189,35 +362,10 @@ class Siglip2NavitVisionTransformer(nn.Module):
 # ----------------------------------------------------------------------------------------------------------------------
 
 
-class Siglip2NavitPreTrainedModel(PreTrainedModel):
+class Siglip2NavitPreTrainedModel(PackedPreTrainedModel):
     config_class = Siglip2NavitConfig
     base_model_prefix = "siglip2_navit"
-    main_input_name = "pixel_values"
-    supports_gradient_checkpointing = True
     _no_split_modules = ["Siglip2NavitEmbeddings", "Siglip2NavitEncoderLayer", "Siglip2NavitMultiheadAttentionPoolingHead"]
-    _supports_flash_attn = True
-    _supports_flash_attn_2 = True
-    _supports_sdpa = True
-    _supports_flex_attn = False
-    _supports_attention_backend = True
-
-    @classmethod
-    def _can_set_attn_implementation(cls) -> bool:
-        """Runtime switching always works: the backend is read from `config._attn_implementation` at every forward.
-        (transformers 4.56-4.57 guess this from the source text, and their guess is wrong for this file.)"""
-        return True
-
-    if not hasattr(PreTrainedModel, "set_attn_implementation"):  # older transformers 4.5x have no runtime switch
-
-        def set_attn_implementation(self, attn_implementation: str) -> None:
-            """Switch the attention backend at runtime (the backend is read from the config at every forward)."""
-            if attn_implementation not in PACKED_ATTENTION_FUNCTIONS:
-                raise ValueError(
-                    f"attn_implementation must be one of {sorted(PACKED_ATTENTION_FUNCTIONS)}, got {attn_implementation!r}."
-                )
-            if attn_implementation == "flash_attention_2":
-                _flash_attn_varlen_func()  # a clear ImportError now rather than at the next forward
-            self.config._attn_implementation = attn_implementation
 
     def _init_weights(self, module: nn.Module) -> None:
         """SigLIP initialisation through `nn.init` (guarded by transformers, so loaded weights are kept).
@@ -1272,6 +420,16 @@ class Siglip2NavitModel(Siglip2NavitPreTrainedModel):
     def _get_pose_embed(self) -> torch.Tensor:
         return self.vision_model.embeddings.position_embedding.weight
 
+    # -- planning hooks of the shared core --
+    def _layout_options(self) -> dict:
+        return _layout_options(self.config)
+
+    def _plan_family(self, layout: PackedLayout, grids: Sequence[tuple[int, int, int]]) -> PositionEmbeddingPlan:
+        return plan_position_embeddings(layout, grids, self.config)
+
+    def _pools_per_image(self) -> bool:
+        return self.config.vision_use_head
+
     # torch.compile: this frame (argument handling, host-side planning) runs eagerly and the vision transformer it
     # calls is compiled, so the graph sees only tensors: no guards on `grid_thws` or on the batch's composition.
     @torch.compiler.disable(recursive=False)
@@ -1300,12 +458,9 @@ class Siglip2NavitModel(Siglip2NavitPreTrainedModel):
         """
         if kwargs:
             raise ValueError(f"Unexpected arguments {sorted(kwargs)} for {type(self).__name__}.forward.")
-        output_hidden_states = (
-            output_hidden_states if output_hidden_states is not None else self.config.output_hidden_states
+        output_hidden_states, output_attentions, return_dict = self._output_flags(
+            output_hidden_states, output_attentions, return_dict
         )
-        output_attentions = output_attentions if output_attentions is not None else self.config.output_attentions
-        return_dict = return_dict if return_dict is not None else self.config.return_dict
-
         layout = self.plan(pixel_values, grid_thws, keep_indices)
         encoded = self.vision_model(
             pixel_values, layout, output_attentions=output_attentions, output_hidden_states=output_hidden_states
@@ -1326,52 +481,6 @@ class Siglip2NavitModel(Siglip2NavitPreTrainedModel):
             attentions=encoded.attentions,
         )
         return outputs if return_dict else outputs.to_tuple()
-
-    @torch.compiler.disable  # host-side planning is never traced: torch.compile would specialize on the batch
-    def plan(
-        self, pixel_values: torch.Tensor, grid_thws: GridLike, keep_indices: Optional[torch.Tensor] = None
-    ) -> PackedLayout:
-        """Validate the packed inputs and derive their `PackedLayout` (host side, once per forward)."""
-        if isinstance(keep_indices, torch.Tensor):
-            keep_indices = keep_indices.cpu()  # planned on the host, like grid_thws
-        grids = validate_inputs(pixel_values, grid_thws, self.config, keep_indices)
-        if keep_indices is not None:
-            keep_indices = keep_indices.long()  # any integer dtype (uint8 would otherwise index as a mask)
-        device = self.vision_model.embeddings.patch_embedding.weight.device
-        layout = build_packed_layout(grids, self.config, device, keep_indices)
-        if self.config.vision_use_head and 0 in layout.frame_token_counts:
-            empty = [i for i, n in enumerate(layout.frame_token_counts) if n == 0]
-            raise ValueError(
-                f"Frames {empty} (counted over all images) keep no tokens, so the pooled output of their image is "
-                "undefined (vision_use_head=True): keep at least one block per frame."
-            )
-        return layout
-
-    def sample_keep_indices(
-        self, grid_thws: GridLike, drop_rate: float, generator: Optional[torch.Generator] = None
-    ) -> torch.Tensor:
-        """NaViT token dropping: drop `round(drop_rate · groups)` random hidden_stride×hidden_stride groups per frame.
-
-        At least one group per frame is kept. Returns sorted row indices into the packed batch (CPU int64), ready for
-        `forward(..., keep_indices=...)`; pass a seeded `torch.Generator` for reproducible draws.
-        """
-        drop_rate = float(drop_rate)  # a Python number or a 0-d tensor
-        if not 0.0 <= drop_rate <= 1.0:
-            raise ValueError(f"`drop_rate` must be in [0, 1], got {drop_rate}.")
-        stride = self.config.hidden_stride
-        group = stride * stride
-        grids = _grid_to_list(grid_thws)
-        _check_grids(grids, stride)
-        kept, offset = [], 0
-        for t, h, w in grids:
-            groups = (h // stride) * (w // stride)
-            n_keep = max(1, groups - round(drop_rate * groups))
-            for _ in range(t):
-                device = "cpu" if generator is None else generator.device  # a CUDA generator draws on its device
-                chosen = torch.randperm(groups, generator=generator, device=device)[:n_keep].sort().values.cpu()
-                kept.append((offset + chosen[:, None] * group + torch.arange(group)).flatten())
-                offset += groups * group
-        return torch.cat(kept)
 
 
 Siglip2NavitModel.register_for_auto_class("AutoModel")  # save_pretrained then writes auto_map + the .py files

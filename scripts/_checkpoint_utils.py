@@ -33,6 +33,7 @@ PACKAGE = "siglip2_navit"
 CODE_FILES = (
     "configuration_siglip2_navit.py",
     "modeling_siglip2_navit.py",
+    "navit_core.py",
     "image_processing_siglip2_navit.py",
 )
 MODEL_CARD = "README.md"

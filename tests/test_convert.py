@@ -178,6 +178,7 @@ def test_ovis_conversion_round_trip(tmp_path, monkeypatch):
         "processor_config.json",
         "configuration_siglip2_navit.py",
         "modeling_siglip2_navit.py",
+        "navit_core.py",
         "image_processing_siglip2_navit.py",
         "README.md",
         "docs",

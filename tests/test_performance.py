@@ -218,6 +218,7 @@ def test_compiled_inference_runs_the_varlen_kernels_inside_the_op(kernel, monkey
     """The CUDA kernels (flash-attn varlen; torch's varlen for sdpa) under torch.compile: called from inside the opaque
     op with the batch's cu_seqlens / max_seqlen, same output as eager, no recompiles (CPU stand-ins for the kernels)."""
     from siglip2_navit import modeling_siglip2_navit as modeling
+    from siglip2_navit import navit_core as core
 
     max_lengths = []
 
@@ -226,10 +227,10 @@ def test_compiled_inference_runs_the_varlen_kernels_inside_the_op(kernel, monkey
         return cpu_flash_varlen(query, key, value, cu_q, cu_k, max_q, max_k, dropout_p, softmax_scale or scale, causal)
 
     if kernel == "flash_attention_2":
-        monkeypatch.setitem(modeling._FLASH_VARLEN, "fn", fake_kernel)
+        monkeypatch.setitem(core._FLASH_VARLEN, "fn", fake_kernel)
     else:
-        monkeypatch.setattr(modeling, "_torch_varlen_usable", lambda query, dropout: dropout == 0.0)
-        monkeypatch.setattr(modeling, "_torch_varlen_attention", lambda: fake_kernel)
+        monkeypatch.setattr(core, "_torch_varlen_usable", lambda query, dropout: dropout == 0.0)
+        monkeypatch.setattr(core, "_torch_varlen_attention", lambda: fake_kernel)
     torch._dynamo.reset()
     model = tiny_model(**WINDOWED)
     model.config._attn_implementation = "sdpa" if kernel == "torch-varlen" else kernel
@@ -275,30 +276,31 @@ def test_opaque_attention_op_matches_the_backend_and_passes_opcheck(backend):
     """The custom op torch.compile sees is the backend itself: same output on a partition that needs regrouping, and
     torch.library.opcheck accepts its schema, fake (meta) implementation and dynamic-shape tracing."""
     from siglip2_navit import modeling_siglip2_navit as modeling
+    from siglip2_navit import navit_core as core
 
     model = tiny_model(**WINDOWED)
     layout = modeling.build_packed_layout(GRIDS, model.config, torch.device("cpu"))
     partition = layout.window
     assert partition.regroup  # window lengths alternate inside frames
     query, key, value = torch.randn(3, int(partition.cu_seqlens_host[-1]), 4, 8).unbind(0)
-    expected, _ = modeling.PACKED_ATTENTION_FUNCTIONS[backend](None, query, key, value, partition, 0.3)
+    expected, _ = core.PACKED_ATTENTION_FUNCTIONS[backend](None, query, key, value, partition, 0.3)
     args = (query, key, value, partition.cu_seqlens, partition.cu_seqlens_host, partition.group_index,
             partition.group_inverse, 0.3, 0.0, backend)
-    torch.testing.assert_close(modeling._PACKED_ATTENTION_OP(*args), expected, atol=0, rtol=0)
-    torch.library.opcheck(modeling._PACKED_ATTENTION_OP, args)
+    torch.testing.assert_close(core._PACKED_ATTENTION_OP(*args), expected, atol=0, rtol=0)
+    torch.library.opcheck(core._PACKED_ATTENTION_OP, args)
 
     # backward: the recomputing backward op gives autograd's gradients of the backend itself
     leaves = [t.clone().requires_grad_() for t in (query, key, value)]
     grad_output = torch.randn_like(query)
     expected_grads = torch.autograd.grad(
-        modeling.PACKED_ATTENTION_FUNCTIONS[backend](None, *leaves, partition, 0.3)[0], leaves, grad_output
+        core.PACKED_ATTENTION_FUNCTIONS[backend](None, *leaves, partition, 0.3)[0], leaves, grad_output
     )
-    actual_grads = torch.autograd.grad(modeling._PACKED_ATTENTION_OP(*leaves, *args[3:]), leaves, grad_output)
+    actual_grads = torch.autograd.grad(core._PACKED_ATTENTION_OP(*leaves, *args[3:]), leaves, grad_output)
     for actual, wanted in zip(actual_grads, expected_grads):
         torch.testing.assert_close(actual, wanted, atol=1e-6, rtol=1e-5)
-    torch.library.opcheck(modeling._PACKED_ATTENTION_OP, (*leaves, *args[3:]))  # incl. the autograd registration
-    again = modeling._register_packed_attention_op()  # the module executed again (reload): a second, working op
-    assert again._qualname != modeling._PACKED_ATTENTION_OP._qualname
+    torch.library.opcheck(core._PACKED_ATTENTION_OP, (*leaves, *args[3:]))  # incl. the autograd registration
+    again = core._register_packed_attention_op()  # the module executed again (reload): a second, working op
+    assert again._qualname != core._PACKED_ATTENTION_OP._qualname
     torch.testing.assert_close(again(*args), expected, atol=0, rtol=0)
 
 
@@ -379,11 +381,12 @@ def _blocked_calls(monkeypatch) -> list:
 @pytest.mark.parametrize("backend", ["sdpa", "eager"])
 def test_cpu_block_schedule_matches_one_op_over_all_tokens(monkeypatch, backend, config, keep):
     from siglip2_navit import modeling_siglip2_navit as modeling
+    from siglip2_navit import navit_core as core
 
     model = tiny_model(attn_implementation=backend, num_hidden_layers=3, **config)
     pixel_values, grid = packed_inputs(model.config, GRIDS)
     keep_indices = model.sample_keep_indices(grid, 0.4, generator=torch.Generator().manual_seed(1)) if keep else None
-    monkeypatch.setattr(modeling, "_MLP_PIECE_BYTES", 7 * model.config.intermediate_size * 4)  # 7-token MLP pieces
+    monkeypatch.setattr(core, "_MLP_PIECE_BYTES", 7 * model.config.intermediate_size * 4)  # 7-token MLP pieces
     calls = _blocked_calls(monkeypatch)
     with torch.no_grad():
         model.config.cpu_block_tokens = None
