@@ -16,8 +16,9 @@ import re
 import shutil
 import sys
 import tempfile
+from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable, Dict, Iterable, List, Mapping, Optional, Sequence, Tuple
+from typing import Any, Callable, Dict, Iterable, List, Mapping, Optional, Sequence, Tuple
 
 import torch
 import transformers
@@ -29,21 +30,63 @@ from tqdm.auto import tqdm
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 PACKAGE = "siglip2_navit"
-# What a converted folder needs besides its weights and config: the remote code and the model card.
-CODE_FILES = (
-    "configuration_siglip2_navit.py",
-    "modeling_siglip2_navit.py",
-    "navit_core.py",
-    "image_processing_siglip2_navit.py",
-)
 MODEL_CARD = "README.md"
 # Folders the model card links to (docs/) and its code examples open (examples/): copied into every converted folder,
 # so that the card's links resolve and its snippets run in the Hub repository too.
 CARD_ASSETS = ("docs", "examples")
-AUTO_MAP = {
-    "AutoConfig": "configuration_siglip2_navit.Siglip2NavitConfig",
-    "AutoModel": "modeling_siglip2_navit.Siglip2NavitModel",
-}
+CORE_FILES = ("navit_core.py", "image_processing_siglip2_navit.py")  # what every family's folder ships
+
+
+@dataclass(frozen=True)
+class Family:
+    """One encoder family on the shared packed core: its modules and classes, and what a converted folder ships."""
+
+    name: str
+    model_type: str
+    configuration: str  # module (file stem) of the config class
+    config_class_name: str
+    modeling: str
+    model_class_name: str
+    processor_defaults: Mapping[str, Any] = field(default_factory=dict)  # processor settings when the source has none
+
+    @property
+    def code_files(self) -> Tuple[str, ...]:
+        """The remote code of a converted folder: the family's two modules and the shared ones."""
+        return (f"{self.configuration}.py", f"{self.modeling}.py", *CORE_FILES)
+
+    @property
+    def auto_map(self) -> Dict[str, str]:
+        return {
+            "AutoConfig": f"{self.configuration}.{self.config_class_name}",
+            "AutoModel": f"{self.modeling}.{self.model_class_name}",
+        }
+
+
+SIGLIP2 = Family(
+    "siglip2", "siglip2_navit", "configuration_siglip2_navit", "Siglip2NavitConfig", "modeling_siglip2_navit",
+    "Siglip2NavitModel",
+)
+AIMV2 = Family(
+    "aimv2", "aimv2_navit", "configuration_aimv2_navit", "Aimv2NavitConfig", "modeling_aimv2_navit", "Aimv2NavitModel",
+    processor_defaults={  # CLIP normalisation, bicubic (transformers' Aimv2 / CLIP image processor defaults)
+        "image_mean": [0.48145466, 0.4578275, 0.40821073],
+        "image_std": [0.26862954, 0.26130258, 0.27577711],
+        "resample": 3,
+    },
+)
+DINOV3 = Family(
+    "dinov3", "dinov3_navit", "configuration_dinov3_navit", "Dinov3NavitConfig", "modeling_dinov3_navit",
+    "Dinov3NavitModel",
+    processor_defaults={  # ImageNet normalisation, bilinear (transformers' DINOv3 image processor defaults)
+        "image_mean": [0.485, 0.456, 0.406],
+        "image_std": [0.229, 0.224, 0.225],
+        "resample": 2,
+    },
+)
+FAMILIES: Dict[str, Family] = {family.model_type: family for family in (SIGLIP2, AIMV2, DINOV3)}
+# Every code file any converted folder may ship (push_to_hub accepts no other .py).
+CODE_FILES = tuple(dict.fromkeys(name for family in FAMILIES.values() for name in family.code_files))
+AUTO_MAP = SIGLIP2.auto_map
 WEIGHTS_NAME = "model.safetensors"
 WEIGHTS_INDEX_NAME = "model.safetensors.index.json"
 # Suffixes of files that are (or usually are) pickles: never read, never uploaded.
@@ -75,19 +118,33 @@ def import_package():
     return module
 
 
-def config_class():
-    return import_package().Siglip2NavitConfig
+def family_of(config) -> Family:
+    """The family of `config` (by its `model_type`)."""
+    model_type = getattr(config, "model_type", None)
+    if model_type not in FAMILIES:
+        raise ConversionError(f"No model family for model_type {model_type!r}: expected one of {sorted(FAMILIES)}.")
+    return FAMILIES[model_type]
 
 
-def config_fields() -> set:
-    """The architecture fields `Siglip2NavitConfig.__init__` takes."""
-    params = inspect.signature(config_class().__init__).parameters.values()
+def config_class(family: Family = SIGLIP2):
+    import_package()
+    return getattr(importlib.import_module(f"{PACKAGE}.{family.configuration}"), family.config_class_name)
+
+
+def model_class(family: Family = SIGLIP2):
+    import_package()
+    return getattr(importlib.import_module(f"{PACKAGE}.{family.modeling}"), family.model_class_name)
+
+
+def config_fields(family: Family = SIGLIP2) -> set:
+    """The architecture fields the family's config `__init__` takes."""
+    params = inspect.signature(config_class(family).__init__).parameters.values()
     return {p.name for p in params if p.name != "self" and p.kind is p.POSITIONAL_OR_KEYWORD}
 
 
 def expected_shapes(config) -> Dict[str, Tuple[int, ...]]:
-    """Every tensor of `Siglip2NavitModel(config)`'s state dict and its shape, built on the meta device (no memory)."""
-    model_cls = import_package().Siglip2NavitModel
+    """Every tensor of the family model's state dict for `config` and its shape, built on the meta device."""
+    model_cls = model_class(family_of(config))
     with torch.device("meta"):
         model = model_cls(config)
     return {name: tuple(t.shape) for name, t in model.state_dict().items()}
@@ -248,18 +305,20 @@ def save_model_folder(
     config,
     base_model: Optional[str] = None,
     source_note: Optional[str] = None,
+    processor_kwargs: Optional[Mapping[str, Any]] = None,
 ):
     """Write a complete Hub model folder into the (existing, empty) `folder`.
 
     Files: `model.safetensors`, `config.json` (with `auto_map`), `preprocessor_config.json` and
-    `processor_config.json` (processor settings taken from `config`), the three `.py` files, `README.md` and the
-    folders it refers to (`CARD_ASSETS`: docs/, examples/).
+    `processor_config.json` (patch size and stride from `config`; normalisation and resampling from
+    `processor_kwargs`, else the family's defaults), the family's `.py` files, `README.md` and the folders it refers
+    to (`CARD_ASSETS`: docs/, examples/).
     """
-    package = import_package()
+    family = family_of(config)
     processor_cls = importlib.import_module(f"{PACKAGE}.image_processing_siglip2_navit").Siglip2NavitImageProcessor
 
-    config.auto_map = dict(AUTO_MAP)
-    config.architectures = [package.Siglip2NavitModel.__name__]
+    config.auto_map = dict(family.auto_map)
+    config.architectures = [family.model_class_name]
     dtypes = {t.dtype for t in state_dict.values()}
     if len(dtypes) == 1:
         dtype = str(next(iter(dtypes))).replace("torch.", "")
@@ -273,12 +332,13 @@ def save_model_folder(
     save_file(tensors, str(folder / WEIGHTS_NAME), metadata={"format": "pt"})
 
     processor = processor_cls(
+        **{**family.processor_defaults, **(processor_kwargs or {})},
         patch_size=config.patch_size,
-        temporal_patch_size=config.temporal_patch_size,
+        temporal_patch_size=getattr(config, "temporal_patch_size", 1),
         hidden_stride=config.hidden_stride,
     )
     processor.save_pretrained(str(folder))
-    for name in CODE_FILES:
+    for name in family.code_files:
         shutil.copyfile(REPO_ROOT / name, folder / name)
     (folder / MODEL_CARD).write_text(model_card(base_model, source_note), encoding="utf-8")
     for name in CARD_ASSETS:
@@ -335,14 +395,16 @@ def atomic_write_folder(dst, write: Callable[[Path], None], overwrite: bool = Fa
     return dst
 
 
-def convert_to_folder(src, dst, state_dict, config, script: str, overwrite=False, base_model=None) -> Path:
+def convert_to_folder(
+    src, dst, state_dict, config, script: str, overwrite=False, base_model=None, processor_kwargs=None
+) -> Path:
     """Validate `state_dict` against `config`, then write DST atomically (`script` is named in the model card)."""
     shapes = {name: tuple(t.shape) for name, t in state_dict.items()}
     check_shapes(shapes, expected_shapes(config), f"Checkpoint {src}")
     source = f"[{base_model}](https://huggingface.co/{base_model})" if base_model else f"`{Path(src).name}`"
     note = f"Weights converted from {source} with `scripts/{script}`."
     return atomic_write_folder(
-        dst, lambda tmp: save_model_folder(tmp, state_dict, config, base_model, note), overwrite
+        dst, lambda tmp: save_model_folder(tmp, state_dict, config, base_model, note, processor_kwargs), overwrite
     )
 
 
