@@ -575,6 +575,8 @@ BAD_INPUTS = {
     "inf pixels": (torch.full((4, WIDTH), float("inf")), [[1, 2, 2]], "NaN or infinite"),
     "empty pixel_values": (torch.zeros(0, WIDTH), torch.zeros(0, 3, dtype=torch.long), "empty"),
     "empty grid": (torch.zeros(4, WIDTH), torch.zeros(0, 3, dtype=torch.long), "empty"),
+    "empty grid list": (torch.zeros(4, WIDTH), [], "`grid_thws` is empty"),
+    "empty grid tuple": (torch.zeros(4, WIDTH), (), "`grid_thws` is empty"),
     "pixel_values not a tensor": (np.zeros((4, WIDTH), dtype=np.float32), [[1, 2, 2]], "torch.Tensor"),
 }
 
@@ -590,6 +592,36 @@ def test_bad_input_raises_value_error_before_compute(case, monkeypatch):
     monkeypatch.setattr(model.vision_model, "forward", no_compute)
     with pytest.raises(ValueError, match=message):
         model(pixel_values, grid)
+
+
+@pytest.mark.parametrize("head", [False, True], ids=["headless", "map-head"])
+def test_get_image_features_is_each_images_own_embedding(head):
+    """One row per image, equal to encoding that image alone: the MAP head's pooled output, or (headless) the mean of
+    its tokens after post_layernorm; frames of a video are all its tokens."""
+    model = tiny_model(vision_use_head=head)
+    grids = [(1, 4, 6), (2, 2, 4), (1, 6, 2)]
+    pixel_values, grid = packed_inputs(model.config, grids)
+    with torch.no_grad():
+        features = model.get_image_features(pixel_values, grid)
+        expected, start = [], 0
+        for t, h, w in grids:
+            rows = pixel_values[start : start + t * h * w]
+            start += t * h * w
+            alone = model(rows, [(t, h, w)])
+            expected.append(alone.pooler_output[0] if head else alone.last_hidden_state.mean(0))
+    assert features.shape == (len(grids), model.config.hidden_size)
+    torch.testing.assert_close(features, torch.stack(expected), atol=1e-5, rtol=1e-5)
+
+
+def test_get_image_features_averages_the_kept_tokens_when_dropping():
+    model = tiny_model()
+    grids = [(1, 4, 4), (1, 2, 4)]
+    pixel_values, grid = packed_inputs(model.config, grids)
+    keep = torch.tensor([0, 1, 2, 3, 12, 13, 14, 15, 16, 17, 18, 19])  # 2 blocks of image 0, 1 block of image 1
+    with torch.no_grad():
+        features = model.get_image_features(pixel_values, grid, keep_indices=keep)
+        tokens = model(pixel_values, grid, keep_indices=keep).last_hidden_state
+    torch.testing.assert_close(features, torch.stack([tokens[:8].mean(0), tokens[8:].mean(0)]))
 
 
 def test_unexpected_keyword_is_rejected():
