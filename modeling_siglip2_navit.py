@@ -221,7 +221,6 @@ class Siglip2NavitEmbeddings(nn.Module):
         return embeddings
 
 
-
 class Siglip2NavitAttention(PackedSelfAttention):
     """Multi-head self-attention over packed sequences, with 2D RoPE on queries and keys."""
 
@@ -230,18 +229,8 @@ class Siglip2NavitAttention(PackedSelfAttention):
         self.config = config
         self.out_proj = nn.Linear(self.embed_dim, self.embed_dim)
 
-    def forward(
-        self,
-        hidden_states: torch.Tensor,
-        position_embeddings: Optional[tuple[torch.Tensor, torch.Tensor]],
-        partition: AttentionPartition,
-        attention_interface: Callable,
-        output_attentions: bool = False,
-    ) -> tuple[torch.Tensor, Optional[tuple[torch.Tensor, ...]]]:
-        attn_output, attn_weights = self.attend(
-            hidden_states, position_embeddings, partition, attention_interface, output_attentions
-        )
-        return self.out_proj(attn_output), attn_weights  # [K, hidden]
+    def project_output(self, attn_output: torch.Tensor) -> torch.Tensor:
+        return self.out_proj(attn_output)  # [K, hidden]
 
 
 class Siglip2NavitMLP(nn.Module):

@@ -824,7 +824,8 @@ def _cpu_block_tokens(config, tensor: torch.Tensor) -> Optional[int]:
 
 
 class PackedSelfAttention(nn.Module):
-    """q/k/v projections + the packed attention interface; a family adds its output projection (under its own name)."""
+    """q/k/v projections + the packed attention interface; a family adds its output projection (under its own
+    parameter name) and returns it from `project_output`."""
 
     def __init__(
         self, hidden_size: int, num_heads: int, dropout: float, bias: tuple[bool, bool, bool] = (True, True, True)
@@ -840,7 +841,11 @@ class PackedSelfAttention(nn.Module):
         self.k_proj = nn.Linear(hidden_size, hidden_size, bias=bias[1])
         self.v_proj = nn.Linear(hidden_size, hidden_size, bias=bias[2])
 
-    def attend(
+    def project_output(self, attn_output: torch.Tensor) -> torch.Tensor:
+        """The family's output projection of the attention output [S, hidden]."""
+        raise NotImplementedError
+
+    def forward(
         self,
         hidden_states: torch.Tensor,
         position_embeddings: Optional[tuple[torch.Tensor, torch.Tensor]],
@@ -848,8 +853,8 @@ class PackedSelfAttention(nn.Module):
         attention_interface: Callable,
         output_attentions: bool = False,
     ) -> tuple[torch.Tensor, Optional[tuple[torch.Tensor, ...]]]:
-        """Attention of `hidden_states` [S, hidden] within each sequence of `partition`: [S, hidden] before the
-        output projection, and the per-sequence maps when asked (eager)."""
+        """Attention of `hidden_states` [S, hidden] within each sequence of `partition`, output-projected, and the
+        per-sequence maps when asked (eager)."""
         num_tokens = hidden_states.shape[0]
         shape = (num_tokens, self.num_heads, self.head_dim)
         query = self.q_proj(hidden_states).view(shape)  # [S, heads, head_dim]
@@ -867,7 +872,7 @@ class PackedSelfAttention(nn.Module):
             dropout=self.dropout if self.training else 0.0,
             output_attentions=output_attentions,
         )
-        return attn_output.reshape(num_tokens, self.embed_dim), attn_weights  # [S, hidden]
+        return self.project_output(attn_output.reshape(num_tokens, self.embed_dim)), attn_weights  # [S, hidden]
 
 
 class PackedEncoderLayer(nn.Module):
