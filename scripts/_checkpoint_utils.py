@@ -34,6 +34,7 @@ CODE_FILES = (
     "configuration_siglip2_navit.py",
     "modeling_siglip2_navit.py",
     "image_processing_siglip2_navit.py",
+    "pipeline_navit.py",
 )
 MODEL_CARD = "README.md"
 # Folders the model card links to (docs/) and its code examples open (examples/): copied into every converted folder,
@@ -42,6 +43,16 @@ CARD_ASSETS = ("docs", "examples")
 AUTO_MAP = {
     "AutoConfig": "configuration_siglip2_navit.Siglip2NavitConfig",
     "AutoModel": "modeling_siglip2_navit.Siglip2NavitModel",
+}
+# config.json's `custom_pipelines`: `pipeline("image-feature-extraction", model=DST, trust_remote_code=True)` builds
+# pipeline_navit's packed pipeline (transformers' own splits packed outputs row by row when batching).
+CUSTOM_PIPELINES = {
+    "image-feature-extraction": {
+        "impl": "pipeline_navit.NavitImageFeatureExtractionPipeline",
+        "pt": ["AutoModel"],
+        "tf": [],
+        "type": "image",
+    }
 }
 WEIGHTS_NAME = "model.safetensors"
 WEIGHTS_INDEX_NAME = "model.safetensors.index.json"
@@ -250,14 +261,15 @@ def save_model_folder(
 ):
     """Write a complete Hub model folder into the (existing, empty) `folder`.
 
-    Files: `model.safetensors`, `config.json` (with `auto_map`), `preprocessor_config.json` and
-    `processor_config.json` (processor settings taken from `config`), the three `.py` files, `README.md` and the
+    Files: `model.safetensors`, `config.json` (with `auto_map` and `custom_pipelines`), `preprocessor_config.json` and
+    `processor_config.json` (processor settings taken from `config`), the `CODE_FILES`, `README.md` and the
     folders it refers to (`CARD_ASSETS`: docs/, examples/).
     """
     package = import_package()
     processor_cls = importlib.import_module(f"{PACKAGE}.image_processing_siglip2_navit").Siglip2NavitImageProcessor
 
     config.auto_map = dict(AUTO_MAP)
+    config.custom_pipelines = json.loads(json.dumps(CUSTOM_PIPELINES))  # a deep copy: the config may be reused
     config.architectures = [package.Siglip2NavitModel.__name__]
     dtypes = {t.dtype for t in state_dict.values()}
     if len(dtypes) == 1:

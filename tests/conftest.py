@@ -12,7 +12,12 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
-MODEL_FILES = ("configuration_siglip2_navit.py", "modeling_siglip2_navit.py", "image_processing_siglip2_navit.py")
+MODEL_FILES = (
+    "configuration_siglip2_navit.py",
+    "modeling_siglip2_navit.py",
+    "image_processing_siglip2_navit.py",
+    "pipeline_navit.py",
+)
 
 
 def tiny_config(**overrides):

@@ -179,6 +179,7 @@ def test_ovis_conversion_round_trip(tmp_path, monkeypatch):
         "configuration_siglip2_navit.py",
         "modeling_siglip2_navit.py",
         "image_processing_siglip2_navit.py",
+        "pipeline_navit.py",
         "README.md",
         "docs",
         "examples",

@@ -29,6 +29,7 @@ PUBLISHED = sorted(
         "image_processing_siglip2_navit.py",
         "model.safetensors",
         "modeling_siglip2_navit.py",
+        "pipeline_navit.py",
         "preprocessor_config.json",
         "processor_config.json",
     ]
