@@ -29,6 +29,7 @@ from typing import Any, Dict, List, Optional, Sequence, Tuple, Union
 import torch
 
 from transformers import AutoImageProcessor
+from transformers.image_processing_utils import BaseImageProcessor
 from transformers.image_utils import load_image
 from transformers.pipelines import ImageFeatureExtractionPipeline
 
@@ -37,6 +38,8 @@ from transformers.pipelines import ImageFeatureExtractionPipeline
 _REMOTE_IMAGE_PREFIXES = ("http://", "https://", "data:image/")
 # `return_tensors` values that mean "give torch tensors": transformers' pipelines take any truthy value.
 _TENSOR_FLAGS = (True, "pt")
+# Image processor arguments the pipeline sets itself.
+_RESERVED_PROCESSOR_KWARGS = ("images", "videos", "return_tensors")
 
 
 def _check_flag(name: str, value: Any, allowed: Sequence[Any] = (True, False)) -> None:
@@ -87,15 +90,16 @@ class NavitImageFeatureExtractionPipeline(ImageFeatureExtractionPipeline):
         if self.image_processor is None:  # transformers < 4.52 loads no processor for a remote-code config
             self.image_processor = self._load_own_image_processor()
 
-    def _load_own_image_processor(self):
-        """The image processor saved with the model (transformers 4.51 leaves it to the pipeline class)."""
+    def _load_own_image_processor(self) -> BaseImageProcessor:
+        """The image processor saved with the model, at the model's revision (transformers 4.51 loads none)."""
         source = getattr(self.model, "name_or_path", "") or getattr(self.model.config, "_name_or_path", "")
         if not source:
             raise ValueError(
                 f"{type(self).__name__} needs an image processor: pass `image_processor=` (the model was not loaded "
                 f"from a folder or Hub id to load one from)."
             )
-        return AutoImageProcessor.from_pretrained(source, trust_remote_code=True)
+        revision = getattr(self.model.config, "_commit_hash", None)
+        return AutoImageProcessor.from_pretrained(source, revision=revision, trust_remote_code=True)
 
     def _sanitize_parameters(
         self,
@@ -118,6 +122,9 @@ class NavitImageFeatureExtractionPipeline(ImageFeatureExtractionPipeline):
                     f"`image_processor_kwargs` must be a dict of image processor options, "
                     f"got {type(image_processor_kwargs).__name__}."
                 )
+            reserved = sorted(set(image_processor_kwargs) & set(_RESERVED_PROCESSOR_KWARGS))
+            if reserved:
+                raise ValueError(f"`image_processor_kwargs` must not set {reserved}: the pipeline sets them itself.")
             preprocess_params.update(image_processor_kwargs)
         if timeout is not None:
             preprocess_params["timeout"] = timeout

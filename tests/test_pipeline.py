@@ -199,6 +199,7 @@ def forward_calls(model_case):
         ({"return_tensors": "np"}, ValueError, r"`return_tensors` must be one of \[True, 'pt', False\], got 'np'"),
         ({"max_pixels": 448 * 448}, TypeError, r"unexpected option\(s\) \['max_pixels'\].*image_processor_kwargs"),
         ({"image_processor_kwargs": [("max_pixels", 1)]}, TypeError, r"`image_processor_kwargs` must be a dict"),
+        ({"image_processor_kwargs": {"return_tensors": "np"}}, ValueError, r"must not set \['return_tensors'\]"),
     ],
 )
 def test_bad_options(forward_calls, kwargs, error, match):
