@@ -216,6 +216,18 @@ def test_batch_of_images_as_one_input(forward_calls):
     assert not calls
 
 
+def test_split_refuses_rows_that_do_not_match_the_grids():
+    """A model whose output rows are not one per input patch (e.g. extra class tokens) gets a clear error, not a
+    silently shifted split."""
+    from siglip2_navit.pipeline_navit import split_packed_outputs
+
+    grids = torch.tensor([[1, 2, 4], [1, 4, 4]])  # 8 + 16 tokens
+    pieces = split_packed_outputs(torch.randn(24, 5), None, grids)["last_hidden_state"]
+    assert [tuple(p.shape) for p in pieces] == [(8, 5), (16, 5)]
+    with pytest.raises(ValueError, match=r"returned 26 token rows for images of \[8, 16\] tokens"):
+        split_packed_outputs(torch.randn(26, 5), None, grids)
+
+
 # ----------------------------------------------------------------------------------------------------------------------
 # registration
 # ----------------------------------------------------------------------------------------------------------------------
