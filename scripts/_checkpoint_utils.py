@@ -34,7 +34,7 @@ MODEL_CARD = "README.md"
 # Folders the model card links to (docs/) and its code examples open (examples/): copied into every converted folder,
 # so that the card's links resolve and its snippets run in the Hub repository too.
 CARD_ASSETS = ("docs", "examples")
-CORE_FILES = ("navit_core.py", "image_processing_siglip2_navit.py")  # what every family's folder ships
+CORE_FILES = ("navit_core.py", "image_processing_siglip2_navit.py", "pipeline_navit.py")  # every family ships them
 
 
 @dataclass(frozen=True)
@@ -87,6 +87,16 @@ FAMILIES: Dict[str, Family] = {family.model_type: family for family in (SIGLIP2,
 # Every code file any converted folder may ship (push_to_hub accepts no other .py).
 CODE_FILES = tuple(dict.fromkeys(name for family in FAMILIES.values() for name in family.code_files))
 AUTO_MAP = SIGLIP2.auto_map
+# config.json's `custom_pipelines`: `pipeline("image-feature-extraction", model=DST, trust_remote_code=True)` builds
+# pipeline_navit's packed pipeline (transformers' own splits packed outputs row by row when batching).
+CUSTOM_PIPELINES = {
+    "image-feature-extraction": {
+        "impl": "pipeline_navit.NavitImageFeatureExtractionPipeline",
+        "pt": ["AutoModel"],
+        "tf": [],
+        "type": "image",
+    }
+}
 WEIGHTS_NAME = "model.safetensors"
 WEIGHTS_INDEX_NAME = "model.safetensors.index.json"
 # Suffixes of files that are (or usually are) pickles: never read, never uploaded.
@@ -309,8 +319,8 @@ def save_model_folder(
 ):
     """Write a complete Hub model folder into the (existing, empty) `folder`.
 
-    Files: `model.safetensors`, `config.json` (with `auto_map`), `preprocessor_config.json` and
-    `processor_config.json` (patch size and stride from `config`; normalisation and resampling from
+    Files: `model.safetensors`, `config.json` (with `auto_map` and `custom_pipelines`), `preprocessor_config.json`
+    and `processor_config.json` (patch size and stride from `config`; normalisation and resampling from
     `processor_kwargs`, else the family's defaults), the family's `.py` files, `README.md` and the folders it refers
     to (`CARD_ASSETS`: docs/, examples/).
     """
@@ -318,6 +328,7 @@ def save_model_folder(
     processor_cls = importlib.import_module(f"{PACKAGE}.image_processing_siglip2_navit").Siglip2NavitImageProcessor
 
     config.auto_map = dict(family.auto_map)
+    config.custom_pipelines = json.loads(json.dumps(CUSTOM_PIPELINES))  # a deep copy: the config may be reused
     config.architectures = [family.model_class_name]
     dtypes = {t.dtype for t in state_dict.values()}
     if len(dtypes) == 1:

@@ -17,6 +17,7 @@ MODEL_FILES = (
     "modeling_siglip2_navit.py",
     "navit_core.py",
     "image_processing_siglip2_navit.py",
+    "pipeline_navit.py",
 )
 
 

@@ -180,6 +180,7 @@ def test_ovis_conversion_round_trip(tmp_path, monkeypatch):
         "modeling_siglip2_navit.py",
         "navit_core.py",
         "image_processing_siglip2_navit.py",
+        "pipeline_navit.py",
         "README.md",
         "docs",
         "examples",

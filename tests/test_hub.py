@@ -30,6 +30,7 @@ PUBLISHED = sorted(
         "model.safetensors",
         "modeling_siglip2_navit.py",
         "navit_core.py",
+        "pipeline_navit.py",
         "preprocessor_config.json",
         "processor_config.json",
     ]
