@@ -591,7 +591,10 @@ def _discard(path: Path, dst: Path) -> None:
         return
     trash = dst.parent / (_work_prefix(dst, "trash") + os.urandom(4).hex())
     os.rename(path, trash)
-    shutil.rmtree(trash, ignore_errors=True)
+    if trash.is_symlink() or not trash.is_dir():  # a DST that was a link (or a file): remove the link itself
+        trash.unlink()
+    else:
+        shutil.rmtree(trash, ignore_errors=True)
 
 
 def recover_interrupted(dst) -> None:

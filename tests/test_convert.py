@@ -834,3 +834,24 @@ def test_stale_temp_folders_of_dead_runs_are_removed_and_live_ones_kept(tmp_path
     assert convert_ovis_checkpoint.main([str(src), str(dst), "--overwrite"]) == 0
     assert sorted(p.name for p in tmp_path.iterdir()) == sorted(["ovis", "vit", live.name, foreign.name])
     assert (dst / "config.json").is_file()
+
+
+def test_naflex_refuses_a_vision_config_that_is_not_an_object(tmp_path):
+    src = tmp_path / "naflex"
+    src.mkdir()
+    (src / "config.json").write_text(json.dumps({"model_type": "siglip2", "vision_config": [1]}))
+    save_file({"x": torch.zeros(1)}, str(src / "model.safetensors"))
+    with pytest.raises(utils.ConversionError, match="vision config must be a JSON object"):
+        convert_siglip2_naflex.convert(src, tmp_path / "out")
+
+
+def test_overwrite_replaces_a_symlinked_destination_and_keeps_its_target(tmp_path):
+    target = tmp_path / "real"
+    target.mkdir()
+    (target / "keep.txt").write_text("target")
+    dst = tmp_path / "vit"
+    dst.symlink_to(target)
+    utils.atomic_write_folder(dst, lambda tmp: _write_folder(tmp, NEW_FOLDER), overwrite=True)
+    assert not dst.is_symlink() and _contents(dst) == NEW_FOLDER
+    assert _contents(target) == {"keep.txt": "target"}
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["real", "vit"]

@@ -321,3 +321,9 @@ def test_refuses_pickles_by_content(model_dir, monkeypatch, capsys, name, write,
     (model_dir / name).parent.mkdir(exist_ok=True)
     write(model_dir / name)
     _expect_refusal(model_dir, monkeypatch, capsys, "Pickle files are not published", f"{name} (", kind)
+
+
+def test_refuses_malformed_weights_in_one_line(model_dir, monkeypatch, capsys):
+    weights = model_dir / "model.safetensors"
+    weights.write_bytes(weights.read_bytes()[:-100])  # truncated
+    _expect_refusal(model_dir, monkeypatch, capsys, f"{weights} is not a valid safetensors file")
