@@ -820,7 +820,9 @@ class Siglip2NavitImageProcessor(BaseImageProcessor):
         resample = self.resample if resample is None else self._validate_resample(resample)
         do_rescale = self.do_rescale if do_rescale is None else bool(do_rescale)
         # the stored settings are checked again too: they may have been assigned after construction
-        rescale_factor = self._validate_rescale_factor(self.rescale_factor if rescale_factor is None else rescale_factor)
+        rescale_factor = self._validate_rescale_factor(
+            self.rescale_factor if rescale_factor is None else rescale_factor
+        )
         do_normalize = self.do_normalize if do_normalize is None else bool(do_normalize)
         image_mean = self._validate_stats(self.image_mean if image_mean is None else image_mean, "image_mean")
         image_std = self._validate_stats(self.image_std if image_std is None else image_std, "image_std")

@@ -140,7 +140,9 @@ def _npy_holds_objects(head: bytes) -> bool:
     """A `.npy` array of dtype object (or a structured dtype with an object field): its data is a pickle."""
     if not head.startswith(b"\x93NUMPY") or len(head) < 10:
         return False
-    start, size = (10, int.from_bytes(head[8:10], "little")) if head[6] == 1 else (12, int.from_bytes(head[8:12], "little"))
+    length_bytes = 2 if head[6] == 1 else 4  # format version 1: uint16 header length; 2 and 3: uint32
+    start = 8 + length_bytes
+    size = int.from_bytes(head[8:start], "little")
     return "'|O'" in head[start : start + size].decode("latin-1")
 
 
@@ -518,29 +520,6 @@ def save_model_folder(
         shutil.copytree(REPO_ROOT / name, folder / name)
 
 
-def convert_to_folder(src, dst, state_dict, config, script: str, overwrite=False, base_model=None) -> Path:
-    """Validate `state_dict` against `config`, then write DST atomically (`script` is named in the model card)."""
-    shapes = {name: tuple(t.shape) for name, t in state_dict.items()}
-    check_shapes(shapes, expected_shapes(config), f"Checkpoint {src}")
-    source = f"[{base_model}](https://huggingface.co/{base_model})" if base_model else f"`{Path(src).name}`"
-    note = f"Weights converted from {source} with `scripts/{script}`."
-    return atomic_write_folder(
-        dst, lambda tmp: save_model_folder(tmp, state_dict, config, base_model, note), overwrite
-    )
-
-
-def cast(state_dict: Dict[str, torch.Tensor], dtype: Optional[str]) -> Dict[str, torch.Tensor]:
-    """`state_dict` in `dtype` ("keep"/None: unchanged); a tensor whose values overflow `dtype` is refused."""
-    if dtype in (None, "keep"):
-        return state_dict
-    cast_dict = {name: t.to(DTYPES[dtype]) for name, t in state_dict.items()}
-    for name, tensor in cast_dict.items():
-        check_finite(
-            name, tensor, f"cast to {dtype}", f"its values exceed the range of {dtype}; keep the source dtype instead"
-        )
-    return cast_dict
-
-
 # ----------------------------------------------------------------------------------------------------------------------
 # destination: atomic replacement, recovery from killed runs, stale temp folders
 # ----------------------------------------------------------------------------------------------------------------------
@@ -704,6 +683,29 @@ def atomic_write_folder(dst, write: Callable[[Path], None], overwrite: bool = Fa
         _discard(tmp, dst)
         raise
     return dst
+
+
+def convert_to_folder(src, dst, state_dict, config, script: str, overwrite=False, base_model=None) -> Path:
+    """Validate `state_dict` against `config`, then write DST atomically (`script` is named in the model card)."""
+    shapes = {name: tuple(t.shape) for name, t in state_dict.items()}
+    check_shapes(shapes, expected_shapes(config), f"Checkpoint {src}")
+    source = f"[{base_model}](https://huggingface.co/{base_model})" if base_model else f"`{Path(src).name}`"
+    note = f"Weights converted from {source} with `scripts/{script}`."
+    return atomic_write_folder(
+        dst, lambda tmp: save_model_folder(tmp, state_dict, config, base_model, note), overwrite
+    )
+
+
+def cast(state_dict: Dict[str, torch.Tensor], dtype: Optional[str]) -> Dict[str, torch.Tensor]:
+    """`state_dict` in `dtype` ("keep"/None: unchanged); a tensor whose values overflow `dtype` is refused."""
+    if dtype in (None, "keep"):
+        return state_dict
+    cast_dict = {name: t.to(DTYPES[dtype]) for name, t in state_dict.items()}
+    for name, tensor in cast_dict.items():
+        check_finite(
+            name, tensor, f"cast to {dtype}", f"its values exceed the range of {dtype}; keep the source dtype instead"
+        )
+    return cast_dict
 
 
 # ----------------------------------------------------------------------------------------------------------------------

@@ -123,7 +123,11 @@ def _defined_names(code_file: str) -> set:
 def _relative_imports(code_file: str) -> set:
     """Files that this repository's copy of `code_file` imports relatively (`from .x import y` -> `x.py`)."""
     tree = ast.parse((utils.REPO_ROOT / code_file).read_text(encoding="utf-8"))
-    return {f"{node.module}.py" for node in ast.walk(tree) if isinstance(node, ast.ImportFrom) and node.level == 1 and node.module}
+    return {
+        f"{node.module}.py"
+        for node in ast.walk(tree)
+        if isinstance(node, ast.ImportFrom) and node.level == 1 and node.module
+    }
 
 
 def _referenced_code_file(location: str, ref: Any) -> str:
