@@ -227,6 +227,18 @@ def _undefined_class(folder, marker):
     _set_auto_map(folder, "config.json", "AutoModel", "modeling_siglip2_navit.EvilModel")
 
 
+def _nested_processor_ref_elsewhere(folder, marker):
+    data = json.loads((folder / "processor_config.json").read_text())
+    data["image_processor"]["auto_map"]["AutoImageProcessor"] = "other/repo--image_processing_siglip2_navit.X"
+    (folder / "processor_config.json").write_text(json.dumps(data))
+
+
+def _custom_pipeline_elsewhere(folder, marker):
+    config = json.loads((folder / "config.json").read_text())
+    config["custom_pipelines"] = {"image-feature-extraction": {"impl": "pipeline_evil.EvilPipeline", "pt": []}}
+    (folder / "config.json").write_text(json.dumps(config))
+
+
 @pytest.mark.parametrize(
     "plant, message",
     [
@@ -238,6 +250,9 @@ def _undefined_class(folder, marker):
         (_code_of_another_repo, "config.json auto_map.AutoModel = 'attacker/repo--modeling_siglip2_navit"),
         (_tokenizer_code_of_another_repo, "tokenizer_config.json auto_map.AutoTokenizer = 'x/y--tok.Tok'"),
         (_undefined_class, "modeling_siglip2_navit.py defines no EvilModel"),
+        (_nested_processor_ref_elsewhere, "processor_config.json auto_map.AutoImageProcessor = 'other/repo--"),
+        (_custom_pipeline_elsewhere, "custom_pipelines.image-feature-extraction.impl = 'pipeline_evil.EvilPipeline' "
+         "points at pipeline_evil.py, which is not this project's remote code"),
     ],
 )
 def test_dry_run_refuses_foreign_code_without_running_it(model_dir, tmp_path, monkeypatch, capsys, plant, message):

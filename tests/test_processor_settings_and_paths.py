@@ -88,9 +88,9 @@ def test_url_strings_are_refused_not_fetched(url, monkeypatch):
 
     monkeypatch.setattr(transformers.image_utils, "load_image", no_fetch)
     proc = Siglip2NavitImageProcessor(**SMALL)
-    for images in (url, [IMAGE, url]):
+    for inputs in ({"images": url}, {"images": [IMAGE, url]}, {"videos": [[IMAGE, url]]}):
         with pytest.raises(ValueError, match=r"is a URL; URLs are not fetched .*local file paths.*PIL image"):
-            proc(images=images)
+            proc(**inputs)
 
 
 def test_local_paths_still_work(tmp_path):
