@@ -115,9 +115,16 @@ def _code_refs(data: Any, where: str) -> Iterator[Tuple[str, Any]]:
 
 
 def _defined_names(code_file: str) -> set:
-    """Top-level classes and functions of this repository's copy of `code_file` (parsed, not imported)."""
-    tree = ast.parse((utils.REPO_ROOT / code_file).read_text(encoding="utf-8"))
-    return {node.name for node in tree.body if isinstance(node, (ast.ClassDef, ast.FunctionDef))}
+    """Top-level classes, functions and assigned names of this repository's copy of `code_file` (parsed, not
+    imported)."""
+    names = set()
+    for node in ast.parse((utils.REPO_ROOT / code_file).read_text(encoding="utf-8")).body:
+        if isinstance(node, (ast.ClassDef, ast.FunctionDef)):
+            names.add(node.name)
+        elif isinstance(node, (ast.Assign, ast.AnnAssign)):
+            targets = node.targets if isinstance(node, ast.Assign) else [node.target]
+            names.update(target.id for target in targets if isinstance(target, ast.Name))
+    return names
 
 
 def _relative_imports(code_file: str) -> set:
