@@ -25,6 +25,7 @@ import math
 import operator
 import os
 import random
+import re
 from typing import Any, Dict, List, NamedTuple, Optional, Sequence, Tuple, Union
 
 import numpy as np
@@ -113,6 +114,19 @@ def _positive_int(value: Any, name: str) -> int:
     if value <= 0:
         raise ValueError(f"`{name}` must be a positive integer, got {value}.")
     return value
+
+
+def _finite_float(value: Any, name: str) -> float:
+    """Return `value` as a finite Python float; a bool, a string, NaN or an infinity is a `ValueError` naming `name`."""
+    if isinstance(value, (bool, np.bool_, str, bytes)):
+        raise ValueError(f"`{name}` must be a finite number, got {value!r} of type {type(value).__name__}.")
+    try:
+        number = float(value)
+    except (TypeError, ValueError):
+        raise ValueError(f"`{name}` must be a finite number, got {value!r} of type {type(value).__name__}.") from None
+    if not math.isfinite(number):
+        raise ValueError(f"`{name}` must be a finite number, got {number}.")
+    return number
 
 
 def validate_pixel_budget(min_pixels: Any, max_pixels: Any, factor: int) -> Tuple[int, int]:
@@ -217,17 +231,22 @@ def smart_resize(height: int, width: int, factor: int, min_pixels: int, max_pixe
 # ----------------------------------------------------------------------------------------------------------------------
 
 
+_URL_SCHEME = re.compile(r"[A-Za-z][A-Za-z0-9+.-]*://")
+
+
 def open_image(path: Union[str, os.PathLike]) -> PIL.Image.Image:
     """Open an image file with PIL, applying its EXIF orientation, and keep its mode.
 
     PIL's decompression-bomb guard (`PIL.Image.MAX_IMAGE_PIXELS`) is left in force: an oversized file raises
-    `PIL.Image.DecompressionBombError`. `http(s)://` URLs are delegated to `transformers.image_utils.load_image`.
+    `PIL.Image.DecompressionBombError`. Strings are local paths only: a URL (`http://`, `https://`, any
+    `scheme://`) is a `ValueError`, never fetched (a vision tower's processor does no network I/O).
     """
     path_str = os.fspath(path)
-    if isinstance(path_str, str) and path_str.startswith(("http://", "https://")):
-        from transformers.image_utils import load_image
-
-        return load_image(path_str)
+    if isinstance(path_str, str) and _URL_SCHEME.match(path_str):
+        raise ValueError(
+            f"Image {path_str!r} is a URL; URLs are not fetched (images given as strings must be local file paths). "
+            f"Download it first and pass a PIL image, a numpy array / torch tensor, or the local path."
+        )
     if not os.path.isfile(path_str):
         raise ValueError(f"Image file {path_str!r} does not exist (images given as strings must be local paths).")
     with PIL.Image.open(path_str) as image:
@@ -610,7 +629,7 @@ class Siglip2NavitImageProcessor(BaseImageProcessor):
         self.do_resize = bool(do_resize)
         self.resample = self._validate_resample(resample)
         self.do_rescale = bool(do_rescale)
-        self.rescale_factor = float(rescale_factor)
+        self.rescale_factor = self._validate_rescale_factor(rescale_factor)
         self.do_normalize = bool(do_normalize)
         self.image_mean = self._validate_stats(OVIS_MEAN if image_mean is None else image_mean, "image_mean")
         self.image_std = self._validate_stats(OVIS_STD if image_std is None else image_std, "image_std")
@@ -634,14 +653,22 @@ class Siglip2NavitImageProcessor(BaseImageProcessor):
 
     @staticmethod
     def _validate_stats(values: Any, name: str) -> List[float]:
-        if isinstance(values, (int, float)) and not isinstance(values, bool):
-            values = [float(values)] * 3
-        values = [float(v) for v in values]
+        """Three finite per-channel values (one number is used for all three); `image_std`'s must be positive."""
+        values = [values] * 3 if np.ndim(values) == 0 else list(values)
         if len(values) != 3:
             raise ValueError(f"`{name}` must have 3 values (one per RGB channel), got {len(values)}: {values}.")
-        if name == "image_std" and any(v == 0.0 for v in values):
-            raise ValueError(f"`image_std` must not contain zeros, got {values}.")
+        values = [_finite_float(v, f"{name}[{i}]") for i, v in enumerate(values)]
+        if name == "image_std" and any(v <= 0.0 for v in values):
+            raise ValueError(f"`image_std` must not contain zeros or negative values (it divides), got {values}.")
         return values
+
+    @staticmethod
+    def _validate_rescale_factor(value: Any) -> float:
+        """A finite, positive `rescale_factor`."""
+        value = _finite_float(value, "rescale_factor")
+        if value <= 0.0:
+            raise ValueError(f"`rescale_factor` must be positive, got {value}.")
+        return value
 
     @staticmethod
     def _resolve_size_alias(
@@ -792,10 +819,13 @@ class Siglip2NavitImageProcessor(BaseImageProcessor):
         do_resize = self.do_resize if do_resize is None else bool(do_resize)
         resample = self.resample if resample is None else self._validate_resample(resample)
         do_rescale = self.do_rescale if do_rescale is None else bool(do_rescale)
-        rescale_factor = self.rescale_factor if rescale_factor is None else float(rescale_factor)
+        # the stored settings are checked again too: they may have been assigned after construction
+        rescale_factor = self._validate_rescale_factor(
+            self.rescale_factor if rescale_factor is None else rescale_factor
+        )
         do_normalize = self.do_normalize if do_normalize is None else bool(do_normalize)
-        image_mean = self.image_mean if image_mean is None else self._validate_stats(image_mean, "image_mean")
-        image_std = self.image_std if image_std is None else self._validate_stats(image_std, "image_std")
+        image_mean = self._validate_stats(self.image_mean if image_mean is None else image_mean, "image_mean")
+        image_std = self._validate_stats(self.image_std if image_std is None else image_std, "image_std")
         do_convert_rgb = self.do_convert_rgb if do_convert_rgb is None else bool(do_convert_rgb)
         if return_tensors is not None:
             rt = str(getattr(return_tensors, "value", return_tensors))

@@ -3,27 +3,40 @@
 parameter shapes, and the atomic write of a complete Hub model folder.
 
 Nothing here unpickles anything: sources must be safetensors, and a folder holding only pickle weights
-(`pytorch_model.bin`, `*.pt`, ...) is refused with a clear message.
+(`pytorch_model.bin`, `*.pt`, ...) is refused with a clear message. Pickles are recognised by content as well as by
+name (`pickle_reason`), shard names may not lead out of the source folder, a malformed shard or a NaN/Inf weight is
+one clear `ConversionError`, and DST is replaced so that a killed run leaves the old or the new folder (or one that
+the next run restores: `recover_interrupted`).
 """
 
 import argparse
+import bz2
+import contextlib
+import ctypes
+import errno
 import importlib
 import importlib.util
 import inspect
+import io
 import json
+import lzma
 import os
+import pickletools
 import re
 import shutil
+import socket
 import sys
 import tempfile
+import zipfile
+import zlib
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Dict, Iterable, List, Mapping, Optional, Sequence, Tuple
+from typing import Any, Callable, Dict, Iterable, Iterator, List, Mapping, Optional, Sequence, Tuple
 
 import torch
 import transformers
 from packaging import version
-from safetensors import safe_open
+from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 from tqdm.auto import tqdm
 
@@ -86,6 +99,9 @@ DINOV3 = Family(
 FAMILIES: Dict[str, Family] = {family.model_type: family for family in (SIGLIP2, AIMV2, DINOV3)}
 # Every code file any converted folder may ship (push_to_hub accepts no other .py).
 CODE_FILES = tuple(dict.fromkeys(name for family in FAMILIES.values() for name in family.code_files))
+# Every remote-code file a published model folder may hold: `push_to_hub.py` refuses any other `.py` file in a folder
+# and any of these that is not byte-identical to this checkout's copy.
+ALLOWED_CODE_FILES: Tuple[str, ...] = CODE_FILES
 AUTO_MAP = SIGLIP2.auto_map
 # config.json's `custom_pipelines`: `pipeline("image-feature-extraction", model=DST, trust_remote_code=True)` builds
 # pipeline_navit's packed pipeline (transformers' own splits packed outputs row by row when batching).
@@ -99,8 +115,6 @@ CUSTOM_PIPELINES = {
 }
 WEIGHTS_NAME = "model.safetensors"
 WEIGHTS_INDEX_NAME = "model.safetensors.index.json"
-# Suffixes of files that are (or usually are) pickles: never read, never uploaded.
-PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt", ".pkl", ".pickle", ".joblib")
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
@@ -161,31 +175,232 @@ def expected_shapes(config) -> Dict[str, Tuple[int, ...]]:
 
 
 # ----------------------------------------------------------------------------------------------------------------------
+# pickle detection by content (nothing is ever unpickled: opcodes are only disassembled, archives only listed)
+# ----------------------------------------------------------------------------------------------------------------------
+
+# Suffixes of files that are (or usually are) pickles: refused whatever their content.
+PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt", ".pkl", ".pickle", ".joblib")
+_SNIFF_BYTES = 4096  # bytes of a file (or of a decompressed stream) looked at
+_COMPRESSED_SNIFF_BYTES = 1 << 16  # compressed bytes fed to a decompressor to get _SNIFF_BYTES out
+_ZIP_MEMBERS_SNIFFED = 64  # members of a zip archive whose first bytes are looked at (all names are checked)
+_SNIFF_DEPTH = 3  # nesting of compression / archives followed (e.g. a gzip of a tar of a pickle)
+_PICKLE_MEMBER_SUFFIXES = (".pkl", ".pickle")  # torch.save zips hold `<archive>/data.pkl`
+
+
+def _is_pickle_stream(head: bytes) -> bool:
+    """`head` starts a binary pickle: PROTO 2..5, then opcodes that disassemble (none is run).
+
+    The disassembly of the first opcodes rules out binary files that merely start with 0x80 0x02..0x05 (such as a
+    safetensors file whose header length happens to be 0x0380)."""
+    if len(head) < 3 or head[0] != 0x80 or not 2 <= head[1] <= 5:
+        return False
+    try:
+        for count, _ in enumerate(pickletools.genops(io.BytesIO(head)), start=1):
+            if count == 3:
+                return True
+    except ValueError as err:  # an unknown opcode (not a pickle), or `head` ends inside the stream (a pickle)
+        return "unknown" not in str(err)
+    return True  # a complete pickle of fewer than three opcodes
+
+
+def _npy_holds_objects(head: bytes) -> bool:
+    """A `.npy` array of dtype object (or a structured dtype with an object field): its data is a pickle."""
+    if not head.startswith(b"\x93NUMPY") or len(head) < 10:
+        return False
+    length_bytes = 2 if head[6] == 1 else 4  # format version 1: uint16 header length; 2 and 3: uint32
+    start = 8 + length_bytes
+    size = int.from_bytes(head[8:start], "little")
+    return "'|O'" in head[start : start + size].decode("latin-1")
+
+
+def _first_zip_member(head: bytes) -> Optional[Tuple[str, bytes]]:
+    """Name and (stored) data start of the first member of a zip archive from its first bytes (local file header)."""
+    if not head.startswith(b"PK\x03\x04") or len(head) < 30:
+        return None
+    name_len, extra_len = int.from_bytes(head[26:28], "little"), int.from_bytes(head[28:30], "little")
+    name = head[30 : 30 + name_len].decode("utf-8", "replace")
+    return name, head[30 + name_len + extra_len :]
+
+
+def _decompress_prefix(head: bytes) -> Optional[bytes]:
+    """The first `_SNIFF_BYTES` of a gzip, zlib, bz2 or xz stream starting `head` (None: not one of those)."""
+    if head.startswith(b"\x1f\x8b"):
+        decompressor = zlib.decompressobj(wbits=31)
+    elif len(head) >= 2 and head[0] == 0x78 and (head[0] << 8 | head[1]) % 31 == 0:
+        decompressor = zlib.decompressobj()
+    elif head.startswith(b"BZh"):
+        decompressor = bz2.BZ2Decompressor()
+    elif head.startswith(b"\xfd7zXZ\x00"):
+        decompressor = lzma.LZMADecompressor()
+    else:
+        return None
+    try:
+        return decompressor.decompress(head, _SNIFF_BYTES)
+    except (zlib.error, OSError, EOFError, lzma.LZMAError):
+        return None
+
+
+def sniff_pickle(head: bytes, depth: int = 0) -> Optional[str]:
+    """Why the bytes `head` (the start of a file or stream) are a pickle, or None.
+
+    Recognised: binary pickles (protocol 2..5, e.g. legacy `torch.save`), numpy arrays of objects, and those inside
+    a zip archive (`torch.save`'s `data.pkl`), a tar archive's first member, or a gzip / zlib / bz2 / xz stream.
+    A zstd stream cannot be opened without an extra package: it is reported as uninspectable."""
+    if depth > _SNIFF_DEPTH:
+        return None
+    if _is_pickle_stream(head):
+        return f"a pickle (protocol {head[1]})"
+    if _npy_holds_objects(head):
+        return "a numpy array of Python objects (stored as a pickle)"
+    if head.startswith(b"\x28\xb5\x2f\xfd"):
+        return "a zstd-compressed file, which cannot be checked for a pickle here"
+    member = _first_zip_member(head)
+    if member is not None:
+        return _sniff_member(member[0], member[1], depth)
+    if head[257:262] == b"ustar":
+        return _sniff_member(head[:100].split(b"\0", 1)[0].decode("utf-8", "replace"), head[512:], depth, "tar")
+    inner = _decompress_prefix(head)
+    if inner is not None:
+        reason = sniff_pickle(inner, depth + 1)
+        return f"compressed {reason}" if reason else None
+    return None
+
+
+def _sniff_member(name: str, head: bytes, depth: int, kind: str = "zip") -> Optional[str]:
+    if name.lower().endswith(_PICKLE_MEMBER_SUFFIXES):
+        return f"a {kind} archive holding the pickle {name!r} (torch.save format)"
+    reason = sniff_pickle(head, depth + 1)
+    return f"a {kind} archive whose member {name!r} is {reason}" if reason else None
+
+
+def _sniff_zip_file(path: Path) -> Optional[str]:
+    """Every member name, and the first bytes of the first `_ZIP_MEMBERS_SNIFFED` members, of a zip file on disk."""
+    try:
+        with zipfile.ZipFile(path) as archive:
+            infos = archive.infolist()
+            for info in infos:
+                if info.filename.lower().endswith(_PICKLE_MEMBER_SUFFIXES):
+                    return f"a zip archive holding the pickle {info.filename!r} (torch.save format)"
+            for info in infos[:_ZIP_MEMBERS_SNIFFED]:
+                with archive.open(info) as member:
+                    reason = _sniff_member(info.filename, member.read(_SNIFF_BYTES), 0)
+                if reason:
+                    return reason
+    except (zipfile.BadZipFile, OSError, NotImplementedError, RuntimeError, EOFError, zlib.error):
+        return None  # not a readable zip: the local-header check in sniff_pickle still applies
+    return None
+
+
+def pickle_reason(path: Path) -> Optional[str]:
+    """Why the file at `path` is (or holds) a pickle, judged by its name and its content, or None.
+
+    Only the first bytes are read (a zip archive's member list too); nothing is unpickled."""
+    path = Path(path)
+    if path.name.lower().endswith(PICKLE_SUFFIXES):
+        return f"named like a pickle ({path.suffix})"
+    try:
+        with open(path, "rb") as f:
+            head = f.read(_COMPRESSED_SNIFF_BYTES)
+    except OSError:
+        return None
+    if head.startswith(b"PK\x03\x04"):
+        return _sniff_zip_file(path) or sniff_pickle(head)
+    return sniff_pickle(head)
+
+
+def pickle_files(folder: Path) -> List[str]:
+    """Relative paths of the files under `folder` that are pickles by name or content (see `pickle_reason`)."""
+    return sorted(str(p.relative_to(folder)) for p in folder.rglob("*") if p.is_file() and pickle_reason(p))
+
+
+# ----------------------------------------------------------------------------------------------------------------------
 # reading
 # ----------------------------------------------------------------------------------------------------------------------
 
 
 def read_json(path: Path) -> dict:
+    """The JSON object in `path`; a missing file, invalid JSON or a non-object is a `ConversionError`."""
     try:
         with open(path, encoding="utf-8") as f:
-            return json.load(f)
+            data = json.load(f)
     except FileNotFoundError:
         raise ConversionError(f"{path} not found.") from None
-    except json.JSONDecodeError as err:
+    except (json.JSONDecodeError, UnicodeDecodeError) as err:
         raise ConversionError(f"{path} is not valid JSON: {err}") from None
+    if not isinstance(data, dict):
+        raise ConversionError(f"{path} must hold a JSON object, got {type(data).__name__}.")
+    return data
 
 
-def pickle_files(folder: Path) -> List[str]:
-    """Relative paths of the files under `folder` that look like pickles."""
-    return sorted(
-        str(p.relative_to(folder)) for p in folder.rglob("*") if p.is_file() and p.suffix.lower() in PICKLE_SUFFIXES
-    )
+def _hub_cache_blobs(folder: Path) -> Optional[Path]:
+    """`.../models--org--name/blobs` when `folder` is a Hugging Face cache snapshot (its files link there)."""
+    snapshots = folder.parent
+    if snapshots.name == "snapshots" and snapshots.parent.name.startswith("models--"):
+        return snapshots.parent / "blobs"
+    return None
+
+
+def resolve_inside(folder: Path, name: object, what: str) -> Path:
+    """The file `name` (as listed in an index) inside `folder`, refusing names and links that lead out of it.
+
+    `name` must be a relative path without `..`; once symlinks are resolved the file must still lie in `folder`, or,
+    for a Hugging Face cache snapshot, in that cache repository's `blobs/` (where snapshot files link)."""
+    if not isinstance(name, str) or not name:
+        raise ConversionError(f"{what} lists a shard name that is not a file name: {name!r}.")
+    relative = Path(name)
+    if relative.is_absolute() or relative.drive or ".." in relative.parts:
+        raise ConversionError(f"{what} lists the shard {name!r}, which is outside {folder}: shards must be inside SRC.")
+    path = folder / relative
+    resolved, roots = path.resolve(), [folder.resolve()]
+    blobs = _hub_cache_blobs(folder.resolve())
+    if blobs is not None:
+        roots.append(blobs.resolve())
+    if not any(resolved == root or root in resolved.parents for root in roots):
+        raise ConversionError(f"{path} links to {resolved}, outside {folder}: shards must be inside SRC.")
+    return path
+
+
+def _first_line(err: BaseException) -> str:
+    text = str(err).strip()
+    return text.splitlines()[0] if text else type(err).__name__
+
+
+@contextlib.contextmanager
+def open_safetensors(path: Path) -> Iterator:
+    """`safe_open(path)`; a file that is not valid safetensors (truncated, a renamed pickle, ...) is one clear
+    `ConversionError` naming it, whether opening or reading it fails."""
+    try:
+        with safe_open(str(path), framework="pt") as handle:
+            yield handle
+    except (SafetensorError, OSError) as err:
+        reason = pickle_reason(path) if Path(path).is_file() else None
+        if reason:
+            raise ConversionError(
+                f"{path} is not safetensors: it is {reason}. Pickles are never loaded (unpickling runs arbitrary "
+                f"code); re-save the checkpoint as safetensors in a trusted environment."
+            ) from None
+        raise ConversionError(f"{path} is not a valid safetensors file: {_first_line(err)}.") from None
+
+
+_CORRUPT = "the checkpoint is corrupt or was saved after a diverged training step; refusing to convert it"
+
+
+def check_finite(name: str, tensor: torch.Tensor, where: str, why: str = _CORRUPT) -> None:
+    """Refuse a floating-point tensor holding NaN or Inf, naming it (`where`: "in <file>"; `why`: the likely cause)."""
+    if tensor.is_floating_point() or tensor.is_complex():
+        bad = int((~torch.isfinite(tensor)).sum())
+        if bad:
+            raise ConversionError(
+                f"Tensor {name!r} {where} holds {bad} non-finite value(s) (NaN/Inf) of {tensor.numel()}: {why}."
+            )
 
 
 class SafetensorsCheckpoint:
     """A local checkpoint folder: one `model.safetensors`, or shards listed by `model.safetensors.index.json`.
 
-    Only the index (or the safetensors headers) is read up front; tensors are read on request, shard by shard.
+    Only the index (or the safetensors headers) is read up front; tensors are read on request, shard by shard. Shard
+    names must stay inside the folder; a malformed shard is one clear `ConversionError`, and so is a tensor holding
+    NaN or Inf.
     """
 
     def __init__(self, folder) -> None:
@@ -195,12 +410,9 @@ class SafetensorsCheckpoint:
         index = self.folder / WEIGHTS_INDEX_NAME
         single = self.folder / WEIGHTS_NAME
         if index.is_file():
-            weight_map = read_json(index).get("weight_map")
-            if not isinstance(weight_map, dict) or not weight_map:
-                raise ConversionError(f"{index} has no `weight_map`.")
-            self.weight_map: Dict[str, str] = dict(weight_map)
+            self.weight_map = self._read_index(index)
         elif single.is_file():
-            with safe_open(str(single), framework="pt") as f:
+            with open_safetensors(resolve_inside(self.folder, WEIGHTS_NAME, str(self.folder))) as f:
                 self.weight_map = {key: WEIGHTS_NAME for key in f.keys()}
         else:
             pickles = pickle_files(self.folder)
@@ -212,9 +424,21 @@ class SafetensorsCheckpoint:
                 else ""
             )
             raise ConversionError(f"No {WEIGHTS_NAME} or {WEIGHTS_INDEX_NAME} in {self.folder}.{hint}")
-        missing = sorted({s for s in self.weight_map.values() if not (self.folder / s).is_file()})
+
+    def _read_index(self, index: Path) -> Dict[str, str]:
+        """The index's `weight_map`, every shard name checked to lie inside the folder and to exist."""
+        weight_map = read_json(index).get("weight_map")
+        if not isinstance(weight_map, dict) or not weight_map:
+            raise ConversionError(f"{index} has no `weight_map`.")
+        shards = {shard: resolve_inside(self.folder, shard, str(index)) for shard in set(weight_map.values())}
+        missing = sorted(shard for shard, path in shards.items() if not path.is_file())
         if missing:
             raise ConversionError(f"Shards listed in the index are missing from {self.folder}: {missing}")
+        return dict(weight_map)
+
+    def _shard(self, shard: str):
+        """Open one shard of this checkpoint (see `open_safetensors`)."""
+        return open_safetensors(resolve_inside(self.folder, shard, str(self.folder)))
 
     def keys(self) -> List[str]:
         return sorted(self.weight_map)
@@ -227,26 +451,37 @@ class SafetensorsCheckpoint:
             by_shard.setdefault(self.weight_map[key], []).append(key)
         return by_shard
 
+    def _check_listed(self, handle, shard: str, keys: Sequence[str]) -> None:
+        absent = sorted(set(keys) - set(handle.keys()))
+        if absent:
+            raise ConversionError(
+                f"{self.folder / shard} does not hold {_listing(absent)}, which the index places there."
+            )
+
     def shapes(self, keys: Iterable[str]) -> Dict[str, Tuple[int, ...]]:
         """Shapes of `keys` from the safetensors headers (no tensor data is read)."""
         shapes: Dict[str, Tuple[int, ...]] = {}
         for shard, shard_keys in sorted(self._by_shard(keys).items()):
-            with safe_open(str(self.folder / shard), framework="pt") as f:
+            with self._shard(shard) as f:
+                self._check_listed(f, shard, shard_keys)
                 for key in shard_keys:
                     shapes[key] = tuple(f.get_slice(key).get_shape())
         return shapes
 
     def read(self, keys: Iterable[str], desc: str = "Reading tensors") -> Dict[str, torch.Tensor]:
-        """Read `keys` (and nothing else), opening only the shards that hold them, one after another."""
+        """Read `keys` (and nothing else), opening only the shards that hold them, one after another; a tensor
+        holding NaN or Inf is refused."""
         by_shard = self._by_shard(keys)
         tensors: Dict[str, torch.Tensor] = {}
         total = sum(len(v) for v in by_shard.values())
         with tqdm(total=total, desc=desc, unit="tensor") as bar:
             for shard in sorted(by_shard):
                 bar.set_postfix_str(shard)
-                with safe_open(str(self.folder / shard), framework="pt") as f:
+                with self._shard(shard) as f:
+                    self._check_listed(f, shard, by_shard[shard])
                     for key in by_shard[shard]:
                         tensors[key] = f.get_tensor(key)
+                        check_finite(key, tensors[key], f"in {self.folder / shard}")
                         bar.update()
         return tensors
 
@@ -356,11 +591,132 @@ def save_model_folder(
         shutil.copytree(REPO_ROOT / name, folder / name)
 
 
+# ----------------------------------------------------------------------------------------------------------------------
+# destination: atomic replacement, recovery from killed runs, stale temp folders
+# ----------------------------------------------------------------------------------------------------------------------
+
+# Work folders beside DST are named `.<DST name>.<kind>-<host>-<pid>-<token>`: `tmp` (being written), `old` (the
+# previous DST moved aside by --overwrite; always complete) and `trash` (being deleted). The host and pid say whose
+# they are, so that only those of dead processes on this machine are cleaned up.
+_WORK_KINDS = ("tmp", "old", "trash")
+_HOST = re.sub(r"[^A-Za-z0-9_.]", "_", socket.gethostname()) or "host"
+_AT_FDCWD = -100  # Linux
+_RENAME_EXCHANGE = 2  # renameat2 flag: swap two paths atomically
+
+
+def _work_prefix(dst: Path, kind: str, pid: Optional[int] = None) -> str:
+    return f".{dst.name}.{kind}-{_HOST}-{os.getpid() if pid is None else pid}-"
+
+
+def _work_folders(dst: Path) -> List[Tuple[Path, str, str, int]]:
+    """`(path, kind, host, pid)` of every work folder of `dst` (of any process)."""
+    pattern = re.compile(rf"\.{re.escape(dst.name)}\.({'|'.join(_WORK_KINDS)})-(.+)-(\d+)-([A-Za-z0-9_]+)")
+    if not dst.parent.is_dir():
+        return []
+    found = []
+    for entry in dst.parent.iterdir():
+        match = pattern.fullmatch(entry.name)
+        if match and entry.is_dir() and not entry.is_symlink():
+            found.append((entry, match.group(1), match.group(2), int(match.group(3))))
+    return sorted(found)
+
+
+def _owner_is_dead(host: str, pid: int) -> bool:
+    """True only when the process `pid` of this host is known to be gone (another host's or a live one: False)."""
+    if host != _HOST or os.name == "nt":  # on Windows, os.kill(pid, 0) would send CTRL_C_EVENT
+        return False
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return True
+    except OSError:  # PermissionError: alive, owned by someone else
+        return False
+    return False
+
+
+def _discard(path: Path, dst: Path) -> None:
+    """Delete the work folder `path` of `dst`: renamed to a `trash` work folder first, so that a half-deleted folder
+    never keeps a name that recovery would put back."""
+    if not os.path.lexists(path):
+        return
+    trash = dst.parent / (_work_prefix(dst, "trash") + os.urandom(4).hex())
+    os.rename(path, trash)
+    if trash.is_symlink() or not trash.is_dir():  # a DST that was a link (or a file): remove the link itself
+        trash.unlink()
+    else:
+        shutil.rmtree(trash, ignore_errors=True)
+
+
+def recover_interrupted(dst) -> None:
+    """Clean up after conversions to `dst` that were killed (SIGKILL, power loss), before a new one starts.
+
+    When `dst` is missing and a dead run had moved it aside (`old`), it is put back; then the work folders of dead
+    processes of this host are deleted. Those of live processes (a concurrent conversion) and of other hosts are left
+    alone."""
+    dst = Path(dst).absolute()
+    dead = [(path, kind) for path, kind, host, pid in _work_folders(dst) if _owner_is_dead(host, pid)]
+    if not dead:
+        return
+    olds = [path for path, kind in dead if kind == "old"]
+    if olds and not os.path.lexists(dst):
+        restored = max(olds, key=lambda p: p.stat().st_ctime)
+        os.rename(restored, dst)
+        print(f"Restored {dst}: an interrupted --overwrite run had moved it aside.", file=sys.stderr)
+    leftovers = [path for path, _ in dead if os.path.lexists(path)]
+    for path in leftovers:
+        _discard(path, dst)
+    if leftovers:
+        print(f"Removed {len(leftovers)} temporary folder(s) left beside {dst} by interrupted runs.", file=sys.stderr)
+
+
+def _exchange(a: Path, b: Path) -> bool:
+    """Swap the paths `a` and `b` in one atomic step (Linux `renameat2(RENAME_EXCHANGE)`); False where the OS, the C
+    library or the file system does not offer it."""
+    if not sys.platform.startswith("linux"):
+        return False
+    try:
+        renameat2 = ctypes.CDLL(None, use_errno=True).renameat2
+    except (OSError, AttributeError):  # glibc < 2.28, musl
+        return False
+    renameat2.argtypes = [ctypes.c_int, ctypes.c_char_p, ctypes.c_int, ctypes.c_char_p, ctypes.c_uint]
+    renameat2.restype = ctypes.c_int
+    if renameat2(_AT_FDCWD, os.fsencode(a), _AT_FDCWD, os.fsencode(b), _RENAME_EXCHANGE) == 0:
+        return True
+    code = ctypes.get_errno()
+    if code in (errno.EINVAL, errno.ENOSYS, errno.EOPNOTSUPP, errno.ENOTSUP):
+        return False
+    raise OSError(code, os.strerror(code), str(b))
+
+
+def _move_into_place(new: Path, dst: Path) -> None:
+    """Make the complete folder `new` become `dst`, discarding the previous `dst`.
+
+    With an atomic exchange, `dst` is the old or the new folder at every instant. Without one, the old folder is
+    renamed to an `old` work folder and the new one renamed into place: killed in between, `dst` is missing and
+    `recover_interrupted` (run at the start of every conversion) puts the old one back."""
+    if not os.path.lexists(dst):
+        os.rename(new, dst)
+    elif _exchange(new, dst):
+        _discard(new, dst)  # `new` now holds the previous dst
+    else:
+        old = dst.parent / (_work_prefix(dst, "old") + os.urandom(4).hex())
+        os.rename(dst, old)
+        try:
+            os.rename(new, dst)
+        except BaseException:
+            os.rename(old, dst)
+            raise
+        _discard(old, dst)
+
+
 def check_destination(dst: Path, src: Path, overwrite: bool) -> None:
+    """Refuse a destination that is, holds or lies in the source, or that exists without `overwrite`; first recovers
+    from killed earlier runs (see `recover_interrupted`)."""
     if dst.resolve() == src.resolve() or src.resolve() in dst.resolve().parents:
         raise ConversionError(f"Destination {dst} must not be the source folder or inside it.")
     if dst.resolve() in src.resolve().parents:  # replacing dst would delete the source with it
         raise ConversionError(f"Destination {dst} must not contain the source folder {src}.")
+    recover_interrupted(dst)
     if dst.exists() and not overwrite:
         raise ConversionError(f"Destination {dst} already exists; pass --overwrite to replace it.")
     if dst.exists() and not dst.is_dir():
@@ -377,32 +733,26 @@ def _make_readable(folder: Path) -> None:
 
 
 def atomic_write_folder(dst, write: Callable[[Path], None], overwrite: bool = False) -> Path:
-    """Run `write(tmp)` into a fresh temp folder beside `dst`, then move it into place in one rename.
+    """Run `write(tmp)` into a fresh temp folder beside `dst`, then move it into place (see `_move_into_place`).
 
-    A crash or an error leaves `dst` untouched (and no temp folder behind). With `overwrite`, an existing `dst` is
-    moved aside first and deleted only once the new folder is in place.
+    An error leaves `dst` untouched and no temp folder behind; a kill leaves `dst` as it was or complete and new, or
+    moved aside where the next run's `recover_interrupted` puts it back (and deletes the killed run's temp folders).
     """
     dst = Path(dst).absolute()
+    dst.parent.mkdir(parents=True, exist_ok=True)
+    recover_interrupted(dst)
     if dst.exists() and not overwrite:
         raise ConversionError(f"Destination {dst} already exists; pass --overwrite to replace it.")
-    dst.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{dst.name}.tmp-", dir=dst.parent))
-    old = None
+    if dst.exists() and not dst.is_dir():
+        raise ConversionError(f"Destination {dst} exists and is not a folder.")
+    tmp = Path(tempfile.mkdtemp(prefix=_work_prefix(dst, "tmp"), dir=dst.parent))
     try:
         write(tmp)
         _make_readable(tmp)
-        if dst.exists():
-            old = Path(tempfile.mkdtemp(prefix=f".{dst.name}.old-", dir=dst.parent))
-            os.rmdir(old)
-            os.replace(dst, old)
-        os.replace(tmp, dst)
+        _move_into_place(tmp, dst)
     except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        if old is not None and old.exists() and not dst.exists():
-            os.replace(old, dst)  # put the previous version back
+        _discard(tmp, dst)
         raise
-    if old is not None:
-        shutil.rmtree(old, ignore_errors=True)
     return dst
 
 
@@ -420,9 +770,15 @@ def convert_to_folder(
 
 
 def cast(state_dict: Dict[str, torch.Tensor], dtype: Optional[str]) -> Dict[str, torch.Tensor]:
+    """`state_dict` in `dtype` ("keep"/None: unchanged); a tensor whose values overflow `dtype` is refused."""
     if dtype in (None, "keep"):
         return state_dict
-    return {name: t.to(DTYPES[dtype]) for name, t in state_dict.items()}
+    cast_dict = {name: t.to(DTYPES[dtype]) for name, t in state_dict.items()}
+    for name, tensor in cast_dict.items():
+        check_finite(
+            name, tensor, f"cast to {dtype}", f"its values exceed the range of {dtype}; keep the source dtype instead"
+        )
+    return cast_dict
 
 
 # ----------------------------------------------------------------------------------------------------------------------
@@ -454,7 +810,7 @@ def run_cli(convert: Callable[..., Path], args: argparse.Namespace, **extra) -> 
     `ConversionError` as one clear line and exit code 1."""
     try:
         dst = convert(args.src, args.dst, overwrite=args.overwrite, dtype=args.dtype, base_model=args.base_model, **extra)
-    except ConversionError as err:
+    except (ConversionError, OSError) as err:  # OSError: disk full, permissions, ... (the message names the path)
         print(f"error: {err}", file=sys.stderr)
         return 1
     print(f"Wrote {dst}")

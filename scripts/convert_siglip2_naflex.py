@@ -81,6 +81,8 @@ def vision_config_of(config: Dict[str, Any]) -> Dict[str, Any]:
             f"config.json has model_type {model_type!r}; expected a SigLIP2 naflex checkpoint ('siglip2' or "
             f"'siglip2_vision_model'). Fixed-resolution SigLIP2 checkpoints ('siglip') are not naflex."
         )
+    if not isinstance(vision, dict):
+        raise utils.ConversionError(f"config.json's vision config must be a JSON object, got {vision!r}.")
     return {**_NAFLEX_DEFAULTS, **vision}
 
 

@@ -2,10 +2,17 @@
 # Copyright 2026 The siglip2-navit authors. Licensed under the Apache License, Version 2.0.
 """Validate a siglip2-navit model folder, then upload it to the Hugging Face Hub.
 
-Validation (everything must pass before anything is sent):
-  * the folder holds safetensors weights and no pickle files (*.bin, *.pt, *.pth, *.ckpt, *.pkl, ...);
-  * config.json, both processor configs, the remote-code files named by auto_map and the model card are present;
+Validation (everything must pass before anything is sent). First, statically (nothing of the folder is imported or
+run yet):
+  * its only Python files are this project's remote code (`ALLOWED_CODE_FILES` in _checkpoint_utils.py), each
+    byte-identical to this checkout's copy; every `auto_map` (config.json, the processor configs, any top-level
+    JSON) and `custom_pipelines` reference names a class of those files, none another repository's code;
+  * the folder holds safetensors weights and no pickle files, recognised by name (*.bin, *.pt, *.pkl, ...) and by
+    content (pickle opcodes; torch.save zip archives; numpy object arrays; gzip/zlib/bz2/xz-compressed pickles);
+  * config.json, both processor configs, the remote-code files named by auto_map (and those they import) and the
+    model card are present;
   * every tensor in the safetensors headers is one the config implies, with its shape, and none is missing;
+Then, loading the folder's (now verified) code:
   * `AutoModel.from_pretrained(DIR, trust_remote_code=True)` loads every weight (no missing, unexpected or
     mismatched tensors) and `AutoImageProcessor.from_pretrained(DIR, trust_remote_code=True)` loads;
   * the processor and the model agree on patch_size, temporal_patch_size and hidden_stride, and
@@ -24,10 +31,11 @@ Example:
 """
 
 import argparse
+import ast
 import fnmatch
 import sys
 from pathlib import Path
-from typing import List, Optional
+from typing import Any, Iterator, List, Optional, Tuple
 
 import _checkpoint_utils as utils
 from huggingface_hub import HfApi
@@ -54,8 +62,129 @@ def folder_files(folder: Path) -> List[str]:
     return files
 
 
+def _python_files(folder: Path) -> List[str]:
+    """Every `.py` file under `folder`, including ones in skipped folders (relative POSIX paths)."""
+    return sorted(p.relative_to(folder).as_posix() for p in folder.rglob("*.py"))
+
+
+def _check_code_files(folder: Path) -> None:
+    """The folder's Python files are exactly this project's remote code, byte for byte (nothing is imported)."""
+    allowed = utils.ALLOWED_CODE_FILES
+    foreign = [name for name in _python_files(folder) if name not in allowed]
+    if foreign:
+        raise ValidationError(
+            f"{folder} holds Python files that are not this project's remote code: {', '.join(foreign)}. Remote code "
+            f"runs on the machine of everyone who loads the model with trust_remote_code=True; only "
+            f"{', '.join(allowed)} may be published. Remove the others (nothing was imported or run)."
+        )
+    modified = [
+        name
+        for name in allowed
+        if (folder / name).is_file() and (folder / name).read_bytes() != (utils.REPO_ROOT / name).read_bytes()
+    ]
+    if modified:
+        raise ValidationError(
+            f"{', '.join(modified)} in {folder} differ from this repository's copies ({utils.REPO_ROOT}); only the "
+            f"project's own remote code is published. Re-run the converter, or copy the files from the repository."
+        )
+
+
+def _code_refs(data: Any, where: str) -> Iterator[Tuple[str, Any]]:
+    """`(location, "module.Class")` for every remote-code reference in a JSON document: `auto_map` entries (a
+    tokenizer's is a list) and `custom_pipelines.<task>.impl`, at any depth."""
+    if isinstance(data, list):
+        for item in data:
+            yield from _code_refs(item, where)
+        return
+    if not isinstance(data, dict):
+        return
+    for key, value in data.items():
+        if key == "auto_map":
+            if not isinstance(value, dict):
+                raise ValidationError(f"{where}: `auto_map` must be an object, got {value!r}.")
+            for auto_class, refs in value.items():
+                for ref in refs if isinstance(refs, list) else [refs]:
+                    if ref is not None:
+                        yield f"{where} auto_map.{auto_class}", ref
+        elif key == "custom_pipelines" and isinstance(value, dict):
+            for task, spec in value.items():
+                if isinstance(spec, dict) and "impl" in spec:
+                    yield f"{where} custom_pipelines.{task}.impl", spec["impl"]
+        else:
+            yield from _code_refs(value, where)
+
+
+def _defined_names(code_file: str) -> set:
+    """Top-level classes, functions and assigned names of this repository's copy of `code_file` (parsed, not
+    imported)."""
+    names = set()
+    for node in ast.parse((utils.REPO_ROOT / code_file).read_text(encoding="utf-8")).body:
+        if isinstance(node, (ast.ClassDef, ast.FunctionDef)):
+            names.add(node.name)
+        elif isinstance(node, (ast.Assign, ast.AnnAssign)):
+            targets = node.targets if isinstance(node, ast.Assign) else [node.target]
+            names.update(target.id for target in targets if isinstance(target, ast.Name))
+    return names
+
+
+def _relative_imports(code_file: str) -> set:
+    """Files that this repository's copy of `code_file` imports relatively (`from .x import y` -> `x.py`)."""
+    tree = ast.parse((utils.REPO_ROOT / code_file).read_text(encoding="utf-8"))
+    return {
+        f"{node.module}.py"
+        for node in ast.walk(tree)
+        if isinstance(node, ast.ImportFrom) and node.level == 1 and node.module
+    }
+
+
+def _referenced_code_file(location: str, ref: Any) -> str:
+    """The code file a reference points at, refusing anything but a class of this project's remote code."""
+    if not isinstance(ref, str) or "." not in ref:
+        raise ValidationError(f"{location} = {ref!r} is not a `module.Class` reference.")
+    if "--" in ref:
+        raise ValidationError(
+            f"{location} = {ref!r} points at code in another Hub repository; only this folder's own remote code "
+            f"({', '.join(utils.ALLOWED_CODE_FILES)}) may be referenced."
+        )
+    module, _, name = ref.rpartition(".")
+    code_file = f"{module}.py"
+    if code_file not in utils.ALLOWED_CODE_FILES:
+        raise ValidationError(
+            f"{location} = {ref!r} points at {code_file}, which is not this project's remote code "
+            f"({', '.join(utils.ALLOWED_CODE_FILES)})."
+        )
+    if name not in _defined_names(code_file):
+        raise ValidationError(f"{location} = {ref!r}: {code_file} defines no {name}.")
+    return code_file
+
+
+def _check_code_references(folder: Path, files: List[str]) -> List[str]:
+    """Check every remote-code reference of the folder's top-level JSON files; returns the code files they need
+    (with the files those import), all of which must be present."""
+    configs = {}
+    for name in (f for f in files if f.endswith(".json") and "/" not in f):
+        try:
+            configs[name] = utils.read_json(folder / name)
+        except utils.ConversionError as err:
+            raise ValidationError(str(err)) from None
+    for name, auto_class in (("config.json", "AutoModel"), ("preprocessor_config.json", "AutoImageProcessor")):
+        if not (configs.get(name, {}).get("auto_map") or {}).get(auto_class):
+            raise ValidationError(f"{name} has no auto_map.{auto_class}: the folder would not load with {auto_class}.")
+    needed = {_referenced_code_file(loc, ref) for name, data in configs.items() for loc, ref in _code_refs(data, name)}
+    pending = list(needed)
+    while pending:
+        for imported in _relative_imports(pending.pop()) - needed:
+            needed.add(imported)
+            pending.append(imported)
+    missing = sorted(needed - set(files))
+    if missing:
+        raise ValidationError(f"Missing from {folder}: {', '.join(missing)} (remote code the configs refer to).")
+    return sorted(needed)
+
+
 def _check_files(folder: Path, files: List[str]) -> None:
-    pickles = [f for f in files if f.lower().endswith(utils.PICKLE_SUFFIXES)]
+    """No pickle (by name or content), safetensors weights, the configs and a model card with front matter."""
+    pickles = [f"{name} ({reason})" for name in files for reason in [utils.pickle_reason(folder / name)] if reason]
     if pickles:
         raise ValidationError(
             f"Pickle files are not published (loading them runs arbitrary code): {', '.join(pickles)}. "
@@ -64,14 +193,7 @@ def _check_files(folder: Path, files: List[str]) -> None:
     if utils.WEIGHTS_NAME not in files and utils.WEIGHTS_INDEX_NAME not in files:
         raise ValidationError(f"No {utils.WEIGHTS_NAME} (or {utils.WEIGHTS_INDEX_NAME}) in {folder}.")
     required = ["config.json", "preprocessor_config.json", "processor_config.json", utils.MODEL_CARD]
-    config = utils.read_json(folder / "config.json") if "config.json" in files else {}
-    auto_map = config.get("auto_map") or {}
-    if not auto_map.get("AutoModel"):
-        raise ValidationError("config.json has no auto_map.AutoModel: the folder would not load with AutoModel.")
-    refs = [ref for ref in auto_map.values() if isinstance(ref, str)]  # "module.Class" or "repo--module.Class"
-    required += sorted({ref.split("--")[-1].split(".")[0] + ".py" for ref in refs})
-    required.append("image_processing_siglip2_navit.py")
-    missing = [name for name in dict.fromkeys(required) if name not in files]
+    missing = [name for name in required if name not in files]
     if missing:
         raise ValidationError(f"Missing from {folder}: {', '.join(missing)}.")
     card = (folder / utils.MODEL_CARD).read_text(encoding="utf-8")
@@ -112,7 +234,10 @@ def validate(folder, image: Optional[Path] = None) -> List[str]:
     if not folder.is_dir():
         raise ValidationError(f"{folder} is not a folder.")
     files = folder_files(folder)
+    # Static checks first: no code of the folder is imported or run before it is known to be the project's own.
+    _check_code_files(folder)
     _check_files(folder, files)
+    _check_code_references(folder, files)
     _check_processor_configs(folder)
     try:  # tensor names and shapes from the safetensors headers: a precise message before any loading
         checkpoint = utils.SafetensorsCheckpoint(folder)

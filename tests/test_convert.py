@@ -8,6 +8,8 @@ transformers' `Siglip2ImageProcessor`.
 
 import json
 import os
+import shutil
+import signal
 import subprocess
 import sys
 from pathlib import Path
@@ -557,3 +559,301 @@ def test_converted_config_loads_with_auto_config(naflex_source, tmp_path):
     dst = convert_siglip2_naflex.convert(folder, tmp_path / "navit")
     config = AutoConfig.from_pretrained(dst, trust_remote_code=True)
     assert config.model_type == "siglip2_navit" and config.pe_antialias and not config.use_rope
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# malformed and hostile sources: one clear line, nothing read outside SRC, no NaN/Inf weights
+# ----------------------------------------------------------------------------------------------------------------------
+
+
+def _cli_error(capsys, src, dst, *extra):
+    """Run the Ovis converter CLI, expecting failure; returns its one error line (after any progress bar)."""
+    assert convert_ovis_checkpoint.main([str(src), str(dst), *extra]) == 1
+    err = capsys.readouterr().err
+    errors = [line for line in err.splitlines() if line.startswith("error: ")]
+    assert len(errors) == 1 and err.rstrip().endswith(errors[0]) and "Traceback" not in err, err
+    assert not dst.exists()
+    return errors[0]
+
+
+def test_truncated_shard_is_one_clear_error(tmp_path, capsys):
+    src = tmp_path / "ovis"
+    write_fake_ovis(src)
+    shard = src / "model-00002-of-00002.safetensors"
+    shard.write_bytes(shard.read_bytes()[: shard.stat().st_size // 2])
+    err = _cli_error(capsys, src, tmp_path / "vit")
+    assert f"{shard} is not a valid safetensors file" in err
+
+
+def test_pickle_renamed_safetensors_is_refused_unread(tmp_path, capsys, monkeypatch):
+    src = tmp_path / "ovis"
+    write_fake_ovis(src)
+    shard = src / "model-00001-of-00002.safetensors"
+    torch.save({"x": torch.zeros(2)}, shard)
+    monkeypatch.setattr(torch, "load", lambda *a, **k: pytest.fail("a pickle was loaded"))
+    err = _cli_error(capsys, src, tmp_path / "vit")
+    assert f"{shard} is not safetensors: it is a zip archive holding the pickle" in err
+
+
+def _repoint_shard(src, shard_name):
+    """Make the index list every tensor of the first shard under `shard_name`."""
+    index = json.loads((src / "model.safetensors.index.json").read_text())
+    index["weight_map"] = {
+        key: shard_name if shard == "model-00001-of-00002.safetensors" else shard
+        for key, shard in index["weight_map"].items()
+    }
+    (src / "model.safetensors.index.json").write_text(json.dumps(index))
+
+
+@pytest.mark.parametrize("how", ["dotdot", "absolute", "symlink"])
+def test_index_shards_must_stay_inside_src(tmp_path, capsys, monkeypatch, how):
+    src = tmp_path / "ovis"
+    write_fake_ovis(src)
+    outside = tmp_path / "elsewhere" / "model.safetensors"
+    outside.parent.mkdir()
+    os.replace(src / "model-00001-of-00002.safetensors", outside)  # a valid shard, but outside SRC
+    if how == "dotdot":
+        _repoint_shard(src, "../elsewhere/model.safetensors")
+    elif how == "absolute":
+        _repoint_shard(src, str(outside))
+    else:
+        (src / "model-00001-of-00002.safetensors").symlink_to(outside)
+    recorder = _RecordingSafeOpen(utils.safe_open)
+    monkeypatch.setattr(utils, "safe_open", recorder)
+    err = _cli_error(capsys, src, tmp_path / "vit")
+    assert "outside" in err and "shards must be inside SRC" in err
+    assert not recorder.touched
+
+
+def test_hub_cache_snapshot_links_are_followed(tmp_path):
+    """A Hugging Face cache snapshot's files are links into the cache repository's blobs/: accepted."""
+    repo = tmp_path / "hub" / "models--AIDC-AI--Ovis2.5-9B"
+    staging = tmp_path / "staging"
+    write_fake_ovis(staging)
+    snapshot = repo / "snapshots" / "0123abcd"
+    (repo / "blobs").mkdir(parents=True)
+    snapshot.mkdir(parents=True)
+    for i, file in enumerate(sorted(staging.iterdir())):
+        os.replace(file, repo / "blobs" / f"blob{i}")
+        (snapshot / file.name).symlink_to(Path("..", "..", "blobs", f"blob{i}"))
+    assert convert_ovis_checkpoint.main([str(snapshot), str(tmp_path / "vit")]) == 0
+
+
+@pytest.mark.parametrize("bad", [float("nan"), float("inf")])
+def test_non_finite_source_weights_are_refused(tmp_path, capsys, bad):
+    src = tmp_path / "ovis"
+    write_fake_ovis(src)
+    shard = src / "model-00002-of-00002.safetensors"
+    from safetensors.torch import load_file
+
+    tensors = load_file(shard)
+    name = next(k for k in sorted(tensors) if k.startswith("visual_tokenizer.vit.") and tensors[k].numel() > 4)
+    tensors[name].view(-1)[3] = bad
+    save_file(tensors, str(shard), metadata={"format": "pt"})
+    err = _cli_error(capsys, src, tmp_path / "vit")
+    assert f"Tensor {name!r} in {shard} holds 1 non-finite value(s)" in err
+
+
+def test_cast_overflow_is_refused(tmp_path, capsys):
+    src = tmp_path / "ovis"
+    write_fake_ovis(src, dtype=torch.float32)
+    shard = src / "model-00001-of-00002.safetensors"
+    from safetensors.torch import load_file
+
+    tensors = load_file(shard)
+    name = next(k for k in sorted(tensors) if k.startswith("visual_tokenizer.vit."))
+    tensors[name] = tensors[name] * 1e6  # beyond float16's 65504
+    save_file(tensors, str(shard), metadata={"format": "pt"})
+    err = _cli_error(capsys, src, tmp_path / "vit", "--dtype", "float16")
+    assert name.removeprefix("visual_tokenizer.vit.") in err and "exceed the range of float16" in err
+
+
+def test_pickles_are_recognised_by_content_in_sources(tmp_path):
+    src = tmp_path / "legacy"
+    src.mkdir()
+    (src / "config.json").write_text(json.dumps({"model_type": "ovis2_5", "vit_config": VIT_CONFIG}))
+    torch.save({"x": torch.zeros(1)}, src / "weights.npy")
+    for convert in (convert_ovis_checkpoint.convert, convert_siglip2_naflex.convert):
+        with pytest.raises(utils.ConversionError, match="pickle weights .*weights.npy.*safetensors"):
+            convert(src, tmp_path / "out")
+
+
+def _safetensors_with_header_length(path, length):
+    """A valid safetensors file whose 8-byte header length is `length` (space-padded JSON header)."""
+    header = json.dumps({"t": {"dtype": "F32", "shape": [2], "data_offsets": [0, 8]}}).encode()
+    path.write_bytes(length.to_bytes(8, "little") + header.ljust(length) + b"\0" * 8)
+
+
+def test_pickle_sniffing_has_no_false_positives(tmp_path):
+    """Files that start like a pickle by chance, or are compressed or archived non-pickles, are not pickles."""
+    import gzip
+    import zipfile
+
+    import numpy as np
+    from safetensors import safe_open
+
+    # header length 0x380 -> the file starts with 0x80 0x03, a pickle's PROTO 3
+    _safetensors_with_header_length(tmp_path / "a.safetensors", 0x380)
+    with safe_open(str(tmp_path / "a.safetensors"), framework="pt") as f:
+        assert torch.equal(f.get_tensor("t"), torch.zeros(2))
+    np.save(tmp_path / "floats.npy", np.zeros((3, 3), dtype=np.float32))
+    (tmp_path / "notes.txt.gz").write_bytes(gzip.compress(b"plain text " * 100))
+    with zipfile.ZipFile(tmp_path / "archive.zip", "w") as archive:
+        archive.writestr("config.json", "{}")
+    for path in sorted(tmp_path.iterdir()) + sorted((ROOT / "examples").iterdir()):
+        assert utils.pickle_reason(path) is None, path
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# --overwrite killed at every step: DST is the old or the new folder, or the next run puts the old one back
+# ----------------------------------------------------------------------------------------------------------------------
+
+OLD_FOLDER = {"model.safetensors": "old weights", "docs/card.md": "old card"}
+NEW_FOLDER = {"model.safetensors": "new weights", "docs/card.md": "new card", "config.json": "{}"}
+
+
+def _contents(folder: Path):
+    return {p.relative_to(folder).as_posix(): p.read_text() for p in folder.rglob("*") if p.is_file()}
+
+
+def _write_folder(folder: Path, files, tick=lambda: None):
+    for name, text in files.items():
+        tick()
+        (folder / name).parent.mkdir(parents=True, exist_ok=True)
+        (folder / name).write_text(text)
+
+
+def _overwrite_killed_at(dst: Path, kill_at: int, exchange: bool) -> bool:
+    """In a forked child, replace `dst` with NEW_FOLDER and SIGKILL the child just before its `kill_at`-th step
+    (writing a file, a rename, an exchange, a folder deletion (killed half-way)). True if the child was killed."""
+    pid = os.fork()
+    if pid == 0:  # the child: never returns into pytest
+        try:
+            steps = [0]
+
+            def step():
+                steps[0] += 1
+                if steps[0] == kill_at:
+                    os.kill(os.getpid(), signal.SIGKILL)
+
+            def counted(fn):
+                return lambda *args, **kwargs: (step(), fn(*args, **kwargs))[1]
+
+            real_rmtree = shutil.rmtree
+
+            def rmtree(path, *args, **kwargs):
+                if steps[0] + 1 == kill_at:  # killed after deleting part of the folder
+                    next(p for p in Path(path).rglob("*") if p.is_file()).unlink()
+                step()
+                return real_rmtree(path, *args, **kwargs)
+
+            os.rename = counted(os.rename)
+            shutil.rmtree = rmtree
+            utils._exchange = counted(utils._exchange) if exchange else (lambda a, b: False)
+            utils.atomic_write_folder(dst, lambda tmp: _write_folder(tmp, NEW_FOLDER, step), overwrite=True)
+            os._exit(0)
+        except BaseException:
+            os._exit(3)
+    _, status = os.waitpid(pid, 0)
+    assert os.WIFSIGNALED(status) or os.WEXITSTATUS(status) == 0, status
+    return os.WIFSIGNALED(status)
+
+
+@pytest.mark.skipif(not hasattr(os, "fork"), reason="needs os.fork")
+@pytest.mark.parametrize("exchange", [True, False], ids=["renameat2-exchange", "two-renames"])
+def test_overwrite_killed_at_every_step(tmp_path, exchange):
+    if exchange:
+        a, b = tmp_path / "a", tmp_path / "b"
+        a.mkdir(), b.mkdir()
+        if not utils._exchange(a, b):
+            pytest.skip("renameat2(RENAME_EXCHANGE) is not available here")
+        a.rmdir(), b.rmdir()
+    kills = 0
+    for kill_at in range(1, 50):
+        base = tmp_path / str(kill_at)
+        dst = base / "vit"
+        base.mkdir()
+        dst.mkdir()
+        _write_folder(dst, OLD_FOLDER)
+        killed = _overwrite_killed_at(dst, kill_at, exchange)
+        if dst.exists():  # at every instant DST is one of the two complete folders ...
+            assert _contents(dst) in (OLD_FOLDER, NEW_FOLDER), (kill_at, _contents(dst))
+        else:  # ... or it was moved aside, and the next run puts the old one back
+            assert killed and not exchange, kill_at
+        utils.recover_interrupted(dst)
+        expected = [OLD_FOLDER, NEW_FOLDER] if dst.exists() or not killed else [OLD_FOLDER]
+        assert _contents(dst) in expected, (kill_at, _contents(dst))
+        assert [p.name for p in base.iterdir()] == ["vit"], (kill_at, sorted(p.name for p in base.iterdir()))
+        if not killed:
+            assert _contents(dst) == NEW_FOLDER
+            break
+        kills += 1
+    assert kills >= (6 if exchange else 7), kills  # 3 file writes, the swap, the deletion of the old folder, ...
+
+
+@pytest.mark.skipif(not hasattr(os, "fork"), reason="needs os.fork")
+def test_killed_overwrite_is_undone_by_the_next_conversion(tmp_path, monkeypatch, capsys):
+    """A real conversion killed between moving DST aside and moving the new folder in (two-rename fallback)."""
+    src, dst = tmp_path / "ovis", tmp_path / "vit"
+    write_fake_ovis(src)
+    dst.mkdir()
+    (dst / "keep.txt").write_text("old")
+    pid = os.fork()
+    if pid == 0:
+        try:
+            real_rename = os.rename
+            os.rename = lambda a, b: (  # the second rename (new folder -> DST) never happens
+                os.kill(os.getpid(), signal.SIGKILL) if Path(b) == dst.absolute() else real_rename(a, b)
+            )
+            utils._exchange = lambda a, b: False
+            convert_ovis_checkpoint.convert(src, dst, overwrite=True)
+        finally:
+            os._exit(3)
+    os.waitpid(pid, 0)
+    assert not dst.exists() and len([p for p in tmp_path.iterdir() if p.name.startswith(".vit.")]) == 2
+
+    assert convert_ovis_checkpoint.main([str(src), str(dst)]) == 1
+    err = capsys.readouterr().err
+    assert "Restored" in err and "already exists; pass --overwrite" in err
+    assert _contents(dst) == {"keep.txt": "old"}
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["ovis", "vit"]
+
+
+@pytest.mark.skipif(not hasattr(os, "fork"), reason="needs os.fork")
+def test_stale_temp_folders_of_dead_runs_are_removed_and_live_ones_kept(tmp_path):
+    src, dst = tmp_path / "ovis", tmp_path / "vit"
+    write_fake_ovis(src)
+    pid = os.fork()
+    if pid == 0:
+        os._exit(0)
+    os.waitpid(pid, 0)  # `pid` is now a dead process
+    dead = [tmp_path / f".vit.{kind}-{utils._HOST}-{pid}-a1b2c3d4" for kind in ("tmp", "old", "trash")]
+    live = tmp_path / f".vit.tmp-{utils._HOST}-{os.getpid()}-e5f6g7h8"  # a concurrent conversion (this process)
+    foreign = tmp_path / f".vit.tmp-another-host-{pid}-i9j0k1l2"  # whose owner cannot be checked from here
+    for folder in (dst, *dead, live, foreign):
+        folder.mkdir()
+        (folder / "model.safetensors").write_bytes(b"\0" * 1024)
+    assert convert_ovis_checkpoint.main([str(src), str(dst), "--overwrite"]) == 0
+    assert sorted(p.name for p in tmp_path.iterdir()) == sorted(["ovis", "vit", live.name, foreign.name])
+    assert (dst / "config.json").is_file()
+
+
+def test_naflex_refuses_a_vision_config_that_is_not_an_object(tmp_path):
+    src = tmp_path / "naflex"
+    src.mkdir()
+    (src / "config.json").write_text(json.dumps({"model_type": "siglip2", "vision_config": [1]}))
+    save_file({"x": torch.zeros(1)}, str(src / "model.safetensors"))
+    with pytest.raises(utils.ConversionError, match="vision config must be a JSON object"):
+        convert_siglip2_naflex.convert(src, tmp_path / "out")
+
+
+def test_overwrite_replaces_a_symlinked_destination_and_keeps_its_target(tmp_path):
+    target = tmp_path / "real"
+    target.mkdir()
+    (target / "keep.txt").write_text("target")
+    dst = tmp_path / "vit"
+    dst.symlink_to(target)
+    utils.atomic_write_folder(dst, lambda tmp: _write_folder(tmp, NEW_FOLDER), overwrite=True)
+    assert not dst.is_symlink() and _contents(dst) == NEW_FOLDER
+    assert _contents(target) == {"keep.txt": "target"}
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["real", "vit"]

@@ -119,11 +119,11 @@ def test_delete_stale_mirrors_the_folder_in_the_same_commit(model_dir, monkeypat
     assert set(doomed) >= {"model-00001-of-00002.safetensors", "model.safetensors.index.json", "pytorch_model.bin"}
 
 
-def _expect_refusal(model_dir, monkeypatch, capsys, message):
+def _expect_refusal(model_dir, monkeypatch, capsys, *messages):
     monkeypatch.setattr(push_to_hub, "HfApi", _NoNetwork)
     assert push_to_hub.main([str(model_dir), "--repo-id", "someone/tiny-navit"]) == 1
     err = capsys.readouterr().err
-    assert message in err, err
+    assert all(message in err for message in messages), err
 
 
 def test_refuses_pickle_files(model_dir, monkeypatch, capsys):
@@ -174,3 +174,173 @@ def test_refuses_weights_of_the_wrong_shape(model_dir, monkeypatch, capsys):
     tensors[name] = torch.zeros(tensors[name].shape[0] + 6, tensors[name].shape[1])
     save_file(tensors, str(model_dir / "model.safetensors"), metadata={"format": "pt"})
     _expect_refusal(model_dir, monkeypatch, capsys, name.removesuffix(".weight").split(".")[-1])
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# foreign code: checked statically, before anything of the folder is imported or run
+# ----------------------------------------------------------------------------------------------------------------------
+
+
+def _set_auto_map(folder, file_name, auto_class, ref):
+    data = json.loads((folder / file_name).read_text())
+    data.setdefault("auto_map", {})[auto_class] = ref
+    (folder / file_name).write_text(json.dumps(data))
+
+
+def _plant_code(folder, relative_path, marker):
+    """A Python file that, if it ever runs, writes `marker`."""
+    path = folder / relative_path
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(f"open({str(marker)!r}, 'w').write('ran')\nclass EvilModel:\n    pass\n")
+
+
+def _foreign_referenced(folder, marker):
+    _plant_code(folder, "evil.py", marker)
+    _set_auto_map(folder, "config.json", "AutoModel", "evil.EvilModel")
+
+
+def _foreign_unreferenced(folder, marker):
+    _plant_code(folder, "evil.py", marker)
+
+
+def _foreign_in_subfolder(folder, marker):
+    _plant_code(folder, "examples/helper.py", marker)
+
+
+def _modified_modeling_file(folder, marker):
+    path = folder / "modeling_siglip2_navit.py"
+    path.write_text(path.read_text() + f"\nopen({str(marker)!r}, 'w').write('ran')\n")
+
+
+def _processor_from_elsewhere(folder, marker):
+    _plant_code(folder, "evil.py", marker)
+    _set_auto_map(folder, "preprocessor_config.json", "AutoImageProcessor", "evil.EvilModel")
+
+
+def _code_of_another_repo(folder, marker):
+    _set_auto_map(folder, "config.json", "AutoModel", "attacker/repo--modeling_siglip2_navit.Siglip2NavitModel")
+
+
+def _tokenizer_code_of_another_repo(folder, marker):
+    (folder / "tokenizer_config.json").write_text(json.dumps({"auto_map": {"AutoTokenizer": ["x/y--tok.Tok", None]}}))
+
+
+def _undefined_class(folder, marker):
+    _set_auto_map(folder, "config.json", "AutoModel", "modeling_siglip2_navit.EvilModel")
+
+
+def _nested_processor_ref_elsewhere(folder, marker):
+    data = json.loads((folder / "processor_config.json").read_text())
+    data["image_processor"]["auto_map"]["AutoImageProcessor"] = "other/repo--image_processing_siglip2_navit.X"
+    (folder / "processor_config.json").write_text(json.dumps(data))
+
+
+def _custom_pipeline_elsewhere(folder, marker):
+    config = json.loads((folder / "config.json").read_text())
+    config["custom_pipelines"] = {"image-feature-extraction": {"impl": "pipeline_evil.EvilPipeline", "pt": []}}
+    (folder / "config.json").write_text(json.dumps(config))
+
+
+@pytest.mark.parametrize(
+    "plant, message",
+    [
+        (_foreign_referenced, "not this project's remote code: evil.py"),
+        (_foreign_unreferenced, "not this project's remote code: evil.py"),
+        (_foreign_in_subfolder, "not this project's remote code: examples/helper.py"),
+        (_modified_modeling_file, "modeling_siglip2_navit.py in"),
+        (_processor_from_elsewhere, "not this project's remote code: evil.py"),
+        (_code_of_another_repo, "config.json auto_map.AutoModel = 'attacker/repo--modeling_siglip2_navit"),
+        (_tokenizer_code_of_another_repo, "tokenizer_config.json auto_map.AutoTokenizer = 'x/y--tok.Tok'"),
+        (_undefined_class, "modeling_siglip2_navit.py defines no EvilModel"),
+        (_nested_processor_ref_elsewhere, "processor_config.json auto_map.AutoImageProcessor = 'other/repo--"),
+        (_custom_pipeline_elsewhere, "custom_pipelines.image-feature-extraction.impl = 'pipeline_evil.EvilPipeline' "
+         "points at pipeline_evil.py, which is not this project's remote code"),
+    ],
+)
+def test_dry_run_refuses_foreign_code_without_running_it(model_dir, tmp_path, monkeypatch, capsys, plant, message):
+    marker = tmp_path / "foreign-code-ran"
+    plant(model_dir, marker)
+    monkeypatch.setattr(push_to_hub, "HfApi", _NoNetwork)
+    assert push_to_hub.main([str(model_dir), "--repo-id", "someone/tiny-navit", "--dry-run"]) == 1
+    err = capsys.readouterr().err
+    assert message in err, err
+    assert not marker.exists(), "the folder's code ran before it was checked"
+
+
+def test_refuses_missing_image_processor_reference(model_dir, monkeypatch, capsys):
+    data = json.loads((model_dir / "preprocessor_config.json").read_text())
+    del data["auto_map"]
+    (model_dir / "preprocessor_config.json").write_text(json.dumps(data))
+    _expect_refusal(model_dir, monkeypatch, capsys, "preprocessor_config.json has no auto_map.AutoImageProcessor")
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# pickles recognised by content, whatever their name
+# ----------------------------------------------------------------------------------------------------------------------
+
+
+def _torch_zip(path):
+    torch.save({"x": torch.zeros(2)}, path)
+
+
+def _torch_legacy(path):
+    torch.save({"x": torch.zeros(2)}, path, _use_new_zipfile_serialization=False)
+
+
+def _compressed(opener):
+    def write(path):
+        import pickle
+
+        with opener(path, "wb") as f:
+            f.write(pickle.dumps({"state": [1, 2, 3]}, protocol=4))
+
+    return write
+
+
+def _numpy_objects(path):
+    import numpy as np
+
+    with open(path, "wb") as f:  # np.save of an object array pickles its items
+        np.save(f, np.array([{"a": 1}, None], dtype=object), allow_pickle=True)
+
+
+def _gzip_open(path, mode):
+    import gzip
+
+    return gzip.open(path, mode)
+
+
+def _bz2_open(path, mode):
+    import bz2
+
+    return bz2.open(path, mode)
+
+
+def _xz_open(path, mode):
+    import lzma
+
+    return lzma.open(path, mode)
+
+
+@pytest.mark.parametrize(
+    "name, write, kind",
+    [
+        ("arr.npy", _torch_zip, "data.pkl"),
+        ("examples/weights.dat", _torch_zip, "data.pkl"),
+        ("legacy.npy", _torch_legacy, "a pickle (protocol 2)"),
+        ("optimizer.pkl.gz", _compressed(_gzip_open), "compressed a pickle (protocol 4)"),
+        ("state.bz2", _compressed(_bz2_open), "compressed a pickle"),
+        ("state.xz", _compressed(_xz_open), "compressed a pickle"),
+        ("objects.npy", _numpy_objects, "numpy array of Python objects"),
+    ],
+)
+def test_refuses_pickles_by_content(model_dir, monkeypatch, capsys, name, write, kind):
+    (model_dir / name).parent.mkdir(exist_ok=True)
+    write(model_dir / name)
+    _expect_refusal(model_dir, monkeypatch, capsys, "Pickle files are not published", f"{name} (", kind)
+
+
+def test_refuses_malformed_weights_in_one_line(model_dir, monkeypatch, capsys):
+    weights = model_dir / "model.safetensors"
+    weights.write_bytes(weights.read_bytes()[:-100])  # truncated
+    _expect_refusal(model_dir, monkeypatch, capsys, f"{weights} is not a valid safetensors file")
