@@ -312,9 +312,7 @@ class Aimv2NavitModel(Aimv2NavitPreTrainedModel):
         )
         layout = self.plan(pixel_values, grid_thws, keep_indices)
         encoded = self.encode(pixel_values, layout, output_attentions, output_hidden_states)
-        pooler_output = self.pool(encoded.last_hidden_state, layout) if self.config.use_head else None
-        outputs = BaseModelOutputWithPooling(pooler_output=pooler_output, **encoded)
-        return outputs if return_dict else outputs.to_tuple()
+        return self.pooled_outputs(encoded, layout, return_dict)
 
     def encode(
         self, pixel_values: torch.Tensor, layout: PackedLayout, output_attentions: bool, output_hidden_states: bool
@@ -327,10 +325,16 @@ class Aimv2NavitModel(Aimv2NavitPreTrainedModel):
         last_hidden_state = final_norm_in_input_order(hidden_states, layout, self.rms_norm, self.config)
         return restore_encoder_outputs(last_hidden_state, all_hidden_states, all_attentions, layout, self.encoder.layers)
 
-    @torch.compiler.disable  # groups images by token count: eager, so that torch.compile never specializes on it
-    def pool(self, last_hidden_state: torch.Tensor, layout: PackedLayout) -> torch.Tensor:
-        """The attention-pooling head over each image's tokens (all its frames, kept tokens only): [n_images, D]."""
-        return self.head(last_hidden_state, layout.image_token_counts)
+    # Eager: the head groups images by token count, and `pooler_output` [n_images, D] must not become a graph input
+    # whose size torch.compile would guard on.
+    @torch.compiler.disable
+    def pooled_outputs(
+        self, encoded: BaseModelOutput, layout: PackedLayout, return_dict: bool
+    ) -> Union[BaseModelOutputWithPooling, tuple]:
+        """`encoded` plus the attention-pooling head over each image's tokens (all its frames, kept tokens only)."""
+        pooled = self.head(encoded.last_hidden_state, layout.image_token_counts) if self.config.use_head else None
+        outputs = BaseModelOutputWithPooling(pooler_output=pooled, **encoded)  # [n_images, D] pooled
+        return outputs if return_dict else outputs.to_tuple()
 
 
 Aimv2NavitModel.register_for_auto_class("AutoModel")  # save_pretrained then writes auto_map + the .py files
