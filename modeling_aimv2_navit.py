@@ -272,29 +272,21 @@ class Aimv2NavitModel(Aimv2NavitPreTrainedModel):
     def get_input_embeddings(self) -> nn.Module:
         return self.embeddings.patch_embed
 
-    # -- planning hooks of the shared core --
-    def _plan_family(self, layout: PackedLayout, grids: Sequence[tuple[int, int, int]]) -> None:
-        if not self.config.is_native:
-            check_learned_table_grids(layout.frame_grids, self.config.position_grid, self.config.patch_size)
-
-    def _pools_per_image(self) -> bool:
-        return self.config.use_head
-
-    # torch.compile: argument handling and host-side planning run eagerly in this frame; `encode` (embeddings, layers,
-    # final norm) is what gets compiled, so its graph sees only tensors and never guards on the batch's composition.
+    # Eager frame (torch.compile): arguments and host-side planning; `encode` is what gets compiled (tensors only).
     @torch.compiler.disable(recursive=False)
     def forward(
         self,
         pixel_values: torch.Tensor,
         grid_thws: GridLike,
+        *,
+        keep_indices: Optional[torch.Tensor] = None,
         output_hidden_states: Optional[bool] = None,
         output_attentions: Optional[bool] = None,
         return_dict: Optional[bool] = None,
-        keep_indices: Optional[torch.Tensor] = None,
         **kwargs,
     ) -> Union[BaseModelOutputWithPooling, tuple]:
         r"""
-        Args:
+        Everything after `grid_thws` is keyword-only. Args:
             pixel_values (`torch.FloatTensor` `[Σ h·w, C·p·p]`): packed patch rows of all images (any float dtype).
             grid_thws (`[n_images, 3]` tensor, list or array): (1, h, w) of every image in patches.
             output_hidden_states (`bool`, *optional*): also return the embedding output and every layer's output
@@ -313,6 +305,14 @@ class Aimv2NavitModel(Aimv2NavitPreTrainedModel):
         layout = self.plan(pixel_values, grid_thws, keep_indices)
         encoded = self.encode(pixel_values, layout, output_attentions, output_hidden_states)
         return self.pooled_outputs(encoded, layout, return_dict)
+
+    # -- planning hooks of the shared core --
+    def _plan_family(self, layout: PackedLayout, grids: Sequence[tuple[int, int, int]]) -> None:
+        if not self.config.is_native:
+            check_learned_table_grids(layout.frame_grids, self.config.position_grid, self.config.patch_size)
+
+    def _pools_per_image(self) -> bool:
+        return self.config.use_head
 
     def encode(
         self, pixel_values: torch.Tensor, layout: PackedLayout, output_attentions: bool, output_hidden_states: bool

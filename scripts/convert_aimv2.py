@@ -136,18 +136,13 @@ def convert(
     )
 
 
+STRIDE_HELP = "token order of the converted model: 1 = raster (default), 2 = 2x2 blocks for an LLM-side merger"
+SRC_HELP = "local transformers Aimv2VisionModel or Aimv2Model folder (safetensors), e.g. aimv2-*-native"
+
+
 def main(argv=None) -> int:
-    parser = utils.conversion_parser(
-        description=__doc__,
-        src_help="local transformers Aimv2VisionModel or Aimv2Model folder (safetensors), e.g. aimv2-*-native",
-    )
-    parser.add_argument(
-        "--hidden-stride",
-        type=int,
-        choices=(1, 2),
-        default=1,
-        help="token order of the converted model: 1 = raster, 2 = 2x2 blocks for an LLM-side merger",
-    )
+    parser = utils.conversion_parser(__doc__, SRC_HELP)
+    parser.add_argument("--hidden-stride", type=int, choices=(1, 2), default=1, help=STRIDE_HELP)
     args = parser.parse_args(argv)
     return utils.run_cli(convert, args, hidden_stride=args.hidden_stride)
 

@@ -71,7 +71,7 @@ def transformers_aimv2(**overrides):
     """A tiny transformers `Aimv2VisionModel`, every parameter random (skips where transformers has no AIMv2)."""
     transformers = pytest.importorskip("transformers")
     if not hasattr(transformers, "Aimv2VisionModel"):
-        pytest.skip(f"transformers {transformers.__version__} has no Aimv2VisionModel (added in 4.54)")
+        pytest.skip(f"transformers {transformers.__version__} has no Aimv2VisionModel")
     values = dict(TINY, qkv_bias=True, mlp_bias=True, is_native=True)
     values.update(overrides)
     model = transformers.Aimv2VisionModel(transformers.Aimv2VisionConfig(**values))

@@ -213,29 +213,27 @@ def test_refuses_a_config_the_model_cannot_take(tmp_path):
 
 def test_refuses_pickle_only_sources(tmp_path):
     src = tmp_path / "legacy"
-    src.mkdir()
-    (src / "config.json").write_text(json.dumps(SOURCE_CONFIG))
-    (src / "pytorch_model.bin").write_bytes(b"\x80\x04not really a pickle")
+    write_source(src)
+    (src / "model.safetensors").rename(src / "pytorch_model.bin")  # the same folder, weights as a (never read) pickle
     with pytest.raises(utils.ConversionError, match="pickle weights .*pytorch_model.bin.*safetensors"):
         convert_aimv2.convert(src, tmp_path / "navit")
-    assert not (tmp_path / "navit").exists()
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["legacy"]
 
 
 def test_existing_destination_needs_overwrite_and_a_failed_overwrite_keeps_it(tmp_path, monkeypatch, capsys):
     src, dst = tmp_path / "aimv2", tmp_path / "navit"
-    write_source(src)
     dst.mkdir()
     (dst / "keep.txt").write_text("old")
+    write_source(src)
     assert convert_aimv2.main([str(src), str(dst)]) == 1
-    assert "already exists; pass --overwrite" in capsys.readouterr().err
-    assert (dst / "keep.txt").read_text() == "old"
+    refusal = capsys.readouterr().err
+    assert "already exists; pass --overwrite" in refusal and (dst / "keep.txt").read_text() == "old"
 
-    def broken(folder, *args, **kwargs):
-        (folder / "partial").write_text("x")
+    def disk_full(*args, **kwargs):
         raise OSError("disk full")
 
     with monkeypatch.context() as patch:
-        patch.setattr(utils, "save_model_folder", broken)
+        patch.setattr(utils, "save_file", disk_full)  # fails half-way: config.json already written in the temp folder
         with pytest.raises(OSError, match="disk full"):
             convert_aimv2.convert(src, dst, overwrite=True)
     assert [p.name for p in dst.iterdir()] == ["keep.txt"]
@@ -276,7 +274,7 @@ def test_help_and_running_as_a_script(tmp_path, capsys):
 
 def test_aimv2model_folder_converts_its_vision_tower_only(tmp_path, monkeypatch):
     if not hasattr(transformers, "Aimv2Model"):
-        pytest.skip(f"transformers {transformers.__version__} has no Aimv2Model (added in 4.54)")
+        pytest.skip(f"transformers {transformers.__version__} has no Aimv2Model")
     vision = {k: v for k, v in SOURCE_CONFIG.items() if k not in ("model_type", "architectures")}
     config = transformers.Aimv2Config(
         vision_config=vision,

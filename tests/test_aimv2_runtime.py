@@ -24,6 +24,7 @@ sys.path.insert(0, str(ROOT / "scripts"))
 import _checkpoint_utils as utils  # noqa: E402
 from conftest import cpu_flash_varlen, enable_checkpointing, packed_inputs  # noqa: E402
 from test_aimv2 import randomize_  # noqa: E402
+from test_performance import GraphCounter  # noqa: E402
 from transformers import AutoModel  # noqa: E402
 
 import siglip2_navit.navit_core as core  # noqa: E402
@@ -224,19 +225,6 @@ def test_gradient_checkpointing_gives_the_same_gradients(use_reentrant):
     assert set(checkpointed) == set(plain)
     for name, grad in plain.items():
         torch.testing.assert_close(checkpointed[name], grad, atol=1e-5, rtol=1e-5, msg=name)
-
-
-class GraphCounter:
-    """A torch.compile backend that counts the graphs it is handed and runs them as traced (no codegen)."""
-
-    def __init__(self):
-        self.graphs = 0
-        self.code = ""
-
-    def __call__(self, graph_module, example_inputs):
-        self.graphs += 1
-        self.code += graph_module.code
-        return graph_module.forward
 
 
 def test_torch_compile_serves_new_batch_compositions_without_recompiling():
