@@ -12,7 +12,6 @@ unchanged. One forward (N packed patch rows, K kept tokens, K == N unless `keep_
       -> rms_norm            -> last_hidden_state [K, D], input order; attention-pooling head -> [n_images, D]
 """
 
-import math
 from typing import Callable, Optional, Sequence, Union
 
 import torch
