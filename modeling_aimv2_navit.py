@@ -31,6 +31,7 @@ from .navit_core import (
     PackedSelfAttention,
     final_norm_in_input_order,
     per_image_groups,
+    _never_specialize,
     restore_encoder_outputs,
 )
 
@@ -43,18 +44,27 @@ RotaryPair = Optional[tuple[torch.Tensor, torch.Tensor]]  # AIMv2 has no RoPE: a
 # ----------------------------------------------------------------------------------------------------------------------
 
 
-def sincos_position_embeddings(positions: torch.Tensor, dim: int, temperature: float = 10000.0) -> torch.Tensor:
-    """AIMv2's fixed 2D sin-cos embedding of integer patch positions `positions` [K, 2] = (row, col): [K, dim] float64.
+def sincos_table(size: int, dim: int, device: torch.device, temperature: float = 10000.0) -> torch.Tensor:
+    """`[sin(x·ω), cos(x·ω)]` for every integer coordinate x < `size`: [size, dim/2], ω_k = temperature^(−k/(dim/4)).
 
-    Laid out `[sin(col·ω), cos(col·ω), sin(row·ω), cos(row·ω)]` with ω_k = temperature^(−k/(dim/4)): the column half
-    comes first (transformers builds the row-first layout and swaps its halves; AIMv2 was trained that way).
+    Computed on the host in float64 (float32 for MPS, which has none), as transformers does, once per forward for the
+    batch's longest side; every token then gathers its rows (no [K, dim] float64 temporary, no per-token sin/cos).
     """
-    compute_dtype = torch.float32 if positions.device.type == "mps" else torch.float64  # MPS has no float64
     quarter = dim // 4
-    omega = 1.0 / temperature ** (torch.arange(quarter, dtype=compute_dtype, device=positions.device) / quarter)
-    rows, cols = positions.to(compute_dtype).unbind(-1)  # [K] each
-    angle_col, angle_row = cols[:, None] * omega, rows[:, None] * omega  # [K, dim/4]
-    return torch.cat([angle_col.sin(), angle_col.cos(), angle_row.sin(), angle_row.cos()], dim=-1)
+    omega = 1.0 / temperature ** (torch.arange(quarter, dtype=torch.float64) / quarter)  # [dim/4]
+    angles = torch.arange(size, dtype=torch.float64)[:, None] * omega  # [size, dim/4]
+    table = torch.cat([angles.sin(), angles.cos()], dim=-1)  # [size, dim/2]
+    return table.to(device=device, dtype=torch.float32 if device.type == "mps" else torch.float64)
+
+
+def sincos_position_embeddings(positions: torch.Tensor, table: torch.Tensor) -> torch.Tensor:
+    """AIMv2's fixed 2D sin-cos embedding of the patches at `positions` [K, 2] = (row, col): [K, dim], `table`'s dtype.
+
+    Laid out `[sin(col·ω), cos(col·ω), sin(row·ω), cos(row·ω)]`: the column half comes first (transformers builds the
+    row-first layout and swaps its halves; AIMv2 was trained that way). `table`: `sincos_table`, already in the dtype
+    the embedding is added in (cast before the gather: the same values as casting each token's embedding).
+    """
+    return torch.cat([table[positions[:, 1]], table[positions[:, 0]]], dim=-1)
 
 
 def learned_table_rows(positions: torch.Tensor, side: int) -> torch.Tensor:
@@ -123,7 +133,8 @@ class Aimv2NavitEmbeddings(nn.Module):
         patches = pixel_values.to(weight.device)[layout.token_rows].to(weight.dtype)  # [K, C·p·p], working order
         hidden_states = self.rms_norm(self.patch_embed(patches))  # [K, D]
         if self.config.is_native:
-            position = sincos_position_embeddings(layout.positions, self.config.hidden_size)
+            table = layout.family.to(hidden_states.dtype)  # the batch's sincos_table [longest side, D/2]
+            position = sincos_position_embeddings(layout.positions, table)  # [K, D]
         else:
             position = self.position_embedding(learned_table_rows(layout.positions, self.config.position_grid))
         return hidden_states + position.to(hidden_states.dtype)
@@ -306,9 +317,16 @@ class Aimv2NavitModel(Aimv2NavitPreTrainedModel):
         return self.pooled_outputs(encoded, layout, return_dict)
 
     # -- planning hooks of the shared core --
-    def _plan_family(self, layout: PackedLayout, grids: Sequence[tuple[int, int, int]]) -> None:
+    def _plan_family(self, layout: PackedLayout, grids: Sequence[tuple[int, int, int]]) -> Optional[torch.Tensor]:
+        """Native checkpoints: the sin-cos table up to the batch's longest side (`layout.family`). Learned tables:
+        every grid checked against the trained one (a ValueError before any compute)."""
         if not self.config.is_native:
             check_learned_table_grids(layout.frame_grids, self.config.position_grid, self.config.patch_size)
+            return None
+        longest = max(max(grid) for grid in layout.frame_grids)
+        table = sincos_table(longest, self.config.hidden_size, layout.positions.device)  # [longest, D/2]
+        _never_specialize(table)  # its length varies per batch: never a guard of a compiled graph
+        return table
 
     def _pools_per_image(self) -> bool:
         return self.config.use_head

@@ -255,7 +255,7 @@ def test_agreement_catches_unswapped_position_embedding_halves(converted, native
     module = loaded_module(model, "modeling_aimv2_navit")
     swapped = module.sincos_position_embeddings
     monkeypatch.setattr(
-        module, "sincos_position_embeddings", lambda positions, dim: swapped(positions.flip(-1), dim)  # row half first
+        module, "sincos_position_embeddings", lambda positions, table: swapped(positions.flip(-1), table)  # row half first
     )
     with pytest.raises(AssertionError):
         assert_agrees(agreement(model, native_reference, pixel_values, grid_thws))
