@@ -244,6 +244,23 @@ def test_learned_position_table_is_exact_at_the_trained_grid_and_refuses_others(
         model(torch.randn(16 + 24, 3 * PATCH * PATCH), [[1, 4, 4], [1, 4, 6]])
 
 
+def test_sincos_position_embedding_is_the_spec_layout_in_float64():
+    """SPEC §10, written out per token: [sin(col·ω), cos(col·ω), sin(row·ω), cos(row·ω)], ω_k = 10000^(−k/(D/4)).
+    Exact in float64, for positions up to the table's last row (a 5×9 grid, block order)."""
+    from siglip2_navit.modeling_aimv2_navit import sincos_position_embeddings, sincos_table
+
+    dim, h, w = 16, 5, 9
+    positions = torch.tensor([[r, c] for r in range(h) for c in range(w)])[torch.randperm(h * w)]
+    ours = sincos_position_embeddings(positions, sincos_table(max(h, w), dim, torch.device("cpu")))
+    assert ours.dtype == torch.float64 and ours.shape == (h * w, dim)
+    for (row, col), embedding in zip(positions.tolist(), ours):
+        expected = []
+        for coordinate in (col, row):
+            angles = [coordinate * 10000.0 ** (-k / (dim // 4)) for k in range(dim // 4)]
+            expected += [math.sin(a) for a in angles] + [math.cos(a) for a in angles]
+        torch.testing.assert_close(embedding, torch.tensor(expected, dtype=torch.float64), rtol=0, atol=1e-12)
+
+
 # ----------------------------------------------------------------------------------------------------------------------
 # mutation tests: the agreement check must catch each broken variant
 # ----------------------------------------------------------------------------------------------------------------------
