@@ -6,5 +6,8 @@ if __package__:
     from .configuration_siglip2_navit import Siglip2NavitConfig
     from .image_processing_siglip2_navit import Siglip2NavitImageProcessor
     from .modeling_siglip2_navit import Siglip2NavitModel, Siglip2NavitPreTrainedModel
+    from .configuration_aimv2_navit import Aimv2NavitConfig
+    from .modeling_aimv2_navit import Aimv2NavitModel, Aimv2NavitPreTrainedModel
 
     __all__ = ["Siglip2NavitConfig", "Siglip2NavitImageProcessor", "Siglip2NavitModel", "Siglip2NavitPreTrainedModel"]
+    __all__ += ["Aimv2NavitConfig", "Aimv2NavitModel", "Aimv2NavitPreTrainedModel"]
