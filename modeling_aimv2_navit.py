@@ -149,12 +149,8 @@ class Aimv2NavitAttention(PackedSelfAttention):
         super().__init__(config.hidden_size, config.num_attention_heads, config.attention_dropout, (bias, bias, bias))
         self.out_proj = nn.Linear(config.hidden_size, config.hidden_size, bias=bias)
 
-    def forward(
-        self, hidden_states: torch.Tensor, partition: AttentionPartition, attention_interface: Callable, **kwargs
-    ) -> tuple[torch.Tensor, Optional[tuple[torch.Tensor, ...]]]:
-        """`kwargs`: `output_attentions` (per-sequence maps, eager backend)."""
-        context, maps = self.attend(hidden_states, None, partition, attention_interface, **kwargs)
-        return self.out_proj(context), maps  # [S, D]
+    def project_output(self, attn_output: torch.Tensor) -> torch.Tensor:
+        return self.out_proj(attn_output)  # [S, D]
 
 
 class Aimv2NavitMLP(nn.Module):
@@ -192,7 +188,7 @@ class Aimv2NavitEncoderLayer(PackedEncoderLayer):
         output_attentions: bool = False,
     ) -> tuple[torch.Tensor, Optional[tuple[torch.Tensor, ...]]]:
         normed = self.rms_norm1(hidden_states)
-        return self.attention(normed, partition, attention_interface, output_attentions=output_attentions)
+        return self.attention(normed, None, partition, attention_interface, output_attentions)
 
     def mlp_branch(self, hidden_states: torch.Tensor) -> torch.Tensor:
         return self.ffn(self.rms_norm2(hidden_states))

@@ -14,7 +14,7 @@ shared core (`navit_core.py`). One forward (N packed patch rows, K kept tokens, 
 import functools
 import math
 from dataclasses import dataclass
-from typing import Callable, Optional, Sequence, Union
+from typing import Optional, Sequence, Union
 
 import torch
 import torch.nn.functional as F
@@ -23,10 +23,7 @@ from transformers.activations import ACT2FN
 from transformers.modeling_outputs import BaseModelOutput, BaseModelOutputWithPooling
 
 from .configuration_siglip2_navit import Siglip2NavitConfig
-from .navit_core import (  # noqa: F401  (re-exported: the packed API stays importable from this module)
-    PACKED_ATTENTION_FUNCTIONS,
-    AttentionBlock,
-    AttentionPartition,
+from .navit_core import (
     GridLike,
     PackedEncoder,
     PackedEncoderLayer,
@@ -35,15 +32,9 @@ from .navit_core import (  # noqa: F401  (re-exported: the packed API stays impo
     PackedSelfAttention,
     _cpu_block_tokens,
     _has_hooks,
-    _partition_of_lengths,
-    apply_rotary_pos_emb,
-    attention_blocks,
     final_norm_in_input_order,
-    get_packed_attention_interface,
     per_image_groups,
     restore_encoder_outputs,
-    rotate_half,
-    validate_inputs,
 )
 from .navit_core import build_packed_layout as build_core_layout
 

@@ -17,7 +17,6 @@ Attention never sees a dense mask over the packed batch: `flash_attention_2` run
 sequences, `eager` does matmul + softmax per sequence (and can return the attention maps).
 """
 
-import functools
 import inspect
 import math
 import re

@@ -143,8 +143,8 @@ def import_package():
 
 
 def family_of(config) -> Family:
-    """The family of `config` (by its `model_type`)."""
-    model_type = getattr(config, "model_type", None)
+    """The family of `config` (a config object or its `model_type` string)."""
+    model_type = config if isinstance(config, str) or config is None else getattr(config, "model_type", None)
     if model_type not in FAMILIES:
         raise ConversionError(f"No model family for model_type {model_type!r}: expected one of {sorted(FAMILIES)}.")
     return FAMILIES[model_type]

@@ -241,7 +241,8 @@ def validate(folder, image: Optional[Path] = None) -> List[str]:
     _check_processor_configs(folder)
     try:  # tensor names and shapes from the safetensors headers: a precise message before any loading
         checkpoint = utils.SafetensorsCheckpoint(folder)
-        expected = utils.expected_shapes(utils.config_class().from_pretrained(folder))
+        family = utils.family_of(utils.read_json(folder / "config.json").get("model_type"))
+        expected = utils.expected_shapes(utils.config_class(family).from_pretrained(folder))
         utils.check_shapes(checkpoint.shapes(checkpoint.keys()), expected, str(folder))
     except utils.ConversionError as err:
         raise ValidationError(str(err)) from err
@@ -275,8 +276,10 @@ def validate(folder, image: Optional[Path] = None) -> List[str]:
         raise ValidationError(f"Forward pass gave {tuple(out.last_hidden_state.shape)} features (or non-finite values).")
     if len(out.hidden_states) != config.num_hidden_layers + 1:
         raise ValidationError(f"Forward pass gave {len(out.hidden_states)} hidden states.")
-    if config.vision_use_head and (out.pooler_output is None or not torch.isfinite(out.pooler_output).all()):
-        raise ValidationError("vision_use_head is set but the pooled output is missing or not finite.")
+    if model._pools_per_image() and out.pooler_output is None:
+        raise ValidationError("The model has a pooling head but gave no pooled output.")
+    if out.pooler_output is not None and not torch.isfinite(out.pooler_output).all():
+        raise ValidationError("The pooled output is not finite.")
     print(
         f"Validated {folder}: {sum(p.numel() for p in model.parameters()) / 1e6:.1f}M parameters, "
         f"sample image -> grid {inputs['grid_thws'].tolist()} -> features {tuple(out.last_hidden_state.shape)}"

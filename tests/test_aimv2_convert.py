@@ -47,7 +47,13 @@ SOURCE_CONFIG = {
     "mlp_bias": False,
     "rms_norm_eps": 1e-5,
 }
-CODE_FILES = {"configuration_aimv2_navit.py", "modeling_aimv2_navit.py", "navit_core.py", "image_processing_siglip2_navit.py"}
+CODE_FILES = {
+    "configuration_aimv2_navit.py",
+    "modeling_aimv2_navit.py",
+    "navit_core.py",
+    "image_processing_siglip2_navit.py",
+    "pipeline_navit.py",
+}
 
 
 def source_shapes(layers: int = LAYERS) -> Dict[str, tuple]:

@@ -1,6 +1,7 @@
 # Copyright 2026 The siglip2-navit authors. Licensed under the Apache License, Version 2.0.
 """scripts/push_to_hub.py: validation, dry run, and what a (mocked) upload would send. No network."""
 
+import importlib
 import json
 import os
 import sys
@@ -81,6 +82,16 @@ def test_dry_run_validates_and_lists_files(model_dir, monkeypatch, capsys):
     assert f"Would upload {len(PUBLISHED)} files (" in out and "MB) to someone/tiny-navit (public):" in out
     assert "Dry run: nothing was uploaded." in out
     assert "features (" in out  # the forward pass ran
+
+
+@pytest.mark.parametrize("family_module", ["test_aimv2"])
+def test_dry_run_validates_every_family(family_module, tmp_path, monkeypatch, capsys):
+    """A converted folder of each family passes the static checks, loads and runs (its own config class and head)."""
+    folder = importlib.import_module(family_module).readme_folder(tmp_path)
+    monkeypatch.setattr(push_to_hub, "HfApi", _NoNetwork)
+    assert push_to_hub.main([folder, "--repo-id", "someone/tiny-navit", "--dry-run"]) == 0
+    out = capsys.readouterr().out
+    assert "features (" in out and "Dry run: nothing was uploaded." in out
 
 
 def test_upload_sends_exactly_the_validated_files(model_dir, monkeypatch):

@@ -172,13 +172,13 @@ def test_set_attn_implementation_switches_backend_at_runtime(hub_folder):
     assert eager_maps is not None and eager_maps[0][0].shape == (4, 60, 60)
 
     calls = []
-    original = core.PACKED_ATTENTION_FUNCTIONS["sdpa"]
+    remote = importlib.import_module(type(model).__module__.rsplit(".", 1)[0] + ".navit_core")  # the remote-code copy
+    original = remote.PACKED_ATTENTION_FUNCTIONS["sdpa"]
 
     def spy(*args, **kwargs):
         calls.append(1)
         return original(*args, **kwargs)
 
-    remote = __import__(type(model).__module__, fromlist=["PACKED_ATTENTION_FUNCTIONS"])  # the remote-code copy
     remote.PACKED_ATTENTION_FUNCTIONS["sdpa"] = spy
     try:
         model.set_attn_implementation("sdpa")

@@ -111,7 +111,8 @@ def test_no_sync_inside_the_layer_loop_on_cuda():
 
 
 def _layer_inputs(model, grids):
-    from siglip2_navit.modeling_siglip2_navit import build_packed_layout, get_packed_attention_interface, rope_cos_sin
+    from siglip2_navit.modeling_siglip2_navit import build_packed_layout, rope_cos_sin
+    from siglip2_navit.navit_core import get_packed_attention_interface
 
     pixel_values, grid = packed_inputs(model.config, grids)
     layout = build_packed_layout(grids, model.config, torch.device("cpu"))
@@ -416,7 +417,7 @@ def test_cpu_block_schedule_never_overwrites_the_encoders_input():
 
 
 def test_attention_blocks_hold_whole_sequences_within_the_budget():
-    from siglip2_navit.modeling_siglip2_navit import _partition_of_lengths, attention_blocks
+    from siglip2_navit.navit_core import _partition_of_lengths, attention_blocks
 
     lengths = [3, 5, 5, 9, 2, 2, 2, 12, 1]
     partition = _partition_of_lengths(lengths, torch.device("cpu"))

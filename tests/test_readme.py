@@ -4,10 +4,12 @@ is a valid Hub card header, the CI commands are intact and relative links resolv
 
 A block is skipped only when the line right before it is `<!-- skip-test: needs GPU -->` or
 `<!-- skip-test: needs network -->`. Placeholders are replaced by tiny random checkpoints built here:
-`"path/or/hub-id"` (Ovis2.5-style: RoPE, hidden_stride 2) and `"path/to/siglip2-navit-naflex"` (a converted
-transformers Siglip2VisionModel: MAP head, hidden_stride 1).
+`"path/or/hub-id"` (Ovis2.5-style: RoPE, hidden_stride 2), `"path/to/siglip2-navit-naflex"` (a converted
+transformers Siglip2VisionModel: MAP head, hidden_stride 1) and the other families' converted folders
+(`FAMILY_FOLDERS`).
 """
 
+import importlib
 import os
 import re
 import sys
@@ -34,6 +36,10 @@ CI_COMMANDS = {
     "<!-- ci:test -->": "python3 -m venv .venv && . .venv/bin/activate && pip install torch==2.13.0 && "
     'pip install -e ".[dev]" && python -m pytest -q',
 }
+
+
+# README placeholders of the other families -> the test module whose `readme_folder(base)` builds a tiny converted folder
+FAMILY_FOLDERS = {"path/to/aimv2-navit": "test_aimv2"}
 
 
 def code_blocks(text):
@@ -67,7 +73,10 @@ def tiny_models(tmp_path_factory):
     )
     Siglip2VisionModel(naflex_config).save_pretrained(base / "naflex-src")
     naflex = convert_siglip2_naflex.convert(base / "naflex-src", base / "naflex", hidden_stride=1)
-    return {"path/or/hub-id": str(ovis), "path/to/siglip2-navit-naflex": str(naflex)}
+    folders = {"path/or/hub-id": str(ovis), "path/to/siglip2-navit-naflex": str(naflex)}
+    for placeholder, module in FAMILY_FOLDERS.items():  # each family's test module builds its tiny converted folder
+        folders[placeholder] = importlib.import_module(module).readme_folder(base)
+    return folders
 
 
 def test_readme_has_python_examples():
