@@ -141,10 +141,13 @@ class Dinov3NavitConfig(PretrainedConfig):
             if not _is_int(value) or value <= 0:
                 raise ValueError(f"`{name}` must be a positive integer, got {value!r}.")
         if self.temporal_patch_size != 1:
-            raise ValueError(f"`temporal_patch_size` must be 1 (DINOv3 embeds single frames), got {self.temporal_patch_size!r}.")
+            raise ValueError(
+                f"`temporal_patch_size` must be 1 (DINOv3 embeds single frames), got {self.temporal_patch_size!r}."
+            )
         if self.hidden_size % self.num_attention_heads:
             raise ValueError(
-                f"`hidden_size` ({self.hidden_size}) must be divisible by `num_attention_heads` ({self.num_attention_heads})."
+                f"`hidden_size` ({self.hidden_size}) must be divisible by `num_attention_heads` "
+                f"({self.num_attention_heads})."
             )
         head_dim = self.hidden_size // self.num_attention_heads
         if head_dim % 4:
