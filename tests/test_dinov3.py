@@ -727,6 +727,7 @@ def test_encode_script_runs_on_a_converted_folder(converted, tmp_path):
 
 
 def readme_folder(base: Path) -> str:
-    """A tiny converted DINOv3 folder for the README's snippets (`"path/to/dinov3-navit"`)."""
-    source = write_source(Path(base) / "dinov3-source", **BASE)
+    """A tiny converted DINOv3 folder for the README's snippets (`"path/to/dinov3-navit"`): 16-px patches, so that the
+    processor's default pixel budget gives real token counts."""
+    source = write_source(Path(base) / "dinov3-source", **{**BASE, "patch_size": 16})
     return str(convert_dinov3.convert(source, Path(base) / "dinov3-navit", hidden_stride=2))
