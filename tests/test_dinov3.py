@@ -506,23 +506,43 @@ def test_gradient_checkpointing_gives_the_same_gradients():
         torch.testing.assert_close(grads[1][name], grads[0][name], atol=1e-5, rtol=1e-5, msg=name)
 
 
-def test_drop_path_drops_whole_frames():
-    model = tiny_model(pos_embed_rescale=None, drop_path_rate=0.5, num_hidden_layers=1)
+def test_drop_path_drops_each_branch_per_frame():
+    """Training with drop_path_rate 0.5: each frame's attention and MLP branch is, independently, dropped or scaled
+    by 1 / (1 − 0.5) = 2 (transformers drops per sample; a frame is a packed sample)."""
+    model = tiny_model(drop_path_rate=0.5, num_hidden_layers=1)
     layer = model.layer[0]
-    inputs = _random_inputs(model.config, GRIDS)
+    inputs = _random_inputs(model.config, GRIDS * 3)
     layout = model.plan(*inputs)
     hidden = model.embeddings(inputs[0], layout)
     args = (model.encoder.rotary_embeddings(layout), layout.full, core.sdpa_packed_attention)
     with torch.no_grad():
         torch.manual_seed(3)
         dropped, _ = layer.train()(hidden, *args)
-        kept, _ = layer.eval()(hidden, *args)
+        attention, _ = layer.eval().attention_branch(hidden, *args)
+        candidates = {}  # (attention kept, mlp kept) -> output of every row
+        for keep_attention in (0, 1):
+            after_attention = hidden + 2 * keep_attention * attention
+            for keep_mlp in (0, 1):
+                candidates[keep_attention, keep_mlp] = after_attention + 2 * keep_mlp * layer.mlp_branch(after_attention)
     cu = layout.full.cu_seqlens_host.tolist()
-    outcomes = set()
-    for a, b in zip(cu[:-1], cu[1:]):
-        unchanged = torch.equal(dropped[a:b], hidden[a:b])
-        outcomes.add("dropped" if unchanged else "kept")
-    assert outcomes <= {"dropped", "kept"} and not torch.equal(dropped, kept)
+    outcomes = []
+    for start, end in zip(cu[:-1], cu[1:]):
+        matches = [k for k, rows in candidates.items() if torch.allclose(dropped[start:end], rows[start:end], atol=1e-5)]
+        assert len(matches) == 1, matches  # the whole frame follows one draw per branch
+        outcomes.append(matches[0])
+    assert len(set(outcomes)) >= 3, outcomes  # 12 frames: the draws differ between frames
+
+
+def test_cpu_block_schedule_matches_one_pass_over_all_tokens():
+    """CPU inference runs blocks of whole frames (here several blocks, with prefix tokens and RoPE rows sliced per
+    block): the same outputs as one op over the whole packed batch."""
+    blocked, whole = tiny_model(cpu_block_tokens=40), tiny_model(cpu_block_tokens=None)
+    inputs = _random_inputs(blocked.config, GRIDS)
+    assert len(core.attention_blocks(blocked.plan(*inputs).full, 40)) > 2
+    with torch.no_grad():
+        a, b = blocked(*inputs), whole(*inputs)
+    torch.testing.assert_close(a.last_hidden_state, b.last_hidden_state, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(a.prefix_tokens, b.prefix_tokens, atol=1e-5, rtol=1e-5)
 
 
 class GraphCounter:
