@@ -146,12 +146,8 @@ def main(argv=None) -> int:
         description=__doc__,
         src_help="local transformers DINOv3ViTModel folder (safetensors), e.g. dinov3-vitl16-pretrain-lvd1689m",
     )
-    parser.add_argument(
-        "--hidden-stride",
-        type=int,
-        default=1,
-        help="token order of the converted model: 1 = raster, 2 = 2x2 blocks for an Ovis-style merger",
-    )
+    stride_help = "token order of the converted model: 1 = raster, s = s×s blocks (2 for an Ovis-style merger)"
+    parser.add_argument("--hidden-stride", type=int, default=1, metavar="S", help=stride_help)
     args = parser.parse_args(argv)
     return utils.run_cli(convert, args, hidden_stride=args.hidden_stride)
 
