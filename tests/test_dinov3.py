@@ -317,8 +317,10 @@ def test_keep_indices_match_transformers_on_the_kept_tokens(sources, converted):
             tokens = torch.cat([torch.arange(3), 3 + raster_index(h, w, 2)[local]])
             cos, sin = reference.rope_embeddings(image)
             rope = (cos[tokens[3:] - 3], sin[tokens[3:] - 3])  # the kept patches' rows
-            encoded = reference.model(reference.embeddings(image)[:, tokens], position_embeddings=rope)
-            normed = reference.norm(encoded.last_hidden_state)[0]
+            hidden = reference.embeddings(image)[:, tokens]
+            for layer in getattr(reference, "model", reference).layer:  # transformers 4.x: `layer`; 5.x: `model.layer`
+                hidden = layer(hidden, position_embeddings=rope)
+            normed = reference.norm(hidden)[0]
             patches.append(normed[3:])
             pooled.append(normed[0])
     check_agreement({"patches": agreement(out.last_hidden_state, torch.cat(patches))})
