@@ -578,6 +578,27 @@ def test_compiled_inference_does_not_recompile_for_new_batch_compositions():
     assert "packed_attention" in counter.code
 
 
+def test_compiled_training_with_rope_augmentation_does_not_recompile():
+    """Train mode under torch.compile: the per-image augmentation draws run eagerly (seeded, the same as eager mode)
+    and new batch compositions reuse the compiled graphs, gradients included."""
+    torch._dynamo.reset()
+    model = tiny_model().train()
+    counter = GraphCounter()
+    compiled = torch.compile(model, dynamic=True, backend=counter)
+    for i, grids in enumerate([GRIDS, [(1, 6, 8), (1, 2, 4)], [(1, 4, 4)] * 5, [(2, 4, 6), (1, 10, 2)]]):
+        inputs = _random_inputs(model.config, grids)
+        with torch._dynamo.config.patch(error_on_recompile=i > 0):
+            torch.manual_seed(i)
+            actual = compiled(*inputs)
+            actual.last_hidden_state.square().mean().backward()
+        torch.manual_seed(i)
+        expected = model(*inputs)
+        torch.testing.assert_close(actual.last_hidden_state, expected.last_hidden_state, atol=1e-5, rtol=1e-5)
+        if i == 0:
+            graphs = counter.graphs
+    assert counter.graphs == graphs
+
+
 def test_bf16_tracks_fp32():
     model = tiny_model()
     inputs = _random_inputs(model.config, GRIDS)
