@@ -18,6 +18,7 @@ Example:
         --base-model facebook/dinov3-vitl16-pretrain-lvd1689m
 """
 
+import importlib
 import sys
 from pathlib import Path
 from typing import Any, Dict, Optional
@@ -97,10 +98,16 @@ def processor_kwargs_of(src: Path) -> Optional[Dict[str, Any]]:
     path = src / "preprocessor_config.json"
     if not path.is_file():
         return None
+    utils.import_package()
     source = utils.read_json(path)
     kwargs = {name: source[name] for name in ("image_mean", "image_std") if name in source}
     if "resample" in source:
         kwargs["resample"] = _resample(source["resample"])
+    processor_cls = importlib.import_module(f"{utils.PACKAGE}.image_processing_siglip2_navit").Siglip2NavitImageProcessor
+    try:
+        processor_cls(**kwargs)  # checked now, not half-way through writing DST
+    except ValueError as err:
+        raise utils.ConversionError(f"{path}: {err}") from None
     return kwargs
 
 

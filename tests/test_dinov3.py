@@ -23,6 +23,7 @@ import transformers
 from conftest import cpu_flash_varlen, enable_checkpointing
 from PIL import Image
 from safetensors.torch import load_file, save_file
+from test_performance import GraphCounter  # counts compiled graphs (SigLIP2's recompile checks)
 
 from siglip2_navit import modeling_dinov3_navit as modeling
 from siglip2_navit import navit_core as core
@@ -547,18 +548,6 @@ def test_cpu_block_schedule_matches_one_pass_over_all_tokens():
     torch.testing.assert_close(a.prefix_tokens, b.prefix_tokens, atol=1e-5, rtol=1e-5)
 
 
-class GraphCounter:
-    """A torch.compile backend that counts the graphs it is handed and runs them as traced (no codegen)."""
-
-    def __init__(self):
-        self.graphs, self.code = 0, ""
-
-    def __call__(self, graph_module, example_inputs):
-        self.graphs += 1
-        self.code += graph_module.code
-        return graph_module.forward
-
-
 def test_compiled_inference_does_not_recompile_for_new_batch_compositions():
     torch._dynamo.reset()
     model = tiny_model()
@@ -691,6 +680,20 @@ def _source_copy(sources, tmp_path, edit=None) -> Path:
     save_file(state, str(src / "model.safetensors"))
     (src / "config.json").write_text((sources["gated"] / "config.json").read_text())
     return src
+
+
+def test_bad_source_normalisation_is_refused_before_writing(sources, tmp_path):
+    src = _source_copy(sources, tmp_path)
+    (src / "preprocessor_config.json").write_text(json.dumps({"image_mean": [0.5, 0.5], "resample": 2}))
+    with pytest.raises(utils.ConversionError, match="image_mean"):
+        convert_dinov3.convert(src, tmp_path / "dst")
+    (src / "preprocessor_config.json").write_text(json.dumps({"resample": "no-such-filter"}))
+    with pytest.raises(utils.ConversionError, match="resample"):
+        convert_dinov3.convert(src, tmp_path / "dst")
+    (src / "preprocessor_config.json").write_text(json.dumps({"resample": "bicubic"}))
+    dst = convert_dinov3.convert(src, tmp_path / "dst")
+    assert json.loads((dst / "preprocessor_config.json").read_text())["resample"] == 3
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["dst", "src"]
 
 
 def test_layers_saved_under_the_module_path_are_accepted(sources, tmp_path):
