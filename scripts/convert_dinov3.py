@@ -103,9 +103,9 @@ def processor_kwargs_of(src: Path) -> Optional[Dict[str, Any]]:
     kwargs = {name: source[name] for name in ("image_mean", "image_std") if name in source}
     if "resample" in source:
         kwargs["resample"] = _resample(source["resample"])
-    processor_cls = importlib.import_module(f"{utils.PACKAGE}.image_processing_siglip2_navit").Siglip2NavitImageProcessor
+    processing = importlib.import_module(f"{utils.PACKAGE}.image_processing_siglip2_navit")
     try:
-        processor_cls(**kwargs)  # checked now, not half-way through writing DST
+        processing.Siglip2NavitImageProcessor(**kwargs)  # checked now, not half-way through writing DST
     except ValueError as err:
         raise utils.ConversionError(f"{path}: {err}") from None
     return kwargs

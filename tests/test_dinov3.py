@@ -161,6 +161,12 @@ def check_agreement(stats: Dict[str, Tuple[float, float]]) -> None:
         assert cosine >= MIN_COSINE and relative <= MAX_RELATIVE, f"{what}: min cosine {cosine}, relative {relative}"
 
 
+def report(label: str, stats: Dict[str, Tuple[float, float]]) -> None:
+    """Print the measured agreement (pytest -s shows it)."""
+    summary = ", ".join(f"{what} 1-cos {1 - cos:.1e} rel {rel:.1e}" for what, (cos, rel) in stats.items())
+    print(f"\nDINOv3 {label}: {summary}")
+
+
 def reference_outputs(reference, pixel_values, grids, stride, **kwargs):
     """transformers run image by image: patches (packed order), CLS and prefix tokens, concatenated over images."""
     patches, pooled, prefix = [], [], []
@@ -224,8 +230,7 @@ def test_converted_model_matches_transformers(sources, converted, stride, attn):
     assert type(model).__name__ == "Dinov3NavitModel" and model.config._attn_implementation == attn
     pixel_values, grids = packed_photos(folder)
     stats = compare(model, load_reference(sources["base"], attn), pixel_values, grids, stride)
-    summary = ", ".join(f"{what} 1-cos {1 - cos:.1e} rel {rel:.1e}" for what, (cos, rel) in stats.items())
-    print(f"\nDINOv3 stride={stride} {attn}: {summary}")
+    report(f"stride={stride} {attn}", stats)
     check_agreement(stats)
 
 
@@ -234,7 +239,9 @@ def test_gated_mlp_without_registers_matches_transformers(sources, converted):
     folder = converted[("gated", 2)]
     model = AutoModel.from_pretrained(folder, trust_remote_code=True).eval()
     pixel_values, grids = packed_photos(folder)
-    check_agreement(compare(model, load_reference(sources["gated"]), pixel_values, grids, 2))
+    stats = compare(model, load_reference(sources["gated"]), pixel_values, grids, 2)
+    report("gated MLP, no registers, stride=2 sdpa", stats)
+    check_agreement(stats)
 
 
 def _longer_side(original):
@@ -525,12 +532,14 @@ def test_drop_path_drops_each_branch_per_frame():
         candidates = {}  # (attention kept, mlp kept) -> output of every row
         for keep_attention in (0, 1):
             after_attention = hidden + 2 * keep_attention * attention
+            mlp = layer.mlp_branch(after_attention)
             for keep_mlp in (0, 1):
-                candidates[keep_attention, keep_mlp] = after_attention + 2 * keep_mlp * layer.mlp_branch(after_attention)
+                candidates[keep_attention, keep_mlp] = after_attention + 2 * keep_mlp * mlp
     cu = layout.full.cu_seqlens_host.tolist()
     outcomes = []
     for start, end in zip(cu[:-1], cu[1:]):
-        matches = [k for k, rows in candidates.items() if torch.allclose(dropped[start:end], rows[start:end], atol=1e-5)]
+        frame = dropped[start:end]
+        matches = [k for k, rows in candidates.items() if torch.allclose(frame, rows[start:end], atol=1e-5)]
         assert len(matches) == 1, matches  # the whole frame follows one draw per branch
         outcomes.append(matches[0])
     assert len(set(outcomes)) >= 3, outcomes  # 12 frames: the draws differ between frames
