@@ -485,6 +485,10 @@ def test_keep_indices_keep_every_prefix_token_and_all_rows_is_the_plain_forward(
     assert dropped.last_hidden_state.shape[0] == len(keep) < inputs[0].shape[0]
     assert dropped.prefix_tokens.shape == plain.prefix_tokens.shape == (4, 3, 32)  # 4 frames, CLS + 2 registers
     assert model.get_image_features(*inputs).shape == (3, 32)  # the video's two CLS tokens averaged
+    with torch.no_grad():  # frames that keep no patch still encode their CLS and registers
+        no_video = model(*inputs, keep_indices=torch.cat([torch.arange(24), torch.arange(40, 72)]))
+    assert no_video.last_hidden_state.shape[0] == 56 and no_video.prefix_tokens.shape == (4, 3, 32)
+    assert bool(torch.isfinite(no_video.prefix_tokens).all())
 
 
 def test_return_dict_false_gives_the_fields_in_order():
