@@ -1,0 +1,163 @@
+#!/usr/bin/env python
+# Copyright 2026 The siglip2-navit authors. Licensed under the Apache License, Version 2.0.
+"""Convert a transformers DINOv3 ViT checkpoint into a packed (NaViT) `Dinov3NavitModel` Hub model folder.
+
+SRC is a local `DINOv3ViTModel` folder (safetensors), e.g. a download of facebook/dinov3-vitl16-pretrain-lvd1689m.
+The tensors are kept exactly as they are: the model's parameter names are those of the files, which transformers
+writes as `embeddings.*`, `layer.N.*`, `norm.*` (its module path is `model.layer.N.*`; files saved with that path are
+accepted too). The config keeps transformers' field names and values; `--hidden-stride` sets the token order of the
+packed rows: 1 (default) is raster order, s orders each frame in s×s blocks for an LLM-side merger (the encoder
+output is the same up to that permutation).
+
+The converted processor keeps the source's `preprocessor_config.json` normalisation (`image_mean`, `image_std`,
+`resample`); without one it uses DINOv3's defaults (ImageNet mean/std, bilinear). Images keep their aspect ratio
+(no 224×224 resize): the pixel budget is the processor's `min_pixels` / `max_pixels`.
+
+Example:
+    python scripts/convert_dinov3.py ~/models/dinov3-vitl16-pretrain-lvd1689m ./dinov3-navit-vitl16 \\
+        --base-model facebook/dinov3-vitl16-pretrain-lvd1689m
+"""
+
+import importlib
+import sys
+from pathlib import Path
+from typing import Any, Dict, Optional
+
+import PIL.Image
+
+import _checkpoint_utils as utils
+
+
+_DINOV3_DEFAULTS = {  # transformers' DINOv3ViTConfig defaults, for fields a saved config may omit
+    "patch_size": 16,
+    "hidden_size": 384,
+    "intermediate_size": 1536,
+    "num_hidden_layers": 12,
+    "num_attention_heads": 6,
+    "hidden_act": "gelu",
+    "attention_dropout": 0.0,
+    "initializer_range": 0.02,
+    "layer_norm_eps": 1e-5,
+    "rope_theta": 100.0,
+    "image_size": 224,
+    "num_channels": 3,
+    "query_bias": True,
+    "key_bias": False,
+    "value_bias": True,
+    "proj_bias": True,
+    "mlp_bias": True,
+    "layerscale_value": 1.0,
+    "drop_path_rate": 0.0,
+    "use_gated_mlp": False,
+    "num_register_tokens": 0,
+    "pos_embed_shift": None,
+    "pos_embed_jitter": None,
+    "pos_embed_rescale": 2.0,
+}
+_MODULE_PATH = "model.layer."  # transformers' module path of the layers; the files it writes say `layer.`
+
+
+def _square(value: Any, name: str) -> int:
+    """An int, or a [side, side] pair (transformers allows both) -> the side."""
+    if isinstance(value, (list, tuple)):
+        if len(value) != 2 or value[0] != value[1]:
+            raise utils.ConversionError(f"`{name}` {value!r} is not square; the packed model needs square patches.")
+        value = value[0]
+    return value
+
+
+def navit_config_kwargs(config: Dict[str, Any], hidden_stride: int) -> Dict[str, Any]:
+    """`Dinov3NavitConfig` fields of a `DINOv3ViTModel` `config.json` (defaults filled in, backbone fields dropped)."""
+    model_type = config.get("model_type")
+    if model_type != "dinov3_vit":
+        raise utils.ConversionError(
+            f"config.json has model_type {model_type!r}; expected a transformers DINOv3 ViT checkpoint ('dinov3_vit'). "
+            "ConvNeXt DINOv3 checkpoints ('dinov3_convnext') are not ViTs."
+        )
+    values = {name: config.get(name, default) for name, default in _DINOV3_DEFAULTS.items()}
+    values["patch_size"] = _square(values["patch_size"], "patch_size")
+    values["image_size"] = _square(values["image_size"], "image_size")
+    return {**values, "hidden_stride": hidden_stride, "temporal_patch_size": 1}
+
+
+def _resample(value: Any) -> int:
+    """A PIL resampling filter from a preprocessor config (an int, or a name such as "bilinear")."""
+    if isinstance(value, str):
+        try:
+            return int(PIL.Image.Resampling[value.upper()])
+        except KeyError:
+            raise utils.ConversionError(f"Unknown `resample` {value!r} in preprocessor_config.json.") from None
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise utils.ConversionError(f"`resample` in preprocessor_config.json must be a PIL filter, got {value!r}.")
+    return value
+
+
+def processor_kwargs_of(src: Path) -> Optional[Dict[str, Any]]:
+    """The normalisation and resampling of the source's `preprocessor_config.json` (None without one: the family's
+    defaults apply)."""
+    path = src / "preprocessor_config.json"
+    if not path.is_file():
+        return None
+    utils.import_package()
+    source = utils.read_json(path)
+    kwargs = {name: source[name] for name in ("image_mean", "image_std") if name in source}
+    if "resample" in source:
+        kwargs["resample"] = _resample(source["resample"])
+    processing = importlib.import_module(f"{utils.PACKAGE}.image_processing_siglip2_navit")
+    try:
+        processing.Siglip2NavitImageProcessor(**kwargs)  # checked now, not half-way through writing DST
+    except ValueError as err:
+        raise utils.ConversionError(f"{path}: {err}") from None
+    return kwargs
+
+
+def checkpoint_names(keys) -> Dict[str, str]:
+    """Source tensor name -> model parameter name: unchanged, but for layers saved under the module path."""
+    return {key: "layer." + key[len(_MODULE_PATH) :] if key.startswith(_MODULE_PATH) else key for key in keys}
+
+
+def convert(
+    src, dst, hidden_stride: int = 1, overwrite: bool = False, dtype: str = "keep", base_model: Optional[str] = None
+) -> Path:
+    """Convert the DINOv3ViTModel folder `src` into the Dinov3NavitModel folder `dst`; returns `dst`."""
+    src, dst = Path(src), Path(dst)
+    utils.check_destination(dst, src, overwrite)
+    checkpoint = utils.SafetensorsCheckpoint(src)
+    try:
+        config = utils.config_class(utils.DINOV3)(
+            **navit_config_kwargs(utils.read_json(src / "config.json"), hidden_stride)
+        )
+    except ValueError as err:
+        raise utils.ConversionError(f"Cannot build a Dinov3NavitConfig from {src}: {err}") from None
+    processor_kwargs = processor_kwargs_of(src)  # read (and checked) before any tensor
+
+    names = checkpoint_names(checkpoint.keys())
+    header_shapes = {names[key]: shape for key, shape in checkpoint.shapes(names).items()}
+    utils.check_shapes(header_shapes, utils.expected_shapes(config), f"Checkpoint {src}")
+    tensors = checkpoint.read(names, desc="Reading the DINOv3 tensors")
+    state_dict = utils.cast({names[key]: t for key, t in tensors.items()}, dtype)
+    return utils.convert_to_folder(
+        src,
+        dst,
+        state_dict,
+        config,
+        Path(__file__).name,
+        overwrite=overwrite,
+        base_model=base_model,
+        processor_kwargs=processor_kwargs,
+    )
+
+
+def main(argv=None) -> int:
+    parser = utils.conversion_parser(
+        description=__doc__,
+        src_help="local transformers DINOv3ViTModel folder (safetensors), e.g. dinov3-vitl16-pretrain-lvd1689m",
+    )
+    stride_help = "token order of the converted model: 1 = raster, s = s×s blocks (2 for an Ovis-style merger)"
+    parser.add_argument("--hidden-stride", type=int, default=1, metavar="S", help=stride_help)
+    args = parser.parse_args(argv)
+    return utils.run_cli(convert, args, hidden_stride=args.hidden_stride)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
