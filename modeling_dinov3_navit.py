@@ -167,6 +167,9 @@ class Dinov3NavitAttention(PackedSelfAttention):
         super().__init__(config.hidden_size, config.num_attention_heads, config.attention_dropout, bias=biases)
         self.o_proj = nn.Linear(config.hidden_size, config.hidden_size, bias=config.proj_bias)
 
+    def project_output(self, attn_output: torch.Tensor) -> torch.Tensor:
+        return self.o_proj(attn_output)  # [S, D]
+
 
 class Dinov3NavitLayerScale(nn.Module):
     def __init__(self, config: Dinov3NavitConfig):
@@ -226,8 +229,8 @@ class Dinov3NavitLayer(PackedEncoderLayer):
     ) -> tuple[torch.Tensor, Optional[tuple[torch.Tensor, ...]]]:
         """`attention_args`: (position_embeddings, partition, attention_interface[, output_attentions]), as the core
         passes them (see `PackedEncoderLayer.attention_branch`)."""
-        attended, weights = self.attention.attend(self.norm1(hidden_states), *attention_args)
-        return self.layer_scale1(self.attention.o_proj(attended)), weights  # [S, D]
+        attended, weights = self.attention(self.norm1(hidden_states), *attention_args)
+        return self.layer_scale1(attended), weights  # [S, D]
 
     def mlp_branch(self, hidden_states: torch.Tensor) -> torch.Tensor:
         return self.layer_scale2(self.mlp(self.norm2(hidden_states)))

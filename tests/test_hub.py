@@ -84,7 +84,7 @@ def test_dry_run_validates_and_lists_files(model_dir, monkeypatch, capsys):
     assert "features (" in out  # the forward pass ran
 
 
-@pytest.mark.parametrize("family_module", ["test_aimv2"])
+@pytest.mark.parametrize("family_module", ["test_aimv2", "test_dinov3"])
 def test_dry_run_validates_every_family(family_module, tmp_path, monkeypatch, capsys):
     """A converted folder of each family passes the static checks, loads and runs (its own config class and head)."""
     folder = importlib.import_module(family_module).readme_folder(tmp_path)

@@ -39,7 +39,7 @@ CI_COMMANDS = {
 
 
 # README placeholders of the other families -> the test module whose `readme_folder(base)` builds a tiny converted folder
-FAMILY_FOLDERS = {"path/to/aimv2-navit": "test_aimv2"}
+FAMILY_FOLDERS = {"path/to/aimv2-navit": "test_aimv2", "path/to/dinov3-navit": "test_dinov3"}
 
 
 def code_blocks(text):
