@@ -7,6 +7,7 @@ transformers' own pipeline (what a folder without `custom_pipelines` gets) cuts 
 batching, so these tests fail without the remote-code pipeline.
 """
 
+import importlib
 import json
 import sys
 from pathlib import Path
@@ -78,12 +79,17 @@ def feature_pipeline(folder: Path, **kwargs):
     return pipeline(TASK, model=str(folder), trust_remote_code=True, **kwargs)
 
 
-@pytest.fixture(scope="module", params=["headless", "map_head"])
+@pytest.fixture(scope="module", params=["headless", "map_head", "aimv2", "dinov3"])
 def model_case(request, tmp_path_factory):
     """(folder, pipeline, reference features, reference pooled) for an Ovis-like headless model (RoPE, 2×2 token
-    blocks) and a naflex-like model with the MAP head (raster order)."""
-    overrides = {"headless": {}, "map_head": {"vision_use_head": True, "use_rope": False, "hidden_stride": 1}}
-    folder = converted_folder(tmp_path_factory.mktemp(request.param) / "model", **overrides[request.param])
+    blocks), a naflex-like model with the MAP head (raster order), and converted AIMv2 (attention-pool head) and
+    DINOv3 (CLS and registers inside each sequence, CLS pooled) folders."""
+    base = tmp_path_factory.mktemp(request.param)
+    if request.param in ("aimv2", "dinov3"):
+        folder = Path(importlib.import_module(f"test_{request.param}").readme_folder(base))
+    else:
+        overrides = {"headless": {}, "map_head": {"vision_use_head": True, "use_rope": False, "hidden_stride": 1}}
+        folder = converted_folder(base / "model", **overrides[request.param])
     features, pooled = references(folder)
     return folder, feature_pipeline(folder), features, pooled
 
@@ -110,18 +116,18 @@ def test_each_image_gets_its_own_features(model_case, batch_size, pool):
     for i, (got, want) in enumerate(zip(out, expected)):
         assert isinstance(got, torch.Tensor)
         assert got.shape == want.shape, f"image {i}: {tuple(got.shape)} vs {tuple(want.shape)}"
-        torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5, msg=f"image {i}")
+        torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-4, msg=f"image {i}")  # fp32: packed vs alone
 
 
 def test_lists_unless_return_tensors(model_case):
     _, pipe, features, pooled = model_case
     one = pipe(arrays()[2], image_processor_kwargs=PROCESSOR_KWARGS)  # a single input (any array): a single result
     assert isinstance(one, list) and isinstance(one[0][0], list)
-    torch.testing.assert_close(torch.tensor(one), features[2], rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(torch.tensor(one), features[2], rtol=1e-4, atol=1e-4)
     many = pipe(images()[:3], batch_size=2, pool=True, image_processor_kwargs=PROCESSOR_KWARGS)
     assert all(isinstance(result, list) for result in many)
     for got, want in zip(many, pooled):
-        torch.testing.assert_close(torch.tensor(got), want, rtol=1e-5, atol=1e-5)
+        torch.testing.assert_close(torch.tensor(got), want, rtol=1e-4, atol=1e-4)
 
 
 def test_pipeline_options_at_construction(model_case):
@@ -131,7 +137,7 @@ def test_pipeline_options_at_construction(model_case):
         folder, pool=True, return_tensors=True, batch_size=3, image_processor_kwargs=PROCESSOR_KWARGS
     )
     for got, want in zip(pipe(images()), pooled):
-        torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+        torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-4)
 
 
 def test_task_is_inferred_from_the_folder(model_case):
@@ -142,7 +148,7 @@ def test_task_is_inferred_from_the_folder(model_case):
     pipe = pipeline(model=str(folder), trust_remote_code=True)
     assert pipe.task == TASK
     got = pipe(images()[1], return_tensors=True, image_processor_kwargs=PROCESSOR_KWARGS)
-    torch.testing.assert_close(got, features[1], rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(got, features[1], rtol=1e-4, atol=1e-4)
 
 
 def test_hub_like_folder(hub_folder):
@@ -159,7 +165,7 @@ def test_hub_like_folder(hub_folder):
     for image, got in zip(images(), out):
         with torch.no_grad():
             want = model(**processor(images=image, return_tensors="pt", **small)).last_hidden_state[None]
-        torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+        torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-4)
 
 
 def test_in_memory_model(model_case):
@@ -174,7 +180,7 @@ def test_in_memory_model(model_case):
     pipe = pipeline(TASK, model=model, image_processor=processor, pipeline_class=NavitImageFeatureExtractionPipeline)
     out = pipe(images(), batch_size=4, return_tensors=True, image_processor_kwargs=PROCESSOR_KWARGS)
     for got, want in zip(out, features):
-        torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+        torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-4)
 
 
 # ----------------------------------------------------------------------------------------------------------------------
