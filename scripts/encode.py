@@ -51,6 +51,7 @@ IMAGE_EXTENSIONS = frozenset(
 FORMAT_EXT = {"safetensors": ".safetensors", "parquet": ".parquet"}
 MANIFEST = "_manifest.json"
 ERRORS = "errors.jsonl"
+LOCK = ".lock"
 SHARD_RE = re.compile(r"^train-r(\d{5})-(\d{6})\.(safetensors|parquet)$")
 TMP_PREFIX = ".tmp-"
 MANIFEST_VERSION = 1
@@ -472,10 +473,34 @@ def describe_differences(old: Dict[str, Any], new: Dict[str, Any]) -> str:
     return "; ".join(f"{k}: {old.get(k)!r} -> {new.get(k)!r}" for k in keys)
 
 
+_HELD_LOCKS: List[int] = []
+
+
+def lock_output(out: str) -> None:
+    """Hold an exclusive advisory lock on DIR/.lock for the life of this process (rank 0 of a job), so that a
+    second job writing into the same folder at the same time is refused. The kernel drops it when the process
+    ends, even by SIGKILL (local filesystems; NFS may not honour it)."""
+    import fcntl
+
+    fd = os.open(os.path.join(out, LOCK), os.O_RDWR | os.O_CREAT, 0o666)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except OSError:
+        os.close(fd)
+        raise UsageError(f"another encode.py job is writing into {out}; wait for it or use another --out") from None
+    _HELD_LOCKS.append(fd)
+
+
+def release_locks() -> None:
+    while _HELD_LOCKS:
+        os.close(_HELD_LOCKS.pop())
+
+
 def prepare_output(out: str, fingerprint: Dict[str, Any], overwrite: bool, retry_errors: bool) -> None:
-    """Rank 0, before any other rank touches the folder: start over if asked, check or write the manifest,
-    remove temporary files of killed runs, repair errors.jsonl."""
+    """Rank 0, before any other rank touches the folder: take the folder's lock, start over if asked, check or
+    write the manifest, remove temporary files of killed runs, repair errors.jsonl."""
     os.makedirs(out, exist_ok=True)
+    lock_output(out)
     ours = [n for n in os.listdir(out) if SHARD_RE.match(n) or n.startswith(TMP_PREFIX) or n in (MANIFEST, ERRORS)]
     if overwrite:
         for name in ours:
@@ -976,6 +1001,7 @@ def main(argv: Optional[List[str]] = None) -> int:
         try:
             return run(args, dist)
         finally:
+            release_locks()
             dist.close()
     except UsageError as error:
         print(f"{parser.prog}: error: {error}", file=sys.stderr)

@@ -146,7 +146,7 @@ def test_output_files_have_normal_permissions(data, tmp_path):
         assert _encode(data, out, inputs=[str(data["good"]["img001.png"])]) == 0
     finally:
         os.umask(old)
-    files = list(out.iterdir())
+    files = [p for p in out.iterdir() if p.name != ".lock"]  # .lock: the empty file a running job holds locked
     assert {p.name for p in files} == {"_manifest.json", "train-r00000-000001.safetensors"}
     assert all(stat.S_IMODE(p.stat().st_mode) == 0o644 for p in files)
 
@@ -183,15 +183,15 @@ def test_pooled_features_head_mean_and_normalized(data, tmp_path):
 
 
 def test_parquet_reads_back_with_pyarrow_and_datasets(data, reference, tmp_path, monkeypatch):
-    import datasets
-    import pyarrow.dataset
+    datasets = pytest.importorskip("datasets")
+    pyarrow_dataset = pytest.importorskip("pyarrow.dataset")
 
     monkeypatch.setenv("HF_DATASETS_CACHE", str(tmp_path / "hf_cache"))
     out = tmp_path / "parquet"
     assert _encode(data, out, "--format", "parquet", "--shard-size", "6") == 0
     assert (out / "errors.jsonl").is_file()  # sits next to the shards; both readers below leave it out
 
-    table = pyarrow.dataset.dataset(str(out), format="parquet", ignore_prefixes=[".", "_", "errors."]).to_table()
+    table = pyarrow_dataset.dataset(str(out), format="parquet", ignore_prefixes=[".", "_", "errors."]).to_table()
     rows = table.to_pylist()
     features = {r["id"]: torch.tensor(r["embedding"]).reshape(r["shape"]) for r in rows}
     assert_matches_reference(features, data["good"], reference)
@@ -208,7 +208,7 @@ def test_parquet_reads_back_with_pyarrow_and_datasets(data, reference, tmp_path,
 
 
 def test_dataset_input_save_to_disk_and_parquet(data, reference, tmp_path, monkeypatch):
-    import datasets
+    datasets = pytest.importorskip("datasets")
 
     monkeypatch.setenv("HF_DATASETS_CACHE", str(tmp_path / "hf_cache"))
     paths = [data["good"][k] for k in ("img002.jpg", "sub/s001.png", "img005.png")]
@@ -239,6 +239,13 @@ def test_rerun_with_other_settings_is_refused_and_overwrite_starts_over(data, tm
     assert _encode(data, out, "--workers", "1", "--max-tokens", "50", "--shard-size", "2", inputs=one) == 0
     assert _encode(data, out, "--features", "pooled", "--overwrite", inputs=one) == 0
     assert json.loads((out / "_manifest.json").read_text())["features"] == "pooled"
+    # a second job writing into the same folder at the same time is refused
+    import fcntl
+
+    with open(out / ".lock", "w") as held:
+        fcntl.flock(held, fcntl.LOCK_EX)
+        assert _encode(data, out, "--features", "pooled", inputs=one) == 2
+        assert "another encode.py job is writing into" in capsys.readouterr().err
     assert len(readme_loader()(str(out))[one[0]].shape) == 1  # a file given directly: id = the path as given
 
 
