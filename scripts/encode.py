@@ -55,7 +55,7 @@ LOCK = ".lock"
 SHARD_RE = re.compile(r"^train-r(\d{5})-(\d{6})\.(safetensors|parquet)$")
 TMP_PREFIX = ".tmp-"
 MANIFEST_VERSION = 1
-DEFAULT_SHARD_SIZE = {"pooled": 10000, "tokens": 500}
+DEFAULT_SHARD_SIZE = {"pooled": 10000, "tokens": 100}  # a shard is held in memory until it is written
 # Test hook: "<point>:<n>" SIGKILLs this process at the n-th occurrence of a point (after_shard, before_rename,
 # mid_error, after_batch). Used by the kill-and-resume tests; never set it otherwise.
 KILL_ENV = "SIGLIP2_NAVIT_ENCODE_KILL_AT"
@@ -120,6 +120,8 @@ def check_args(args: argparse.Namespace) -> None:
         raise UsageError("no input: give image files, folders, globs, @list.txt or --dataset PATH")
     if not os.path.isdir(args.model):
         raise UsageError(f"--model {args.model!r} is not a folder (expected a converted model folder)")
+    if not os.path.isfile(os.path.join(args.model, "config.json")):
+        raise UsageError(f"--model {args.model!r} has no config.json (expected a converted model folder)")
     if args.out is not None:
         if args.out.endswith((".safetensors", ".parquet")):
             raise UsageError(f"--out is an output folder, got a file name {args.out!r}")

@@ -258,6 +258,7 @@ def test_cli_errors_are_one_clear_line(data, tmp_path, capsys):
     model = ["--model", str(data["model"])]
     cases = [
         ([EXAMPLES[0], "--model", str(tmp_path / "nope")], "is not a folder"),
+        ([EXAMPLES[0], "--model", str(tmp_path / "empty")], "has no config.json"),
         ([str(tmp_path / "empty"), *model], "the inputs hold no images"),
         ([*model], "no input"),
         ([str(tmp_path / "missing.png"), *model], "no such file or folder"),
