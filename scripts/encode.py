@@ -956,8 +956,9 @@ def run(args: argparse.Namespace, dist: Dist) -> int:
     config = load_config(args)
     processor = AutoImageProcessor.from_pretrained(args.model, trust_remote_code=True)
     if args.out is not None:
-        fingerprint = make_fingerprint(args, config, processor)
-        on_rank0(dist, lambda: prepare_output(args.out, fingerprint, args.overwrite, args.retry_errors))
+        # rank 0 alone hashes the weights and prepares the folder; the other ranks wait for its verdict
+        on_rank0(dist, lambda: prepare_output(args.out, make_fingerprint(args, config, processor), args.overwrite,
+                                              args.retry_errors))
         done, errored, _ = done_ids(args.out)
     else:
         done, errored = set(), set()

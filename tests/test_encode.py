@@ -268,6 +268,8 @@ def test_cli_errors_are_one_clear_line(data, tmp_path, capsys):
         ([EXAMPLES[0], "--out", str(tmp_path / "x.safetensors"), *model], "is an output folder"),
         (["@" + str(tmp_path / "list.txt"), *model], "no such list file"),
         ([EXAMPLES[0], "--pool", "mean", *model], "--features pooled only"),
+        ([EXAMPLES[0], "--config-overrides", "hidden_size=8", *model], "only applies to randomly initialised models"),
+        ([EXAMPLES[0], "--config-overrides", "no_such_field=1"], "the config has no field 'no_such_field'"),
     ]
     if not torch.cuda.is_available():
         cases.append(([EXAMPLES[0], "--device", "cuda", *model], "CUDA is not available"))
