@@ -504,8 +504,8 @@ def prepare_output(out: str, fingerprint: Dict[str, Any], overwrite: bool, retry
     os.makedirs(out, exist_ok=True)
     lock_output(out)
     ours = [n for n in os.listdir(out) if SHARD_RE.match(n) or n.startswith(TMP_PREFIX) or n in (MANIFEST, ERRORS)]
-    if overwrite:
-        for name in ours:
+    if overwrite:  # the manifest goes last: a kill half-way leaves a folder that still describes itself
+        for name in sorted(ours, key=lambda n: n == MANIFEST):
             os.remove(os.path.join(out, name))
         ours = []
     manifest_path = os.path.join(out, MANIFEST)
@@ -771,6 +771,8 @@ def on_rank0(dist: Dist, action: Any) -> Any:
             result = (None, action())
         except UsageError as error:
             result = (str(error), None)
+        except Exception as error:  # noqa: BLE001 - e.g. a permission error: the other ranks must not wait forever
+            result = (f"preparing the output folder failed: {type(error).__name__}: {error}", None)
     message, value = dist.broadcast(result)
     if message is not None:
         raise UsageError(message)

@@ -302,3 +302,33 @@ def test_ranks_partition_the_ids_independently_of_order():
         counts = [owners.count(r) for r in range(world)]
         assert max(counts) - min(counts) < 0.2 * len(ids) / world  # close to even
         assert [encode.owner_rank(i, world) for i in reversed(ids)] == owners[::-1]
+
+
+def test_batches_keep_the_token_budget_and_never_cross_a_shard(data):
+    from transformers import AutoImageProcessor
+
+    processor = AutoImageProcessor.from_pretrained(str(data["model"]), trust_remote_code=True)
+    items = [i for i in encode.expand_input(str(data["images"])) if i.id != "zz_truncated.jpg"]
+    unreadable = {"zz_empty.png", "zz_text.png"}
+    # independent costs: the patch count of each image as the processor actually makes it
+    cost = {n: int(processor(images=str(i.path), **BUDGET)["grid_thws"].prod()) for n, i in enumerate(items)
+            if i.id not in unreadable}
+    batches = list(encode.TokenBudgetBatches(items, None, processor, BUDGET, max_tokens=100, shard_size=4))
+    assert sorted(i for b in batches for i in b) == list(range(len(items)))
+    assert max(cost.values()) <= 100 < sum(cost.values())
+    for batch in batches:
+        assert len({i // 4 for i in batch}) == 1
+        if any(items[i].id in unreadable for i in batch):
+            assert len(batch) == 1  # an unreadable header gets a batch of its own; its worker records the error
+        else:
+            assert sum(cost[i] for i in batch) <= 100
+    assert len(batches) < len(items)  # images were batched together
+
+
+def test_header_size_follows_exif_orientation(tmp_path):
+    exif = PIL.Image.Exif()
+    exif[0x0112] = 6  # rotated 90 degrees: displayed as 40 wide, 120 high
+    PIL.Image.new("RGB", (120, 40)).save(tmp_path / "r.jpg", exif=exif)
+    item = encode.Item("r.jpg", path=str(tmp_path / "r.jpg"))
+    assert encode.header_size(item, None) == (40, 120)
+    assert encode.decode_image(item, None).size == (40, 120)
