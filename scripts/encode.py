@@ -129,6 +129,11 @@ def check_args(args: argparse.Namespace) -> None:
             raise UsageError(f"--out {args.out!r} exists and is not a folder")
     if args.features == "tokens" and (args.pool != "auto" or args.normalize):
         raise UsageError("--pool and --normalize apply to --features pooled only")
+    if args.format == "parquet":
+        try:
+            import pyarrow.parquet  # noqa: F401
+        except ImportError:
+            raise UsageError('--format parquet needs pyarrow: pip install -e ".[encode]"') from None
     if args.out is None and (args.overwrite or args.retry_errors):
         raise UsageError("--overwrite and --retry-errors need --out")
 

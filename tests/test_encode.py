@@ -332,3 +332,25 @@ def test_header_size_follows_exif_orientation(tmp_path):
     item = encode.Item("r.jpg", path=str(tmp_path / "r.jpg"))
     assert encode.header_size(item, None) == (40, 120)
     assert encode.decode_image(item, None).size == (40, 120)
+
+
+def test_pooled_features_per_image_or_per_frame_and_token_split():
+    """A head with one row per image, one per frame (DINOv3-style CLS), or none (token mean); tokens split by grid."""
+    from types import SimpleNamespace
+
+    grids = torch.tensor([[1, 2, 2], [2, 2, 4], [1, 2, 6]])  # 4 + 16 + 12 patches, frames 1 + 2 + 1
+    hidden = torch.randn(32, 8)
+    per_image, per_frame = torch.randn(3, 8), torch.randn(4, 8)
+    out = SimpleNamespace(last_hidden_state=hidden, pooler_output=per_image)
+    tokens = encode.per_image_features(out, grids, "tokens", None, False)
+    assert [t.tolist() for t in tokens] == [hidden[:4].tolist(), hidden[4:20].tolist(), hidden[20:].tolist()]
+    head = encode.per_image_features(out, grids, "pooled", "head", False)
+    assert [p.tolist() for p in head] == [r.tolist() for r in per_image]
+    out.pooler_output = per_frame
+    frames = encode.per_image_features(out, grids, "pooled", "head", False)
+    assert [p.tolist() for p in frames] == [per_frame[0].tolist(), per_frame[1:3].tolist(), per_frame[3].tolist()]
+    mean = encode.per_image_features(out, grids, "pooled", "mean", True)
+    torch.testing.assert_close(mean[1], hidden[4:20].mean(0) / hidden[4:20].mean(0).norm())
+    out.pooler_output = torch.randn(2, 8)
+    with pytest.raises(RuntimeError, match="pooler_output has 2 rows for 3 images"):
+        encode.per_image_features(out, grids, "pooled", "head", False)
