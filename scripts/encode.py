@@ -897,61 +897,84 @@ def print_summary(args: argparse.Namespace, stats: List[Stats], rows: List[Dict[
 # ----------------------------------------------------------------------------------------------------------------------
 
 
-def encode_pending(args: argparse.Namespace, pending: List[Item], dataset: Any, processor: Any, model: Any,
-                   device: str, pool: Optional[str], sink: ShardSink, show_progress: bool,
-                   keep_rows: bool) -> Tuple[Stats, List[Dict[str, Any]]]:
-    """Decode (in workers), batch by token budget, run the model, hand features to the sink shard by shard."""
-    import torch
-    from torch.utils.data import DataLoader
-    from tqdm.auto import tqdm
+@dataclasses.dataclass
+class EncodeJob:
+    """One process's share of the work: decode (in workers), batch by token budget, run the model, hand the
+    features to the sink shard by shard, keep the counts (and the table rows when asked)."""
 
-    budget = budget_of(args)
-    cuda = device.startswith("cuda")
-    loader = DataLoader(
-        EncodeInputs(pending, dataset, processor, budget),
-        batch_sampler=TokenBudgetBatches(pending, dataset, processor, budget, args.max_tokens, args.shard_size),
-        num_workers=args.workers, collate_fn=collate, pin_memory=cuda,
-        prefetch_factor=4 if args.workers else None,
-    )
-    stats, rows, chunk = Stats(), [], 0
-    progress = tqdm(total=len(pending), unit="img", file=sys.stderr, disable=not show_progress, mininterval=1.0,
-                    desc="encoding")
-    start = time.perf_counter()
-    with torch.inference_mode():
-        for step, batch in enumerate(loader, 1):
-            first = (batch["indices"] or [i for i, _ in batch["errors"]])[0]
-            if first // args.shard_size != chunk:
-                sink.flush()
-                chunk = first // args.shard_size
-            for index, message in batch["errors"]:
-                stats.errors += 1
-                item = pending[index]
-                sink.error({"id": item.id, "error": message, "source": item.source})
-            if batch["indices"]:
-                grids = batch["grid_thws"]
-                output = model(batch["pixel_values"].to(device, model.dtype, non_blocking=True), grids)
-                feats = per_image_features(output, grids, args.features, pool, args.normalize)
-                feats = [f.to("cpu", copy=True) for f in feats]  # own storage: shards never hold views
-                for index, feature, grid, size in zip(batch["indices"], feats, grids.tolist(), batch["sizes"]):
-                    item_id = pending[index].id
-                    sink.add({"id": item_id, "feature": feature, "grid": grid, "size": list(size)})
-                    row = table_row(item_id, size, grid, processor, budget)
-                    stats.patches += row["patches"]
-                    stats.tokens += row["tokens"]
-                    if keep_rows:
-                        rows.append(row)
-                stats.images += len(batch["indices"])
-            maybe_kill("after_batch", step)
-            progress.update(len(batch["indices"]) + len(batch["errors"]))
-            elapsed = max(time.perf_counter() - start, 1e-9)
-            progress.set_postfix_str(f"{stats.images / elapsed:.1f} img/s, {stats.patches / elapsed:.0f} tok/s, "
-                                     f"errors {stats.errors}", refresh=False)
-        sink.flush()
-    if cuda:
-        torch.cuda.synchronize()
-    progress.close()
-    stats.seconds = time.perf_counter() - start
-    return stats, rows
+    args: argparse.Namespace
+    dataset: Any
+    processor: Any
+    model: Any
+    device: str
+    pool: Optional[str]
+    sink: ShardSink
+    keep_rows: bool
+    stats: Stats = dataclasses.field(default_factory=Stats)
+    rows: List[Dict[str, Any]] = dataclasses.field(default_factory=list)
+
+    def loader(self, pending: List[Item]):
+        from torch.utils.data import DataLoader
+
+        budget = budget_of(self.args)
+        return DataLoader(
+            EncodeInputs(pending, self.dataset, self.processor, budget),
+            batch_sampler=TokenBudgetBatches(pending, self.dataset, self.processor, budget, self.args.max_tokens,
+                                             self.args.shard_size),
+            num_workers=self.args.workers, collate_fn=collate, pin_memory=self.device.startswith("cuda"),
+            prefetch_factor=4 if self.args.workers else None,
+        )
+
+    def run(self, pending: List[Item], show_progress: bool) -> None:
+        import torch
+        from tqdm.auto import tqdm
+
+        progress = tqdm(total=len(pending), unit="img", file=sys.stderr, disable=not show_progress,
+                        mininterval=1.0, desc="encoding")
+        start, chunk = time.perf_counter(), 0
+        with torch.inference_mode():
+            for step, batch in enumerate(self.loader(pending), 1):
+                first = (batch["indices"] or [i for i, _ in batch["errors"]])[0]
+                if first // self.args.shard_size != chunk:  # batches come chunk by chunk: the last one is complete
+                    self.sink.flush()
+                    chunk = first // self.args.shard_size
+                self.record_errors(batch, pending)
+                if batch["indices"]:
+                    self.encode_batch(batch, pending)
+                maybe_kill("after_batch", step)
+                progress.update(len(batch["indices"]) + len(batch["errors"]))
+                elapsed = max(time.perf_counter() - start, 1e-9)
+                progress.set_postfix_str(f"{self.stats.images / elapsed:.1f} img/s, "
+                                         f"{self.stats.patches / elapsed:.0f} tok/s, errors {self.stats.errors}",
+                                         refresh=False)
+            self.sink.flush()
+        if self.device.startswith("cuda"):
+            torch.cuda.synchronize()
+        progress.close()
+        self.stats.seconds = time.perf_counter() - start
+
+    def record_errors(self, batch: Dict[str, Any], pending: List[Item]) -> None:
+        for index, message in batch["errors"]:
+            self.stats.errors += 1
+            item = pending[index]
+            self.sink.error({"id": item.id, "error": message, "source": item.source})
+
+    def encode_batch(self, batch: Dict[str, Any], pending: List[Item]) -> None:
+        grids = batch["grid_thws"]
+        pixels = batch["pixel_values"].to(self.device, self.model.dtype, non_blocking=True)
+        output = self.model(pixels, grids)
+        feats = per_image_features(output, grids, self.args.features, self.pool, self.args.normalize)
+        feats = [f.to("cpu", copy=True) for f in feats]  # own storage: shards never hold views of the batch
+        budget = budget_of(self.args)
+        for index, feature, grid, size in zip(batch["indices"], feats, grids.tolist(), batch["sizes"]):
+            item_id = pending[index].id
+            self.sink.add({"id": item_id, "feature": feature, "grid": grid, "size": list(size)})
+            row = table_row(item_id, size, grid, self.processor, budget)
+            self.stats.patches += row["patches"]
+            self.stats.tokens += row["tokens"]
+            if self.keep_rows:
+                self.rows.append(row)
+        self.stats.images += len(batch["indices"])
 
 
 def run(args: argparse.Namespace, dist: Dist) -> int:
@@ -979,24 +1002,23 @@ def run(args: argparse.Namespace, dist: Dist) -> int:
     pool = resolve_pool(args, model, processor, device)
     meta = {"features": args.features, "pool": str(pool), "normalize": str(args.normalize),
             "model": os.path.abspath(args.model), "weights": source, "dtype": args.dtype}
-    sink = ShardSink(args.out, args.format, dist.rank, meta)
     keep_rows = args.table if args.table is not None else args.out is None
-    stats, rows = encode_pending(args, pending, dataset, processor, model, device, pool, sink,
-                                 show_progress=dist.rank == 0, keep_rows=keep_rows)
+    job = EncodeJob(args, dataset, processor, model, device, pool, ShardSink(args.out, args.format, dist.rank, meta),
+                    keep_rows)
+    job.run(pending, show_progress=dist.rank == 0)
 
-    all_stats = dist.gather(stats)
-    all_rows = [row for part in dist.gather(rows) for row in part]
-    ids = {item.id for item in items}
-    total_errors, shards = 0, 0
+    all_stats = dist.gather(job.stats)  # also waits until every rank has written its last shard
+    all_rows = [row for part in dist.gather(job.rows) for row in part]
+    if dist.rank != 0:
+        return 0  # rank 0 reports, and its exit status carries --strict
+    total_errors, shards = sum(s.errors for s in all_stats), 0
     if args.out is not None:
         _, errored_now, shards = done_ids(args.out)
-        total_errors = len(errored_now & ids)
-    if dist.rank == 0:
-        header = (f"model: {args.model} ({source}), attn={args.attn}, dtype={args.dtype}, device={device}, "
-                  f"processes={dist.world_size}, features={args.features}" + (f", pool={pool}" if pool else ""))
-        print_summary(args, all_stats, all_rows, header, skipped, total_errors, shards)
-    errors = total_errors if args.out is not None else sum(s.errors for s in all_stats)
-    return 1 if args.strict and errors else 0
+        total_errors = len(errored_now & {item.id for item in items})
+    header = (f"model: {args.model} ({source}), attn={args.attn}, dtype={args.dtype}, device={device}, "
+              f"processes={dist.world_size}, features={args.features}" + (f", pool={pool}" if pool else ""))
+    print_summary(args, all_stats, all_rows, header, skipped, total_errors, shards)
+    return 1 if args.strict and total_errors else 0
 
 
 def main(argv: Optional[List[str]] = None) -> int:
