@@ -76,6 +76,27 @@ def test_demo_prints_table_without_writing_anything():
     total_patches = sum(r["patches"] for r in rows.values())
     assert f"images: 5  total patches: {total_patches}  total merged tokens: {total_patches // 4}" in result.stdout
     assert re.search(r"wall time: [\d.]+ s\s+throughput: [\d.]+ patches/s", result.stdout)
+    assert re.search(r"encoding: 100%.*5/5.*[\d.]+ img/s, \d+ tok/s, errors 0", result.stderr)  # progress bar
+
+
+def test_processor_and_model_end_to_end_on_two_real_images():
+    """Two real photos packed in one call equal each encoded alone (the reference the encode tests rely on)."""
+    from transformers import AutoConfig, AutoImageProcessor, AutoModel
+
+    config = AutoConfig.from_pretrained(str(ROOT), trust_remote_code=True)
+    for key, value in TINY.items():
+        setattr(config, key, value)
+    torch.manual_seed(1)
+    model = AutoModel.from_config(config, trust_remote_code=True, attn_implementation="eager").eval()
+    proc = AutoImageProcessor.from_pretrained(str(ROOT), trust_remote_code=True)
+    images = [PIL.Image.open(ROOT / "examples" / "rocket.jpg"), PIL.Image.open(ROOT / "examples" / "horse.png")]
+    batch = proc(images=images, return_tensors="pt")
+    assert batch["grid_thws"].tolist() == [[1, 26, 40], [1, 26, 32]]  # 416x640 and 416x512, see EXPECTED
+    with torch.no_grad():
+        packed = model(batch["pixel_values"], batch["grid_thws"]).last_hidden_state
+        assert tuple(packed.shape) == (26 * 40 + 26 * 32, TINY["hidden_size"])
+        singles = [model(**proc(images=im, return_tensors="pt")).last_hidden_state for im in images]
+    torch.testing.assert_close(packed, torch.cat(singles), atol=1e-5, rtol=1e-5)
 
 
 @pytest.fixture(scope="module")
