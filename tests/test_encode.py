@@ -375,3 +375,17 @@ def test_pooled_features_per_image_or_per_frame_and_token_split():
     out.pooler_output = torch.randn(2, 8)
     with pytest.raises(RuntimeError, match="pooler_output has 2 rows for 3 images"):
         encode.per_image_features(out, grids, "pooled", "head", False)
+
+
+def test_bf16_run_stores_bf16_tokens_close_to_fp32(data, reference, tmp_path, capsys):
+    out = tmp_path / "bf16"
+    some = ["img000.jpg", "sub/s003.png"]
+    assert _encode(data, out, "--dtype", "bf16", "--table", inputs=[str(data["images"])]) == 0
+    table = capsys.readouterr().out
+    assert "original (WxH)" in table and re.search(r"^sub/s003\.png\s+\d+x\d+", table, re.M)  # --table with --out
+    features = readme_loader()(str(out))
+    for item_id in some:
+        assert features[item_id].dtype == torch.bfloat16
+        expected = reference(data["good"][item_id])[0]
+        # bf16 keeps 8 bits of mantissa; two layers of a tiny random model stay within a few percent
+        torch.testing.assert_close(features[item_id].float(), expected, atol=0.1, rtol=0.05)
