@@ -71,7 +71,9 @@ class UsageError(Exception):
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawTextHelpFormatter)
+    paragraphs = __doc__.split("\n\n")  # title, usage (argparse writes its own), then the behaviour: the epilog
+    parser = argparse.ArgumentParser(description=paragraphs[0], epilog="\n\n".join(paragraphs[2:]),
+                                     formatter_class=argparse.RawTextHelpFormatter)
     add = parser.add_argument
     add("inputs", nargs="*", metavar="INPUT", help="image files, folders, quoted globs, @list.txt")
     add("--dataset", default=None, help="a local datasets folder (save_to_disk) or parquet file(s)/folder")
