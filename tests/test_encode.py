@@ -1,11 +1,11 @@
-"""scripts/encode.py end to end (subprocesses, tiny configs) and processor + model end to end on real images."""
+"""scripts/encode.py: the demo table, features against an independent per-image reference, pooled features, both
+output formats read back (README loader, pyarrow, datasets), datasets input, bad inputs, settings fingerprint,
+CLI errors and input collection. Kill-and-resume and multi-process runs: tests/test_encode_resume.py."""
 
 import json
 import os
 import re
-import shutil
-import subprocess
-import sys
+import stat
 from pathlib import Path
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
@@ -13,14 +13,25 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 import PIL.Image
 import pytest
 import torch
-from safetensors import safe_open
-from safetensors.torch import load_file
+
+from encode_testutils import (
+    BUDGET,
+    BUDGET_ARGS,
+    ROOT,
+    TINY,
+    Reference,
+    assert_matches_reference,
+    load_encode_module,
+    make_bad_files,
+    make_images,
+    readme_loader,
+    run_script,
+    save_checkpoint,
+)
 
 
-ROOT = Path(__file__).resolve().parents[1]
-SCRIPT = ROOT / "scripts" / "encode.py"
+encode = load_encode_module()
 EXAMPLES = [str(ROOT / "examples" / n) for n in ("rocket.jpg", "camera.png", "chelsea.png", "coffee.png", "horse.png")]
-TINY = {"hidden_size": 64, "num_hidden_layers": 2, "num_attention_heads": 2, "intermediate_size": 128}
 TINY_ARG = ",".join(f"{k}={v}" for k, v in TINY.items())
 
 # file -> (original WxH, resized WxH), the resized sizes worked out by hand from SPEC §8 (factor 32, default budget):
@@ -38,21 +49,6 @@ EXPECTED = {
 }
 
 
-def _env():
-    env = dict(os.environ)
-    env["HF_HUB_OFFLINE"] = "1"
-    env.setdefault("OMP_NUM_THREADS", "1")
-    return env
-
-
-def _run(args, timeout=300):
-    result = subprocess.run(
-        [sys.executable, str(SCRIPT), *args], capture_output=True, text=True, env=_env(), cwd=str(ROOT), timeout=timeout
-    )
-    assert result.returncode == 0, f"stdout:\n{result.stdout}\nstderr:\n{result.stderr}"
-    return result
-
-
 def _table_rows(stdout):
     rows = {}
     for line in stdout.splitlines():
@@ -64,8 +60,12 @@ def _table_rows(stdout):
     return rows
 
 
-def _check_table(stdout):
-    rows = _table_rows(stdout)
+def test_demo_prints_table_without_writing_anything():
+    """The README's quick-start command: one row per image, totals and timing, loud random-weights warning."""
+    result = run_script([*EXAMPLES, "--config-overrides", TINY_ARG])
+    assert result.returncode == 0, result.stderr
+    assert "RANDOMLY INITIALISED" in result.stderr
+    rows = _table_rows(result.stdout)
     assert set(rows) == set(EXPECTED)
     for name, (orig, resized) in EXPECTED.items():
         row = rows[name]
@@ -74,87 +74,21 @@ def _check_table(stdout):
         assert row["grid"] == grid
         assert row["patches"] == grid[1] * grid[2] and row["tokens"] == grid[1] * grid[2] // 4
     total_patches = sum(r["patches"] for r in rows.values())
-    assert f"total patches: {total_patches}" in stdout
-    assert f"total merged tokens: {total_patches // 4}" in stdout
-    assert re.search(r"wall time: [\d.]+ s\s+throughput: [\d.]+ patches/s", stdout)
-    return rows
+    assert f"images: 5  total patches: {total_patches}  total merged tokens: {total_patches // 4}" in result.stdout
+    assert re.search(r"wall time: [\d.]+ s\s+throughput: [\d.]+ patches/s", result.stdout)
+    assert re.search(r"encoding: 100%.*5/5.*[\d.]+ img/s, \d+ tok/s, errors 0", result.stderr)  # progress bar
 
 
-@pytest.fixture(scope="module")
-def single_run(tmp_path_factory):
-    out = tmp_path_factory.mktemp("single") / "features.safetensors"
-    result = _run([*EXAMPLES, "--config-overrides", TINY_ARG, "--out", str(out)])
-    return result, out
-
-
-def test_encode_prints_table_and_saves_features(single_run):
-    result, out = single_run
-    assert "RANDOMLY INITIALISED" in result.stderr  # loud warning: the repo root holds no weights
-    rows = _check_table(result.stdout)
-    tensors = load_file(str(out))
-    assert set(tensors) == set(EXPECTED) | {f"{n}.grid_thws" for n in EXPECTED}
-    for name, row in rows.items():
-        assert tuple(tensors[name].shape) == (row["patches"], TINY["hidden_size"])
-        assert torch.isfinite(tensors[name]).all()
-        assert tensors[f"{name}.grid_thws"].tolist() == [list(row["grid"])]
-    with safe_open(str(out), "pt") as f:
-        assert json.loads(f.metadata()["names"]) == [Path(p).stem for p in EXAMPLES]
-    assert not [p for p in out.parent.iterdir() if ".tmp" in p.name]  # atomic write left no temp file
-
-
-def test_encode_small_token_budget_gives_same_features(single_run, tmp_path):
-    _, reference = single_run
-    out = tmp_path / "small_batches.safetensors"
-    result = _run([*EXAMPLES, "--config-overrides", TINY_ARG, "--out", str(out), "--max-tokens", "1100"])
-    _check_table(result.stdout)
-    got, expected = load_file(str(out)), load_file(str(reference))
-    assert set(got) == set(expected)
-    for name in expected:
-        torch.testing.assert_close(got[name], expected[name], atol=1e-4, rtol=1e-4)
-
-
-@pytest.mark.slow
-def test_encode_two_processes_torchrun(single_run, tmp_path):
-    _, reference = single_run
-    out = tmp_path / "dist.safetensors"
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", str(SCRIPT),
-           *EXAMPLES, "--config-overrides", TINY_ARG, "--out", str(out)]
-    result = subprocess.run(cmd, capture_output=True, text=True, env=_env(), cwd=str(ROOT), timeout=400)
-    assert result.returncode == 0, f"stdout:\n{result.stdout}\nstderr:\n{result.stderr}"
-    assert "processes=2" in result.stdout
-    _check_table(result.stdout)
-    shard0, shard1 = tmp_path / "dist.rank0.safetensors", tmp_path / "dist.rank1.safetensors"
-    assert shard0.is_file() and shard1.is_file()
-    index = json.loads((tmp_path / "dist.safetensors.index.json").read_text())
-    weight_map = index["weight_map"]
-    expected = load_file(str(reference))
-    assert set(weight_map) == set(expected)
-    assert set(weight_map.values()) == {shard0.name, shard1.name}
-    merged = {}
-    for shard in (shard0, shard1):
-        part = load_file(str(shard))
-        assert all(weight_map[name] == shard.name for name in part)
-        merged.update(part)
-    assert set(merged) == set(expected)
-    for name in expected:
-        torch.testing.assert_close(merged[name], expected[name], atol=1e-4, rtol=1e-4)
-
-
-def _tiny_model():
-    from transformers import AutoConfig, AutoModel
+def test_processor_and_model_end_to_end_on_two_real_images():
+    """Two real photos packed in one call equal each encoded alone (the reference the encode tests rely on)."""
+    from transformers import AutoConfig, AutoImageProcessor, AutoModel
 
     config = AutoConfig.from_pretrained(str(ROOT), trust_remote_code=True)
     for key, value in TINY.items():
         setattr(config, key, value)
     torch.manual_seed(1)
-    return AutoModel.from_config(config, trust_remote_code=True, attn_implementation="eager").eval()
-
-
-def test_processor_and_model_end_to_end_on_two_real_images():
-    from transformers import AutoImageProcessor
-
+    model = AutoModel.from_config(config, trust_remote_code=True, attn_implementation="eager").eval()
     proc = AutoImageProcessor.from_pretrained(str(ROOT), trust_remote_code=True)
-    model = _tiny_model()
     images = [PIL.Image.open(ROOT / "examples" / "rocket.jpg"), PIL.Image.open(ROOT / "examples" / "horse.png")]
     batch = proc(images=images, return_tensors="pt")
     assert batch["grid_thws"].tolist() == [[1, 26, 40], [1, 26, 32]]  # 416x640 and 416x512, see EXPECTED
@@ -165,53 +99,293 @@ def test_processor_and_model_end_to_end_on_two_real_images():
     torch.testing.assert_close(packed, torch.cat(singles), atol=1e-5, rtol=1e-5)
 
 
-def test_encode_uses_weights_when_the_folder_has_them(tmp_path):
+@pytest.fixture(scope="module")
+def data(tmp_path_factory):
+    """A tiny checkpoint (with and without the MAP head), 10 generated images in two folders, 3 bad files."""
+    base = tmp_path_factory.mktemp("encode")
+    images = base / "images"
+    names = make_images(images, 6) + [f"sub/{n}" for n in make_images(images / "sub", 4, seed=1, prefix="s")]
+    bad = make_bad_files(images, images / "img000.jpg")
+    return {
+        "base": base,
+        "images": images,
+        "good": {n: images / n for n in names},
+        "bad": bad,
+        "model": save_checkpoint(base / "tiny"),
+        "head_model": save_checkpoint(base / "tiny_head", use_head=True),
+    }
+
+
+@pytest.fixture(scope="module")
+def reference(data):
+    return Reference(data["model"])
+
+
+def _encode(data, out, *extra, inputs=None, model="model"):
+    argv = [*([str(data["images"])] if inputs is None else inputs), "--out", str(out), "--model", str(data[model]), *BUDGET_ARGS, *extra]
+    return encode.main([str(a) for a in argv])
+
+
+def test_tokens_match_each_image_encoded_alone_and_bad_files_are_recorded(data, reference, tmp_path, capsys):
+    out = tmp_path / "out"
+    assert _encode(data, out, "--shard-size", "4", "--max-tokens", "100") == 0
+    captured = capsys.readouterr()
+    assert "RANDOMLY INITIALISED" not in captured.err
+    assert re.search(r"encoded 10 images, skipped 0 already done, 3 errors in this run", captured.out)
+    features, grids = readme_loader()(str(out), with_grids=True)
+    assert_matches_reference(features, data["good"], reference)
+    for item_id, path in data["good"].items():
+        assert grids[item_id] == reference(path)[2]
+    shards = sorted(p.name for p in out.iterdir() if p.suffix == ".safetensors")
+    # 13 inputs in id order, 4 per chunk: the 4th chunk is a lone bad file, so no 4th shard
+    assert shards == [f"train-r00000-{i:06d}.safetensors" for i in range(1, 4)]
+    errors = [json.loads(line) for line in (out / "errors.jsonl").read_text().splitlines()]
+    assert sorted(e["id"] for e in errors) == data["bad"]
+    assert all(e["error"] and e["source"].endswith(e["id"]) for e in errors)
+    assert not [p for p in out.iterdir() if p.name.startswith(".tmp")]
+
+    # rerun: nothing left to do, errors not retried and not duplicated; --strict reports them with status 1
+    assert _encode(data, out, "--strict") == 1
+    assert "encoded 0 images, skipped 13 already done, 0 errors in this run, 3 inputs with errors" in capsys.readouterr().out
+    assert len((out / "errors.jsonl").read_text().splitlines()) == 3
+    # --retry-errors tries them again (and records them again, once each)
+    assert _encode(data, out, "--retry-errors") == 0
+    assert "encoded 0 images, skipped 10 already done, 3 errors in this run" in capsys.readouterr().out
+    assert len((out / "errors.jsonl").read_text().splitlines()) == 3
+
+
+def test_workers_and_token_budget_do_not_change_features(data, reference, tmp_path):
+    out = tmp_path / "workers"
+    assert _encode(data, out, "--workers", "2", "--max-tokens", "64", "--shard-size", "3") == 0
+    assert_matches_reference(readme_loader()(str(out)), data["good"], reference)
+
+
+def test_output_files_have_normal_permissions(data, tmp_path):
+    old = os.umask(0o022)
+    try:
+        out = tmp_path / "perm"
+        assert _encode(data, out, inputs=[str(data["good"]["img001.png"])]) == 0
+    finally:
+        os.umask(old)
+    files = [p for p in out.iterdir() if p.name != ".lock"]  # .lock: the empty file a running job holds locked
+    assert {p.name for p in files} == {"_manifest.json", "train-r00000-000001.safetensors"}
+    assert all(stat.S_IMODE(p.stat().st_mode) == 0o644 for p in files)
+
+
+def test_pooled_features_head_mean_and_normalized(data, tmp_path):
+    head_ref = Reference(data["head_model"])
+    some = {k: data["good"][k] for k in ("img000.jpg", "img001.png", "sub/s002.jpg")}
+    inputs = [str(data["images"])]
+
+    out = tmp_path / "head"
+    assert _encode(data, out, "--features", "pooled", inputs=inputs, model="head_model") == 0
+    pooled = readme_loader()(str(out))
+    assert_matches_reference(pooled, data["good"], head_ref, pooled=True)
+
+    out = tmp_path / "mean"
+    assert _encode(data, out, "--features", "pooled", "--pool", "mean", "--normalize", inputs=inputs,
+                   model="head_model") == 0
+    pooled = readme_loader()(str(out))
+    for item_id, path in some.items():
+        expected = torch.nn.functional.normalize(head_ref(path)[0].mean(0), dim=-1)
+        torch.testing.assert_close(pooled[item_id], expected, atol=1e-5, rtol=1e-4)
+
+    # no head: auto falls back to the token mean, an explicit --pool head is refused before any image is encoded
+    out = tmp_path / "auto_mean"
+    assert _encode(data, out, "--features", "pooled", inputs=inputs) == 0
+    pooled = readme_loader()(str(out))
+    ref = Reference(data["model"])
+    for item_id, path in some.items():
+        torch.testing.assert_close(pooled[item_id], ref(path)[0].mean(0), atol=1e-5, rtol=1e-4)
+    with pytest.raises(encode.UsageError, match="no pooling head"):
+        encode.run(encode.build_parser().parse_args(
+            [*inputs, "--model", str(data["model"]), "--features", "pooled", "--pool", "head", *BUDGET_ARGS,
+             "--shard-size", "10"]), encode.Dist())
+
+
+def test_parquet_reads_back_with_pyarrow_and_datasets(data, reference, tmp_path, monkeypatch):
+    datasets = pytest.importorskip("datasets")
+    pyarrow_dataset = pytest.importorskip("pyarrow.dataset")
+
+    monkeypatch.setenv("HF_DATASETS_CACHE", str(tmp_path / "hf_cache"))
+    out = tmp_path / "parquet"
+    assert _encode(data, out, "--format", "parquet", "--shard-size", "6") == 0
+    assert (out / "errors.jsonl").is_file()  # sits next to the shards; both readers below leave it out
+
+    table = pyarrow_dataset.dataset(str(out), format="parquet", ignore_prefixes=[".", "_", "errors."]).to_table()
+    rows = table.to_pylist()
+    features = {r["id"]: torch.tensor(r["embedding"]).reshape(r["shape"]) for r in rows}
+    assert_matches_reference(features, data["good"], reference)
+    for r in rows:
+        assert r["grid_thws"] == reference(data["good"][r["id"]])[2]
+        with PIL.Image.open(data["good"][r["id"]]) as image:
+            assert [r["width"], r["height"]] == list(image.size)
+
+    loaded = datasets.load_dataset("parquet", data_dir=str(out), split="train")
+    assert sorted(loaded["id"]) == sorted(data["good"])
+    row = loaded[0]
+    torch.testing.assert_close(torch.tensor(row["embedding"]).reshape(row["shape"]),
+                               features[row["id"]], atol=0, rtol=0)
+
+
+def test_dataset_input_save_to_disk_and_parquet(data, reference, tmp_path, monkeypatch):
+    datasets = pytest.importorskip("datasets")
+
+    monkeypatch.setenv("HF_DATASETS_CACHE", str(tmp_path / "hf_cache"))
+    paths = [data["good"][k] for k in ("img002.jpg", "sub/s001.png", "img005.png")]
+    ds = datasets.Dataset.from_dict({"picture": [str(p) for p in paths], "label": [0, 1, 2]})
+    ds = ds.cast_column("picture", datasets.Image())
+    ds.save_to_disk(str(tmp_path / "saved"))
+    ds.to_parquet(str(tmp_path / "pq" / "data.parquet"))
+    expected = {str(i): p for i, p in enumerate(paths)}
+    for source in ("saved", "pq"):
+        out = tmp_path / f"out_{source}"
+        assert _encode(data, out, "--dataset", tmp_path / source, "--image-column", "picture", inputs=[]) == 0
+        assert_matches_reference(readme_loader()(str(out)), expected, reference)
+    with pytest.raises(encode.UsageError, match=r"no column 'image' \(columns: \['picture', 'label'\]\)"):
+        encode.open_dataset(str(tmp_path / "saved"), None, "image")
+
+
+def test_rerun_with_other_settings_is_refused_and_overwrite_starts_over(data, tmp_path, capsys):
+    out = tmp_path / "fp"
+    one = [str(data["good"]["img003.png"])]
+    assert _encode(data, out, inputs=one) == 0
+    capsys.readouterr()
+    assert _encode(data, out, "--features", "pooled", inputs=one) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and "other settings (features: 'tokens' -> 'pooled')" in err and "--overwrite" in err
+    assert _encode(data, out, "--dtype", "bf16", inputs=one) == 2
+    assert "dtype: 'fp32' -> 'bf16'" in capsys.readouterr().err
+    # throughput settings may change between reruns
+    assert _encode(data, out, "--workers", "1", "--max-tokens", "50", "--shard-size", "2", inputs=one) == 0
+    assert _encode(data, out, "--features", "pooled", "--overwrite", inputs=one) == 0
+    assert json.loads((out / "_manifest.json").read_text())["features"] == "pooled"
+    # a second job writing into the same folder at the same time is refused
+    import fcntl
+
+    with open(out / ".lock", "w") as held:
+        fcntl.flock(held, fcntl.LOCK_EX)
+        assert _encode(data, out, "--features", "pooled", inputs=one) == 2
+        assert "another encode.py job is writing into" in capsys.readouterr().err
+    assert len(readme_loader()(str(out))[one[0]].shape) == 1  # a file given directly: id = the path as given
+
+
+def test_cli_errors_are_one_clear_line(data, tmp_path, capsys):
+    (tmp_path / "empty").mkdir()
+    (tmp_path / "x").mkdir()
+    (tmp_path / "y").mkdir()
+    for folder in ("x", "y"):
+        PIL.Image.new("RGB", (40, 40)).save(tmp_path / folder / "same.png")
+    model = ["--model", str(data["model"])]
+    cases = [
+        ([EXAMPLES[0], "--model", str(tmp_path / "nope")], "is not a folder"),
+        ([EXAMPLES[0], "--model", str(tmp_path / "empty")], "has no config.json"),
+        ([str(tmp_path / "empty"), *model], "the inputs hold no images"),
+        ([*model], "no input"),
+        ([str(tmp_path / "missing.png"), *model], "no such file or folder"),
+        ([str(tmp_path / "x"), str(tmp_path / "y"), *model], "two inputs have the same id 'same.png'"),
+        ([EXAMPLES[0], EXAMPLES[0], *model], "same id"),
+        ([EXAMPLES[0], "--max-tokens", "0", *model], "--max-tokens must be positive"),
+        ([EXAMPLES[0], "--out", str(tmp_path / "x.safetensors"), *model], "is an output folder"),
+        (["@" + str(tmp_path / "list.txt"), *model], "no such list file"),
+        ([EXAMPLES[0], "--pool", "mean", *model], "--features pooled only"),
+        ([EXAMPLES[0], "--config-overrides", "hidden_size=8", *model], "only applies to randomly initialised models"),
+        ([EXAMPLES[0], "--config-overrides", "no_such_field=1"], "the config has no field 'no_such_field'"),
+    ]
+    if not torch.cuda.is_available():
+        cases.append(([EXAMPLES[0], "--device", "cuda", *model], "CUDA is not available"))
+    for argv, message in cases:
+        assert encode.main(argv) == 2, argv
+        err = capsys.readouterr().err.strip()
+        assert len(err.splitlines()) == 1 and message in err, (argv, err)
+
+
+def test_input_ids_from_folders_globs_lists_and_files(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    for rel in ("d/b.png", "d/a.JPG", "d/sub/c.webp", "d/.hidden/x.png", "d/notes.txt", "d/.y.png", "e/z.png"):
+        (tmp_path / rel).parent.mkdir(parents=True, exist_ok=True)
+        (tmp_path / rel).write_bytes(b"")
+    Path("list.txt").write_text("e/z.png\n\n# comment\nd/sub\n")
+    expand = encode.expand_input
+    assert [i.id for i in expand("d")] == ["a.JPG", "b.png", "sub/c.webp"]
+    assert [i.path for i in expand("d")] == [os.path.join("d", "a.JPG"), os.path.join("d", "b.png"),
+                                             os.path.join("d", "sub", "c.webp")]
+    assert [i.id for i in expand("e/z.png")] == ["e/z.png"]  # a file: the path as given
+    assert [i.id for i in expand("d/*.png")] == ["d/b.png"]
+    assert [i.id for i in expand("@list.txt")] == ["e/z.png", "c.webp"]
+
+
+def test_ranks_partition_the_ids_independently_of_order():
+    ids = [f"folder/{i}.jpg" for i in range(2000)]
+    for world in (1, 2, 3, 8):
+        owners = [encode.owner_rank(i, world) for i in ids]
+        assert set(owners) == set(range(world))
+        counts = [owners.count(r) for r in range(world)]
+        assert max(counts) - min(counts) < 0.2 * len(ids) / world  # close to even
+        assert [encode.owner_rank(i, world) for i in reversed(ids)] == owners[::-1]
+
+
+def test_batches_keep_the_token_budget_and_never_cross_a_shard(data):
     from transformers import AutoImageProcessor
 
-    folder = tmp_path / "tiny_checkpoint"
-    model = _tiny_model()
-    model.save_pretrained(str(folder))
-    for name in ("image_processing_siglip2_navit.py", "preprocessor_config.json", "processor_config.json"):
-        shutil.copy(ROOT / name, folder / name)
-    assert (folder / "model.safetensors").is_file()
-
-    out = tmp_path / "weights.safetensors"
-    files = EXAMPLES[:2]
-    result = _run([*files, "--model", str(folder), "--attn", "eager", "--out", str(out)])
-    assert "RANDOMLY INITIALISED" not in result.stderr
-    assert "pretrained weights" in result.stdout
-    saved = load_file(str(out))
-    proc = AutoImageProcessor.from_pretrained(str(folder), trust_remote_code=True)
-    with torch.no_grad():
-        for path in files:
-            expected = model(**proc(images=PIL.Image.open(path), return_tensors="pt")).last_hidden_state
-            torch.testing.assert_close(saved[Path(path).stem], expected, atol=1e-4, rtol=1e-4)
+    processor = AutoImageProcessor.from_pretrained(str(data["model"]), trust_remote_code=True)
+    items = [i for i in encode.expand_input(str(data["images"])) if i.id != "zz_truncated.jpg"]
+    unreadable = {"zz_empty.png", "zz_text.png"}
+    # independent costs: the patch count of each image as the processor actually makes it
+    cost = {n: int(processor(images=str(i.path), **BUDGET)["grid_thws"].prod()) for n, i in enumerate(items)
+            if i.id not in unreadable}
+    batches = list(encode.TokenBudgetBatches(items, None, processor, BUDGET, max_tokens=100, shard_size=4))
+    assert sorted(i for b in batches for i in b) == list(range(len(items)))
+    assert max(cost.values()) <= 100 < sum(cost.values())
+    for batch in batches:
+        assert len({i // 4 for i in batch}) == 1
+        if any(items[i].id in unreadable for i in batch):
+            assert len(batch) == 1  # an unreadable header gets a batch of its own; its worker records the error
+        else:
+            assert sum(cost[i] for i in batch) <= 100
+    assert len(batches) < len(items)  # images were batched together
 
 
-def test_encode_rejects_bad_arguments(tmp_path):
-    for args, message in (
-        ([EXAMPLES[0], "--max-tokens", "0"], "--max-tokens must be positive"),
-        ([str(tmp_path / "missing.png")], "no such file"),
-        ([EXAMPLES[0], "--out", str(tmp_path / "x.npz")], "must end with .safetensors"),
-    ):
-        result = subprocess.run([sys.executable, str(SCRIPT), *args], capture_output=True, text=True, env=_env(),
-                                timeout=120)
-        assert result.returncode != 0 and message in result.stderr, (args, result.stderr)
+def test_header_size_follows_exif_orientation(tmp_path):
+    exif = PIL.Image.Exif()
+    exif[0x0112] = 6  # rotated 90 degrees: displayed as 40 wide, 120 high
+    PIL.Image.new("RGB", (120, 40)).save(tmp_path / "r.jpg", exif=exif)
+    item = encode.Item("r.jpg", path=str(tmp_path / "r.jpg"))
+    assert encode.header_size(item, None) == (40, 120)
+    assert encode.decode_image(item, None).size == (40, 120)
 
 
-def test_tensor_names_are_unique_even_when_an_index_suffix_meets_another_stem():
-    import importlib.util
+def test_pooled_features_per_image_or_per_frame_and_token_split():
+    """A head with one row per image, one per frame (DINOv3-style CLS), or none (token mean); tokens split by grid."""
+    from types import SimpleNamespace
 
-    spec = importlib.util.spec_from_file_location("siglip2_navit_encode_script", SCRIPT)
-    encode = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(encode)
-    cases = {
-        ("x/a.png", "y/a.jpg", "a_1.png"): None,  # "a" twice -> a_0, a_1; but a_1.png is also "a_1"
-        ("a.png", "b.png", "c d.png"): ["a", "b", "c_d"],  # unique stems keep their (sanitised) names
-        ("p/x.png", "q/x.png", "x_0.png", "x_1.png", "x_0_1.png"): None,
-    }
-    for files, expected in cases.items():
-        names = encode.unique_names(list(files))
-        assert len(set(names)) == len(files), names
-        if expected is not None:
-            assert names == expected
+    grids = torch.tensor([[1, 2, 2], [2, 2, 4], [1, 2, 6]])  # 4 + 16 + 12 patches, frames 1 + 2 + 1
+    hidden = torch.randn(32, 8)
+    per_image, per_frame = torch.randn(3, 8), torch.randn(4, 8)
+    out = SimpleNamespace(last_hidden_state=hidden, pooler_output=per_image)
+    tokens = encode.per_image_features(out, grids, "tokens", None, False)
+    assert [t.tolist() for t in tokens] == [hidden[:4].tolist(), hidden[4:20].tolist(), hidden[20:].tolist()]
+    head = encode.per_image_features(out, grids, "pooled", "head", False)
+    assert [p.tolist() for p in head] == [r.tolist() for r in per_image]
+    out.pooler_output = per_frame
+    frames = encode.per_image_features(out, grids, "pooled", "head", False)
+    assert [p.tolist() for p in frames] == [per_frame[0].tolist(), per_frame[1:3].tolist(), per_frame[3].tolist()]
+    mean = encode.per_image_features(out, grids, "pooled", "mean", True)
+    torch.testing.assert_close(mean[1], hidden[4:20].mean(0) / hidden[4:20].mean(0).norm())
+    out.pooler_output = torch.randn(2, 8)
+    with pytest.raises(RuntimeError, match="pooler_output has 2 rows for 3 images"):
+        encode.per_image_features(out, grids, "pooled", "head", False)
+
+
+def test_bf16_run_stores_bf16_tokens_close_to_fp32(data, reference, tmp_path, capsys):
+    out = tmp_path / "bf16"
+    some = ["img000.jpg", "sub/s003.png"]
+    assert _encode(data, out, "--dtype", "bf16", "--table", inputs=[str(data["images"])]) == 0
+    table = capsys.readouterr().out
+    assert "original (WxH)" in table and re.search(r"^sub/s003\.png\s+\d+x\d+", table, re.M)  # --table with --out
+    features = readme_loader()(str(out))
+    for item_id in some:
+        assert features[item_id].dtype == torch.bfloat16
+        expected = reference(data["good"][item_id])[0]
+        # bf16 keeps 8 bits of mantissa; two layers of a tiny random model stay within a few percent
+        torch.testing.assert_close(features[item_id].float(), expected, atol=0.1, rtol=0.05)
