@@ -335,20 +335,3 @@ def test_config_changed_after_init_is_checked_when_the_model_is_built():
     config.hidden_stride = -1
     with pytest.raises(ValueError, match="`hidden_stride` must be a positive integer"):
         Aimv2NavitModel(config)
-
-
-# ----------------------------------------------------------------------------------------------------------------------
-# scripts/encode.py on a converted folder
-# ----------------------------------------------------------------------------------------------------------------------
-
-
-def test_encode_script_runs_on_an_aimv2_folder(tmp_path):
-    folder = hub_folder(tiny_aimv2(patch_size=14, hidden_stride=1), tmp_path / "aimv2")
-    env = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1"}
-    done = subprocess.run(
-        [sys.executable, str(ROOT / "scripts" / "encode.py"), str(ROOT / "examples" / "chelsea.png"),
-         "--model", str(folder), "--min-pixels", str(56 * 56), "--max-pixels", str(112 * 112)],
-        capture_output=True, text=True, env=env, timeout=300,
-    )
-    assert done.returncode == 0, done.stderr[-3000:]
-    assert "chelsea" in done.stdout

@@ -773,18 +773,6 @@ def test_device_map_loading_matches(converted):
         torch.testing.assert_close(mapped(*inputs).last_hidden_state, plain(*inputs).last_hidden_state)
 
 
-def test_encode_script_runs_on_a_converted_folder(converted, tmp_path):
-    out = tmp_path / "features.safetensors"
-    done = subprocess.run(
-        [sys.executable, str(ROOT / "scripts" / "encode.py"), str(ROOT / "examples" / "chelsea.png"),
-         "--model", str(converted[("base", 2)]), "--max-pixels", str(56 * 56), "--min-pixels", str(24 * 24),
-         "--out", str(out)],
-        capture_output=True, text=True, env={**os.environ, "OMP_NUM_THREADS": "1"},
-    )
-    assert done.returncode == 0, done.stderr
-    assert out.is_file()
-
-
 def readme_folder(base: Path) -> str:
     """A tiny converted DINOv3 folder for the README's snippets (`"path/to/dinov3-navit"`): 16-px patches, so that the
     processor's default pixel budget gives real token counts."""

@@ -2,6 +2,7 @@
 output formats read back (README loader, pyarrow, datasets), datasets input, bad inputs, settings fingerprint,
 CLI errors and input collection. Kill-and-resume and multi-process runs: tests/test_encode_resume.py."""
 
+import importlib
 import json
 import os
 import re
@@ -389,3 +390,17 @@ def test_bf16_run_stores_bf16_tokens_close_to_fp32(data, reference, tmp_path, ca
         expected = reference(data["good"][item_id])[0]
         # bf16 keeps 8 bits of mantissa; two layers of a tiny random model stay within a few percent
         torch.testing.assert_close(features[item_id].float(), expected, atol=0.1, rtol=0.05)
+
+
+@pytest.mark.parametrize("family", ["aimv2", "dinov3"])
+@pytest.mark.parametrize("features", ["tokens", "pooled"])
+def test_other_families_encode_like_each_image_alone(family, features, data, tmp_path):
+    """A converted AIMv2 (attention-pool head) or DINOv3 (CLS pooled, prefix tokens never stored) folder: the job's
+    tokens / pooled rows equal the model run on each image alone."""
+    folder = importlib.import_module(f"test_{family}").readme_folder(tmp_path)
+    out = tmp_path / "out"
+    inputs = [str(p) for p in data["good"].values()][:4]
+    argv = [*inputs, "--out", str(out), "--model", folder, *BUDGET_ARGS, "--features", features, "--max-tokens", "300"]
+    assert encode.main([str(a) for a in argv]) == 0
+    paths = {p: Path(p) for p in inputs}  # a file given as such is its own id
+    assert_matches_reference(readme_loader()(str(out)), paths, Reference(Path(folder)), pooled=features == "pooled")
