@@ -23,7 +23,6 @@ from transformers.modeling_outputs import BaseModelOutput, BaseModelOutputWithPo
 from .configuration_aimv2_navit import Aimv2NavitConfig
 from .navit_core import (
     AttentionPartition,
-    GridLike,
     PackedEncoder,
     PackedEncoderLayer,
     PackedLayout,
@@ -278,40 +277,6 @@ class Aimv2NavitModel(Aimv2NavitPreTrainedModel):
     def get_input_embeddings(self) -> nn.Module:
         return self.embeddings.patch_embed
 
-    # Eager frame (torch.compile): arguments and host-side planning; `encode` is what gets compiled (tensors only).
-    @torch.compiler.disable(recursive=False)
-    def forward(
-        self,
-        pixel_values: torch.Tensor,
-        grid_thws: GridLike,
-        *,
-        keep_indices: Optional[torch.Tensor] = None,
-        output_hidden_states: Optional[bool] = None,
-        output_attentions: Optional[bool] = None,
-        return_dict: Optional[bool] = None,
-        **kwargs,
-    ) -> Union[BaseModelOutputWithPooling, tuple]:
-        r"""
-        Everything after `grid_thws` is keyword-only. Args:
-            pixel_values (`torch.FloatTensor` `[Σ h·w, C·p·p]`): packed patch rows of all images (any float dtype).
-            grid_thws (`[n_images, 3]` tensor, list or array): (1, h, w) of every image in patches.
-            output_hidden_states (`bool`, *optional*): also return the embedding output and every layer's output
-                (patch tokens, input order, before the final RMSNorm).
-            output_attentions (`bool`, *optional*): also return, per layer, one `[heads, L, L]` map per image
-                (computed with the eager backend).
-            return_dict (`bool`, *optional*): a `BaseModelOutputWithPooling` (default) or a plain tuple.
-            keep_indices (`torch.LongTensor` `[K]`, *optional*): strictly increasing rows of `pixel_values` to encode
-                (NaViT token dropping; whole hidden_stride blocks); the outputs then have K token rows.
-        """
-        if kwargs:
-            raise ValueError(f"{type(self).__name__}.forward got unexpected arguments {sorted(kwargs)}.")
-        output_hidden_states, output_attentions, return_dict = self._output_flags(
-            output_hidden_states, output_attentions, return_dict
-        )
-        layout = self.plan(pixel_values, grid_thws, keep_indices)
-        encoded = self.encode(pixel_values, layout, output_attentions, output_hidden_states)
-        return self.pooled_outputs(encoded, layout, return_dict)
-
     # -- planning hooks of the shared core --
     def _plan_family(self, layout: PackedLayout, grids: Sequence[tuple[int, int, int]]) -> Optional[torch.Tensor]:
         """Native checkpoints: the sin-cos table up to the batch's longest side (`layout.family`). Learned tables:
@@ -338,10 +303,7 @@ class Aimv2NavitModel(Aimv2NavitPreTrainedModel):
         last_hidden_state = final_norm_in_input_order(hidden_states, layout, self.rms_norm, self.config)
         return restore_encoder_outputs(last_hidden_state, all_hidden_states, all_attentions, layout, self.encoder.layers)
 
-    # Eager: the head groups images by token count, and `pooler_output` [n_images, D] must not become a graph input
-    # whose size torch.compile would guard on.
-    @torch.compiler.disable
-    def pooled_outputs(
+    def wrap_outputs(
         self, encoded: BaseModelOutput, layout: PackedLayout, return_dict: bool
     ) -> Union[BaseModelOutputWithPooling, tuple]:
         """`encoded` plus the attention-pooling head over each image's tokens (all its frames, kept tokens only)."""

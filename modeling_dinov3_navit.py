@@ -29,7 +29,6 @@ from transformers.modeling_outputs import BaseModelOutput, BaseModelOutputWithPo
 from .configuration_dinov3_navit import Dinov3NavitConfig
 from .navit_core import (
     AttentionPartition,
-    GridLike,
     PackedEncoder,
     PackedEncoderLayer,
     PackedLayout,
@@ -54,6 +53,13 @@ class Dinov3NavitModelOutput(BaseModelOutputWithPooling):
     """
 
     prefix_tokens: Optional[torch.FloatTensor] = None
+
+
+@dataclass
+class Dinov3NavitEncoderOutput(BaseModelOutput):
+    """`encode`'s output: the patch outputs plus the last sequence `[S, D]` (working order) that holds the prefix."""
+
+    sequence: Optional[torch.FloatTensor] = None
 
 
 # ----------------------------------------------------------------------------------------------------------------------
@@ -343,49 +349,21 @@ class Dinov3NavitModel(Dinov3NavitPreTrainedModel):
         image_ids = frame_image[layout.host_frame_ids].to(layout.positions.device)
         return Dinov3Plan(image_ids=image_ids, num_images=len(grids))
 
-    # torch.compile: this frame (argument handling, host-side planning) runs eagerly and `_encode` is compiled, so the
-    # graph sees only tensors: no guards on `grid_thws` or on the batch's composition.
-    @torch.compiler.disable(recursive=False)
-    def forward(
-        self,
-        pixel_values: torch.Tensor,
-        grid_thws: GridLike,
-        keep_indices: Optional[torch.Tensor] = None,
-        bool_masked_pos: Optional[torch.Tensor] = None,
-        output_attentions: Optional[bool] = None,
-        output_hidden_states: Optional[bool] = None,
-        return_dict: Optional[bool] = None,
-        **kwargs,
-    ) -> Union[Dinov3NavitModelOutput, tuple]:
-        r"""
-        Args:
-            pixel_values (`torch.FloatTensor` of shape `[Σ t·h·w, C·p·p]`): packed patches, any float dtype.
-            grid_thws (`torch.LongTensor` / list / array of shape `[n_images, 3]`): (t, h, w) per image in patches.
-            keep_indices (`torch.LongTensor` of shape `[K]`, *optional*): strictly increasing patch rows to keep
-                (whole hidden_stride blocks); prefix tokens are always kept.
-            bool_masked_pos (`torch.BoolTensor` of shape `[Σ t·h·w]`, *optional*): patches replaced by the mask
-                token (transformers' `bool_masked_pos`, per packed row).
-            output_attentions (`bool`, *optional*): per-layer tuples of per-frame maps `[heads, L, L]` (eager).
-            output_hidden_states (`bool`, *optional*): return the patch tokens of the embeddings and of every layer.
-        """
-        if kwargs:
-            raise ValueError(f"Unexpected arguments {sorted(kwargs)} for {type(self).__name__}.forward.")
-        output_hidden_states, output_attentions, return_dict = self._output_flags(
-            output_hidden_states, output_attentions, return_dict
-        )
-        layout = self.plan(pixel_values, grid_thws, keep_indices)
+    def _family_inputs(self, pixel_values: torch.Tensor, kwargs: dict) -> dict:
+        """`bool_masked_pos` (`torch.BoolTensor` of shape `[Σ t·h·w]`, *optional*): patches replaced by the mask token
+        (transformers' `bool_masked_pos`, one entry per packed row)."""
+        bool_masked_pos = kwargs.pop("bool_masked_pos", None)
         _check_masked_pos(bool_masked_pos, pixel_values.shape[0])
-        encoded, sequence = self._encode(pixel_values, layout, bool_masked_pos, output_attentions, output_hidden_states)
-        return self._wrap(encoded, sequence, layout, return_dict)
+        return {**super()._family_inputs(pixel_values, kwargs), "bool_masked_pos": bool_masked_pos}
 
-    def _encode(
+    def encode(
         self,
         pixel_values: torch.Tensor,
         layout: PackedLayout,
-        bool_masked_pos: Optional[torch.Tensor],
         output_attentions: bool,
         output_hidden_states: bool,
-    ) -> tuple[BaseModelOutput, torch.Tensor]:
+        bool_masked_pos: Optional[torch.Tensor] = None,
+    ) -> Dinov3NavitEncoderOutput:
         """Embeddings, layers and the final norm of the patches (input order); also the last sequence [S, D]."""
         hidden_states = self.embeddings(pixel_values, layout, bool_masked_pos)  # [S, D], working order
         hidden_states, all_hidden_states, all_attentions = self.encoder(
@@ -393,13 +371,13 @@ class Dinov3NavitModel(Dinov3NavitPreTrainedModel):
         )
         last_hidden_state = final_norm_in_input_order(hidden_states, layout, self.norm, self.config)  # [K, D]
         encoded = restore_encoder_outputs(last_hidden_state, all_hidden_states, all_attentions, layout, self.layer)
-        return encoded, hidden_states
+        return Dinov3NavitEncoderOutput(sequence=hidden_states, **encoded)
 
-    @torch.compiler.disable  # eager: the [F, P, D] prefix never enters a graph that would guard on the frame count
-    def _wrap(
-        self, encoded: BaseModelOutput, sequence: torch.Tensor, layout: PackedLayout, return_dict: bool
+    def wrap_outputs(
+        self, encoded: Dinov3NavitEncoderOutput, layout: PackedLayout, return_dict: bool
     ) -> Union[Dinov3NavitModelOutput, tuple]:
-        prefix_tokens = self.norm(sequence[layout.prefix_index])  # [F, P, D]
+        """The patch outputs plus every frame's prefix tokens after the final norm (CLS = `pooler_output`)."""
+        prefix_tokens = self.norm(encoded.sequence[layout.prefix_index])  # [F, P, D]
         outputs = Dinov3NavitModelOutput(
             last_hidden_state=encoded.last_hidden_state,
             pooler_output=prefix_tokens[:, 0],

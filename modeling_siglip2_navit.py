@@ -24,7 +24,6 @@ from transformers.modeling_outputs import BaseModelOutput, BaseModelOutputWithPo
 
 from .configuration_siglip2_navit import Siglip2NavitConfig
 from .navit_core import (
-    GridLike,
     PackedEncoder,
     PackedEncoderLayer,
     PackedLayout,
@@ -410,56 +409,21 @@ class Siglip2NavitModel(Siglip2NavitPreTrainedModel):
     def _pools_per_image(self) -> bool:
         return self.config.vision_use_head
 
-    # torch.compile: this frame (argument handling, host-side planning) runs eagerly and the vision transformer it
-    # calls is compiled, so the graph sees only tensors: no guards on `grid_thws` or on the batch's composition.
-    @torch.compiler.disable(recursive=False)
-    def forward(
-        self,
-        pixel_values: torch.Tensor,
-        grid_thws: GridLike,
-        output_hidden_states: Optional[bool] = None,
-        output_attentions: Optional[bool] = None,
-        return_dict: Optional[bool] = None,
-        keep_indices: Optional[torch.Tensor] = None,
-        **kwargs,
-    ) -> Union[BaseModelOutputWithPooling, tuple]:
-        r"""
-        Args:
-            pixel_values (`torch.FloatTensor` of shape `[Σ t·h·w, C·T·p·p]`): packed patches, any float dtype (cast
-                to the model's dtype inside).
-            grid_thws (`torch.LongTensor` / list / array of shape `[n_images, 3]`): (t, h, w) per image in patches;
-                may live on any device.
-            output_hidden_states (`bool`, *optional*): return the embeddings and every layer's output (before
-                `post_layernorm`; `hidden_states[-1]` is what Ovis2.5 merges).
-            output_attentions (`bool`, *optional*): return per-layer tuples of per-sequence maps `[heads, L, L]`
-                (eager backend).
-            keep_indices (`torch.LongTensor` of shape `[K]`, *optional*): strictly increasing rows to keep (NaViT
-                token dropping, whole hidden_stride blocks); outputs then have K rows.
-        """
-        if kwargs:
-            raise ValueError(f"Unexpected arguments {sorted(kwargs)} for {type(self).__name__}.forward.")
-        output_hidden_states, output_attentions, return_dict = self._output_flags(
-            output_hidden_states, output_attentions, return_dict
-        )
-        layout = self.plan(pixel_values, grid_thws, keep_indices)
-        encoded = self.vision_model(
+    def encode(
+        self, pixel_values: torch.Tensor, layout: PackedLayout, output_attentions: bool, output_hidden_states: bool
+    ) -> BaseModelOutput:
+        return self.vision_model(
             pixel_values, layout, output_attentions=output_attentions, output_hidden_states=output_hidden_states
         )
-        return self._pool_and_wrap(encoded, layout, return_dict)
 
-    @torch.compiler.disable  # eager: the pooled [n_images, hidden] never enters a graph that would guard on its size
-    def _pool_and_wrap(
+    def wrap_outputs(
         self, encoded: BaseModelOutput, layout: PackedLayout, return_dict: bool
     ) -> Union[BaseModelOutputWithPooling, tuple]:
+        """`encoded` plus the MAP head's pooled output per image when the model has the head."""
         pooler_output = None
         if self.config.vision_use_head:
             pooler_output = self.vision_model.pool(encoded.last_hidden_state, layout)  # [n_images, hidden]
-        outputs = BaseModelOutputWithPooling(
-            last_hidden_state=encoded.last_hidden_state,
-            pooler_output=pooler_output,
-            hidden_states=encoded.hidden_states,
-            attentions=encoded.attentions,
-        )
+        outputs = BaseModelOutputWithPooling(pooler_output=pooler_output, **encoded)
         return outputs if return_dict else outputs.to_tuple()
 
 

@@ -1139,6 +1139,62 @@ class PackedPreTrainedModel(PreTrainedModel):
             return_dict if return_dict is not None else config.return_dict,
         )
 
+    # torch.compile: this frame (argument handling, host-side planning) runs eagerly and `encode` (tensors only) is
+    # what gets compiled, so the graph has no guards on `grid_thws` or on the batch's composition; pooling runs eagerly.
+    @torch.compiler.disable(recursive=False)
+    def forward(
+        self,
+        pixel_values: torch.Tensor,
+        grid_thws: GridLike,
+        output_hidden_states: Optional[bool] = None,
+        output_attentions: Optional[bool] = None,
+        return_dict: Optional[bool] = None,
+        keep_indices: Optional[torch.Tensor] = None,
+        **kwargs,
+    ):
+        r"""
+        Args:
+            pixel_values (`torch.FloatTensor` of shape `[Σ t·h·w, C·T·p·p]`): packed patch rows (SPEC §3 order), any
+                float dtype (cast to the model's dtype inside); may live on another device than the model.
+            grid_thws (`torch.LongTensor` / list / array of shape `[n_images, 3]`): (t, h, w) per image in patches;
+                may live on any device.
+            output_hidden_states (`bool`, *optional*): also return the embedding output and every layer's output
+                (patch tokens, input order, before the final norm).
+            output_attentions (`bool`, *optional*): per-layer tuples of per-sequence maps `[heads, L, L]` (eager).
+            return_dict (`bool`, *optional*): a `ModelOutput` (default) or a plain tuple.
+            keep_indices (`torch.LongTensor` of shape `[K]`, *optional*): strictly increasing rows to keep (NaViT
+                token dropping, whole hidden_stride blocks; prefix tokens are always kept); outputs then have K rows.
+            kwargs: the family's own inputs (`_family_inputs`); anything else is a `ValueError`.
+        """
+        output_hidden_states, output_attentions, return_dict = self._output_flags(
+            output_hidden_states, output_attentions, return_dict
+        )
+        layout = self.plan(pixel_values, grid_thws, keep_indices)
+        family_inputs = self._family_inputs(pixel_values, kwargs)
+        encoded = self.encode(pixel_values, layout, output_attentions, output_hidden_states, **family_inputs)
+        return self._wrap_outputs(encoded, layout, return_dict)
+
+    def _family_inputs(self, pixel_values: torch.Tensor, kwargs: dict) -> dict:
+        """Check and return the family's extra `forward` inputs (host side, before any compute)."""
+        if kwargs:
+            raise ValueError(f"Unexpected arguments {sorted(kwargs)} for {type(self).__name__}.forward.")
+        return {}
+
+    def encode(
+        self, pixel_values: torch.Tensor, layout: PackedLayout, output_attentions: bool, output_hidden_states: bool
+    ) -> BaseModelOutput:
+        """Embeddings, encoder layers and the final norm of a planned batch, outputs in input order (the part
+        torch.compile traces: tensors only)."""
+        raise NotImplementedError
+
+    def wrap_outputs(self, encoded: BaseModelOutput, layout: PackedLayout, return_dict: bool):
+        """The model output from `encode`'s: pooling and extra fields (runs eagerly)."""
+        raise NotImplementedError
+
+    @torch.compiler.disable  # eager: pooled [n_images, ·] outputs never become graph inputs guarded on their size
+    def _wrap_outputs(self, encoded: BaseModelOutput, layout: PackedLayout, return_dict: bool):
+        return self.wrap_outputs(encoded, layout, return_dict)
+
     @torch.compiler.disable  # host-side planning is never traced: torch.compile would specialize on the batch
     def plan(
         self, pixel_values: torch.Tensor, grid_thws: GridLike, keep_indices: Optional[torch.Tensor] = None

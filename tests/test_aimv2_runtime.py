@@ -307,7 +307,7 @@ def test_bad_inputs_are_value_errors_before_compute(make, match, monkeypatch):
 
 def test_unexpected_forward_arguments_are_refused():
     model = tiny_aimv2()
-    with pytest.raises(ValueError, match=r"unexpected arguments \['image_sizes'\]"):
+    with pytest.raises(ValueError, match=r"Unexpected arguments \['image_sizes'\]"):
         model(*packed_inputs(model.config, GRIDS), image_sizes=[(8, 12)])
 
 
