@@ -308,14 +308,36 @@ def _error_text(err: Exception, limit: int = 300) -> str:
     return f"{type(err).__name__}: {err}"[:limit]
 
 
+@dataclass
+class FreshEachCall:
+    """A callable whose buffers are made (untimed) right before each call and freed right after it. A matmul floor's
+    scratch buffers (GBs at full size) are then never resident while a contender runs (a large resident set slows the
+    contenders' fresh allocations), yet the floor runs in the same rounds as the contenders, so a drift of the
+    machine's load hits both alike and their ratio is paired round by round. Its memory is not measured."""
+
+    make: Callable[[], Callable[[], object]]
+
+
+def _timed_call(fn, device: torch.device) -> float:
+    """One call of `fn` (made fresh first, untimed, when it is a FreshEachCall), its time on CLOCK."""
+    run = fn.make() if isinstance(fn, FreshEachCall) else fn
+    _sync(device)
+    start = CLOCK()
+    out = run()
+    _sync(device)
+    elapsed = CLOCK() - start
+    del out, run
+    return elapsed
+
+
 def time_interleaved(
     fns: dict, device: torch.device, warmup: int, repeats: int, measure_memory: bool = True, keep_going: bool = False
 ) -> dict:
     """Time several callables side by side: each first runs once to measure its peak memory (unless not
-    `measure_memory`) and `warmup` more times untimed, then `repeats` rounds run every callable once, in turn. A slow
-    drift of the machine's load (other processes, thermal state) hits every contender alike instead of whichever ran
-    last, and each round gives paired ratios. Per name: the median, the individual times (round order) and the peak
-    memory of the first call.
+    `measure_memory`, or it is a FreshEachCall) and `warmup` more times untimed, then `repeats` rounds run every
+    callable once, in turn. A slow drift of the machine's load (other processes, thermal state) hits every contender
+    alike instead of whichever ran last, and each round gives paired ratios. Per name: the median, the individual
+    times (round order) and the peak memory of the first call.
 
     The clock is wall time, or with `--timer cpu` this process's CPU time (robust on a busy machine when run with
     `--threads 1`: time spent descheduled is not counted).
@@ -326,12 +348,12 @@ def time_interleaved(
     for name, fn in fns.items():
         memory = PeakMemory(device)
         try:
-            if measure_memory:
+            if measure_memory and not isinstance(fn, FreshEachCall):
                 with memory:
                     out = fn()
                     del out
             for _ in range(warmup):
-                fn()
+                _timed_call(fn, device)
         except Exception as err:  # noqa: BLE001 - reported, not hidden
             if not keep_going:
                 raise
@@ -343,22 +365,10 @@ def time_interleaved(
     fns = {name: fn for name, fn in fns.items() if name not in failed}
     for _ in range(repeats):
         for name, fn in fns.items():
-            _sync(device)
-            start = CLOCK()
-            out = fn()
-            _sync(device)
-            results[name]["times_s"].append(CLOCK() - start)
-            del out
+            results[name]["times_s"].append(_timed_call(fn, device))
     for result in results.values():
         result["median_s"] = statistics.median(result["times_s"])
     return {**results, **failed}
-
-
-def time_call(
-    fn: Callable[[], object], device: torch.device, warmup: int, repeats: int, measure_memory: bool = True
-) -> dict:
-    """`time_interleaved` of one callable."""
-    return time_interleaved({"fn": fn}, device, warmup, repeats, measure_memory)["fn"]
 
 
 # ----------------------------------------------------------------------------------------------------------------------
@@ -466,46 +476,52 @@ def model_flops(grids: list, config: Siglip2NavitConfig, num_tokens: Optional[in
     return float(dense + attention)
 
 
-def matmul_peak(device: torch.device, dtype: torch.dtype, repeats: int = 5) -> dict:
-    """Measured dense matmul throughput of `dtype`: 8192³ on CUDA, 2048³ on CPU, `repeats` timed calls after 2
-    warm-ups. Returns the FLOP of one call, its times and the FLOP/s as min / median / max."""
-    n = 8192 if device.type == "cuda" else 2048
+PEAK_MATMUL_SIDE = {True: 8192, False: 2048}  # n of the n³ matmul that measures the peak: on CUDA, on CPU
+
+
+def matmul_peak_run(device: torch.device, dtype: torch.dtype) -> tuple[Callable[[], object], int]:
+    """One dense matmul of `dtype` into a preallocated output (8192³ on CUDA, 2048³ on CPU) and its FLOP: timed in
+    the workloads' rounds, it gives the device's measured matmul peak, paired round by round with the contenders."""
+    n = PEAK_MATMUL_SIDE[device.type == "cuda"]
     a = torch.randn(n, n, device=device, dtype=dtype)
     b = torch.randn(n, n, device=device, dtype=dtype)
     out = torch.empty(n, n, device=device, dtype=dtype)
-    result = time_call(lambda: torch.mm(a, b, out=out), device, warmup=2, repeats=repeats, measure_memory=False)
-    flop = 2 * n**3
-    return {"flop": flop, "times_s": result["times_s"], **spread([flop / t for t in result["times_s"]])}
+    return (lambda: torch.mm(a, b, out=out)), 2 * n**3
 
 
-def matmul_floor(seq_lens: list[int], config: Siglip2NavitConfig, device: torch.device, dtype: torch.dtype) -> dict:
-    """Callables that run exactly the unavoidable matmuls of one forward, bare, into preallocated outputs.
+def matmul_floor(
+    seq_lens: list[int], config: Siglip2NavitConfig, device: torch.device, dtype: torch.dtype, kind: str
+) -> Callable[[], None]:
+    """A callable that runs exactly the unavoidable matmuls of one forward, bare, into preallocated outputs.
 
     Per layer, on the K packed tokens: QKV (one fused [K, H] × [H, 3H]), out-proj, fc1, fc2 (no bias); and per group
     of equal-length sequences QKᵀ and PV as batched matmuls (split into chunks of ≤ 256 MiB of scores so that long
     sequences fit in memory). Nothing else: no bias, norm, activation, softmax, RoPE, PE, reordering.
 
-    "floor-sdpa" runs the same dense matmuls with the attention done by one bare `scaled_dot_product_attention`
-    call per group instead. On CPU, torch's fused flash kernel can beat the bare QKᵀ/PV matmuls (it never
-    writes the [L, L] scores to memory), so a model can run above 100 % of the bmm floor; the sdpa floor is then the
-    stricter reference.
+    `kind` "floor-bmm" is that; "floor-sdpa" runs the same dense matmuls with the attention done by one bare
+    `scaled_dot_product_attention` call per group instead. On CPU, torch's fused flash kernel can beat the bare
+    QKᵀ/PV matmuls (it never writes the [L, L] scores to memory), so a model could run above 100 % of the bmm floor;
+    the benchmark takes the faster of the two floors as the floor.
     """
     hidden, inter, heads = config.hidden_size, config.intermediate_size, config.num_attention_heads
     head_dim = hidden // heads
     tokens = sum(seq_lens)
-    make = lambda *shape: torch.randn(*shape, device=device, dtype=dtype) * 0.02  # noqa: E731
+    make = lambda *shape: torch.empty(*shape, device=device, dtype=dtype).normal_(0, 0.02)  # noqa: E731
     x, w_qkv, w_o, w_1, w_2 = (
         make(tokens, hidden), make(hidden, 3 * hidden), make(hidden, hidden), make(hidden, inter), make(inter, hidden)
     )
-    qkv_out, o_out, h_out = make(tokens, 3 * hidden), make(tokens, hidden), make(tokens, inter)
+    zeros = lambda *shape: torch.zeros(*shape, device=device, dtype=dtype)  # noqa: E731 - outputs, paged in untimed
+    qkv_out, o_out, h_out = zeros(tokens, 3 * hidden), zeros(tokens, hidden), zeros(tokens, inter)
 
     groups: dict[int, int] = {}
     for n in seq_lens:
         groups[n] = groups.get(n, 0) + 1
     element_bytes = torch.finfo(dtype).bits // 8
+    if kind == "floor-sdpa":
+        sdpa_jobs = [tuple(make(count, heads, length, head_dim) for _ in range(3)) for length, count in groups.items()]
     bmm_jobs = []  # (q, kᵀ, v, scores, out) per chunk of (sequences × heads); chunks of one shape share buffers
     buffers: dict = {}
-    for length, count in groups.items():
+    for length, count in groups.items() if kind == "floor-bmm" else ():
         chunk = max(1, min(count * heads, (256 << 20) // (length * length * element_bytes)))
         remaining = count * heads
         while remaining > 0:
@@ -513,11 +529,10 @@ def matmul_floor(seq_lens: list[int], config: Siglip2NavitConfig, device: torch.
             if (b, length) not in buffers:
                 buffers[(b, length)] = (
                     make(b, length, head_dim), make(b, head_dim, length), make(b, length, head_dim),
-                    make(b, length, length), make(b, length, head_dim),
+                    zeros(b, length, length), zeros(b, length, head_dim),
                 )
             bmm_jobs.append(buffers[(b, length)])
             remaining -= b
-    sdpa_jobs = [tuple(make(count, heads, length, head_dim) for _ in range(3)) for length, count in groups.items()]
 
     def dense():
         torch.mm(x, w_qkv, out=qkv_out)
@@ -538,7 +553,7 @@ def matmul_floor(seq_lens: list[int], config: Siglip2NavitConfig, device: torch.
             for q, k, v in sdpa_jobs:
                 F.scaled_dot_product_attention(q, k, v)
 
-    return {"floor-bmm": bmm_forward, "floor-sdpa": sdpa_forward}
+    return {"floor-bmm": bmm_forward, "floor-sdpa": sdpa_forward}[kind]
 
 
 # ----------------------------------------------------------------------------------------------------------------------
@@ -552,11 +567,6 @@ class Contender:
     run: Callable[[], object]
     note: str = ""
     padded_tokens: Optional[int] = None
-
-
-def _with_backend(model: Siglip2NavitModel, name: str) -> Siglip2NavitModel:
-    model.config._attn_implementation = name
-    return model
 
 
 def sync_per_layer_hooks(model: Siglip2NavitModel) -> list:
@@ -1097,18 +1107,32 @@ def models_by_dtype(args: argparse.Namespace, chosen: list[tuple[str, str]], dev
     return result
 
 
-def time_floors(seq_lens: list[int], config, device: torch.device, dtypes: list[str], args) -> dict:
-    """Per dtype: both matmul floors timed on their own (their buffers freed before the contenders run, since a large
-    resident set slows the contenders' fresh allocations); the floor is the faster of the two (by median)."""
+FLOOR_KINDS = ("floor-bmm", "floor-sdpa")
+
+
+def reference_runs(seq_lens: list[int], config, device: torch.device, dtypes: list[str]) -> tuple[dict, dict]:
+    """Per dtype, the callables timed in the same rounds as the contenders: both matmul floors (buffers made fresh
+    for each call) and the dense matmul that measures the device's peak. Returns them keyed by (kind, dtype), and
+    the FLOP of one peak call per dtype."""
+    runs, peak_flop = {}, {}
+    for dtype in dtypes:
+        for kind in FLOOR_KINDS:
+            runs[(kind, dtype)] = FreshEachCall(
+                lambda kind=kind, dtype=dtype: matmul_floor(seq_lens, config, device, DTYPES[dtype], kind))
+        runs[("matmul-peak", dtype)], peak_flop[dtype] = matmul_peak_run(device, DTYPES[dtype])
+    return runs, peak_flop
+
+
+def floors_of(timed: dict, dtypes: list[str]) -> dict:
+    """Per dtype: the floor is the faster of the two floors by median; both kept with their spreads."""
     floors = {}
     for dtype in dtypes:
-        runs = matmul_floor(seq_lens, config, device, DTYPES[dtype])
-        timed = time_interleaved(runs, device, args.warmup, args.repeats, measure_memory=False)
-        del runs
-        gc.collect()
-        kind = min(timed, key=lambda k: timed[k]["median_s"])
-        floors[dtype] = {"kind": kind, **spread(timed[kind]["times_s"]), "times_s": timed[kind]["times_s"],
-                         "all": {k: {**spread(v["times_s"]), "times_s": v["times_s"]} for k, v in timed.items()}}
+        kinds = {kind: timed[(kind, dtype)]["times_s"] for kind in FLOOR_KINDS if "times_s" in timed[(kind, dtype)]}
+        if not kinds:
+            continue
+        kind = min(kinds, key=lambda k: statistics.median(kinds[k]))
+        floors[dtype] = {"kind": kind, **spread(kinds[kind]), "times_s": kinds[kind],
+                         "all": {k: {**spread(v), "times_s": v} for k, v in kinds.items()}}
     return floors
 
 
@@ -1130,25 +1154,25 @@ def contender_runs(models: dict, chosen, pixel_values, grid_thws, seq_lens, args
     return runs, listed
 
 
-def contender_entry(contender: Contender, dtype: str, measured: dict, w: dict, peaks: dict) -> dict:
-    """The figures of one timed contender: time spread, tokens/s, fraction of its dtype's floor and of the matmul
-    peak (unpaired: the floor and the peak are timed in their own rounds)."""
+def contender_entry(contender: Contender, dtype: str, measured: dict, w: dict, timed: dict) -> dict:
+    """The figures of one timed contender: time spread, tokens/s, fraction of its dtype's floor and of the measured
+    matmul peak (both paired round by round: the floors and the peak matmul run in the same rounds)."""
     times = measured["times_s"]
-    peak = peaks[dtype]
+    median = statistics.median(times)
     entry = {
-        "name": contender.name, "dtype": dtype, "note": contender.note, "times_s": times,
-        "median_s": statistics.median(times), "time_s": spread(times),
-        "peak_memory_bytes": measured["peak_memory_bytes"],
-        "tokens_per_s": w["tokens"] / statistics.median(times),
-        "achieved_flops": w["flops"] / statistics.median(times),
+        "name": contender.name, "dtype": dtype, "note": contender.note, "times_s": times, "median_s": median,
+        "time_s": spread(times), "peak_memory_bytes": measured["peak_memory_bytes"],
+        "tokens_per_s": w["tokens"] / median, "achieved_flops": w["flops"] / median,
     }
-    fraction = unpaired_ratio(peak["times_s"], times)
-    scale = w["flops"] / peak["flop"]
-    entry["of_matmul_peak"] = with_verdict({**fraction, **{k: fraction[k] * scale for k in ("median", "min", "max")}},
-                                           bounded_by_one=True)
+    peak = w["matmul_peak"].get(dtype)
+    if peak is not None:
+        fraction = paired_ratio(timed[("matmul-peak", dtype)], measured)
+        scale = w["flops"] / peak["flop"]
+        entry["of_matmul_peak"] = with_verdict({**fraction, **{k: fraction[k] * scale for k in ("median", "min", "max")}},
+                                               bounded_by_one=True)
     floor = w["floors"].get(dtype)
     if floor is not None:
-        entry["of_floor"] = with_verdict(unpaired_ratio(floor["times_s"], times), bounded_by_one=True)
+        entry["of_floor"] = with_verdict(paired_ratio(floor, measured), bounded_by_one=True)
     if contender.padded_tokens is not None:
         entry["padded_tokens"] = contender.padded_tokens
     return entry
@@ -1187,7 +1211,7 @@ def bf16_accuracy(models: dict, pixel_values: torch.Tensor, grid_thws: torch.Ten
 
 
 def run_workload(
-    workload: Workload, models: dict, chosen, args, device, peaks: dict, dtypes: list[str], with_dropping: bool
+    workload: Workload, models: dict, chosen, args, device, dtypes: list[str], with_dropping: bool
 ) -> tuple[dict, tuple]:
     """Floors, then every contender in interleaved rounds (with token dropping in the primary dtype when
     `with_dropping` and packed-sdpa runs), then the figures derived from them."""
@@ -1200,19 +1224,26 @@ def run_workload(
          "flops": model_flops(grids, cfg), "contenders": []}
     w["padded_flop_ratio"] = model_flops([(1, 1, max(seq_lens))] * len(seq_lens), cfg) / w["flops"]
     print(f"[{workload.name}] {len(grids)} images, {w['tokens']} tokens, longest {max(seq_lens)}", flush=True)
-    w["floors"] = time_floors(seq_lens, cfg, device, dtypes, args)
+    references, peak_flop = reference_runs(seq_lens, cfg, device, list(models))
     runs, listed = contender_runs(models, chosen, pixel_values, grid_thws, seq_lens, args)
     with_dropping = with_dropping and ("packed-sdpa", dtypes[0]) in runs
     if with_dropping:
         runs[("token-dropping", dtypes[0])], kept = token_dropping_run(
             models[dtypes[0]].navit, dtypes[0], pixel_values, grid_thws, args.seed)
-    timed = time_interleaved(runs, device, args.warmup, args.repeats, keep_going=True)
+    timed = time_interleaved({**references, **runs}, device, args.warmup, args.repeats, keep_going=True)
+    del references
+    w["floors"] = floors_of(timed, dtypes)
+    w["matmul_peak"] = {}
+    for dtype, flop in peak_flop.items():
+        times = timed[("matmul-peak", dtype)].get("times_s")
+        if times:
+            w["matmul_peak"][dtype] = {"flop": flop, "times_s": times, **spread([flop / t for t in times])}
     for contender, dtype, skipped in listed:
         error = skipped or timed[(contender.name, dtype)].get("error")
         if error:
             w["contenders"].append({"name": contender.name, "dtype": dtype, "error": error})
         else:
-            w["contenders"].append(contender_entry(contender, dtype, timed[(contender.name, dtype)], w, peaks))
+            w["contenders"].append(contender_entry(contender, dtype, timed[(contender.name, dtype)], w, timed))
         print(f"  {_label(contender.name, dtype):36s} {error or _fmt_time(w['contenders'][-1]['time_s'])}", flush=True)
     add_paired_figures(w, timed, dtypes)
     if with_dropping:
@@ -1227,6 +1258,15 @@ def run_workload(
     if "speedup" in w.get("bf16_vs_fp32", {}):
         w["bf16_vs_fp32"].update(bf16_accuracy(models, pixel_values, grid_thws))
     return w, (pixel_values, grid_thws)
+
+
+def pooled_peaks(workloads: list[dict]) -> dict:
+    """Per dtype: the matmul peak's FLOP/s over every round of every workload."""
+    samples: dict[str, list[float]] = {}
+    for w in workloads:
+        for dtype, peak in w["matmul_peak"].items():
+            samples.setdefault(dtype, []).extend(peak["flop"] / t for t in peak["times_s"])
+    return {dtype: spread(values) for dtype, values in samples.items()}
 
 
 def memory_scaling(report: dict, dtype: str) -> Optional[dict]:
@@ -1300,7 +1340,6 @@ def main(argv: Optional[list[str]] = None) -> dict:
         "config_description": description,
         "config": {k: v for k, v in cfg.to_dict().items() if not k.startswith("_")},
         "timer": args.timer, "warmup": args.warmup, "repeats": args.repeats, "quick": args.quick,
-        "matmul_peak": {dtype: matmul_peak(device, DTYPES[dtype], args.repeats) for dtype in models},
         "workloads": [],
     }
     inputs_by_name = {}
@@ -1308,13 +1347,14 @@ def main(argv: Optional[list[str]] = None) -> dict:
         drop_name = "mixed" if any(w.name == "mixed" for w in selected) else selected[0].name
         for workload in selected:
             entry, inputs_by_name[workload.name] = run_workload(
-                workload, models, chosen, args, device, report["matmul_peak"], [d for d in dtypes if d in models],
+                workload, models, chosen, args, device, [d for d in dtypes if d in models],
                 with_dropping=workload.name == drop_name)
             if entry.get("token_dropping"):
                 report["token_dropping"] = entry.pop("token_dropping")
             report["workloads"].append(entry)
             gc.collect()
         report["memory_scaling"] = memory_scaling(report, dtypes[0])
+    report["matmul_peak"] = pooled_peaks(report["workloads"])
     if do_compile and "mixed" in inputs_by_name:
         report["compile"] = benchmark_compile(primary, *inputs_by_name["mixed"], dtypes[0], device, args)
     report["targets"] = evaluate_targets(report)

@@ -6,6 +6,7 @@ import importlib.util
 import os
 import re
 import sys
+import weakref
 from collections import Counter
 from pathlib import Path
 
@@ -508,6 +509,7 @@ def _tiny_benchmark(monkeypatch):
     benchmark = _load_benchmark()
     monkeypatch.setattr(benchmark, "QUICK", TINY_WIDTHS)
     monkeypatch.setattr(benchmark, "QUICK_LAYERS", 2)
+    monkeypatch.setattr(benchmark, "PEAK_MATMUL_SIDE", {True: 1024, False: 256})
     monkeypatch.setattr(
         benchmark,
         "workloads",
@@ -768,6 +770,41 @@ def test_contenders_are_timed_round_robin_after_their_warm_up():
     assert all(r["times_s"] == [1, 1, 1] and r["median_s"] == 1 for r in result.values())
     ratio = benchmark.paired_ratio({"times_s": [2.0, 3.0, 4.0]}, {"times_s": [1.0, 2.0, 4.0]})
     assert ratio == {"median": 1.5, "min": 1.0, "max": 2.0, "rounds": 3, "paired": True}
+
+
+def test_floor_buffers_are_made_untimed_before_each_call_and_freed_before_the_next_contender():
+    """A FreshEachCall (the matmul floors) runs in the same rounds as the contenders, but its buffers exist only
+    around its own call: made before it (not timed), gone before the next contender runs."""
+    benchmark = _load_benchmark()
+    now, events, live = [0], [], weakref.WeakSet()
+
+    class Buffers:
+        pass
+
+    def make():
+        now[0] += 100  # making the buffers takes long: must not be timed
+        buffers = Buffers()
+        live.add(buffers)
+
+        def floor():
+            now[0] += 1
+            events.append(("floor", len(live), buffers is not None))
+
+        return floor
+
+    def contender():
+        now[0] += 2
+        events.append(("contender", len(live)))
+
+    benchmark.CLOCK = lambda: now[0]
+    try:
+        result = benchmark.time_interleaved({"floor": benchmark.FreshEachCall(make), "contender": contender},
+                                            torch.device("cpu"), warmup=1, repeats=3)
+    finally:
+        benchmark.CLOCK = benchmark.CLOCKS["wall"]
+    assert result["floor"]["times_s"] == [1, 1, 1] and result["contender"]["times_s"] == [2, 2, 2]
+    assert result["floor"]["peak_memory_bytes"] is None  # not measured under the dispatch mode
+    assert events[-6:] == [("floor", 1, True), ("contender", 0)] * 3
 
 
 def test_cpu_peak_memory_counts_live_tensor_storage():
