@@ -335,8 +335,9 @@ def time_interleaved(
 ) -> dict:
     """Time several callables side by side: each first runs once to measure its peak memory (unless not
     `measure_memory`, or it is a FreshEachCall) and `warmup` more times untimed, then `repeats` rounds run every
-    callable once, in turn. A slow drift of the machine's load (other processes, thermal state) hits every contender
-    alike instead of whichever ran last, and each round gives paired ratios. Per name: the median, the individual
+    callable once, in turn, each round starting one callable later than the last (so that no callable always runs
+    right after the same neighbour). A slow drift of the machine's load (other processes, thermal state) hits every
+    contender alike instead of whichever ran last, and each round gives paired ratios. Per name: the median, the individual
     times (round order) and the peak memory of the first call.
 
     The clock is wall time, or with `--timer cpu` this process's CPU time (robust on a busy machine when run with
@@ -362,10 +363,11 @@ def time_interleaved(
                 torch.cuda.empty_cache()
             continue
         results[name] = {"times_s": [], "peak_memory_bytes": memory.peak}
-    fns = {name: fn for name, fn in fns.items() if name not in failed}
-    for _ in range(repeats):
-        for name, fn in fns.items():
-            results[name]["times_s"].append(_timed_call(fn, device))
+    order = [name for name in fns if name not in failed]
+    for round_index in range(repeats):
+        shift = round_index % max(1, len(order))  # each round starts one callable later: no fixed position in a round
+        for name in order[shift:] + order[:shift]:
+            results[name]["times_s"].append(_timed_call(fns[name], device))
     for result in results.values():
         result["median_s"] = statistics.median(result["times_s"])
     return {**results, **failed}

@@ -755,8 +755,9 @@ def test_a_failing_contender_is_reported_and_the_run_goes_on(tmp_path, monkeypat
 
 
 def test_contenders_are_timed_round_robin_after_their_warm_up():
-    """time_interleaved: per contender a memory-measuring call and the warm-ups first, then rounds of one call each,
-    so a drift in machine load affects every contender alike; paired ratios come from the same rounds."""
+    """time_interleaved: per contender a memory-measuring call and the warm-ups first, then rounds of one call each
+    (each round rotated by one), so a drift in machine load affects every contender alike; paired ratios come from
+    the same rounds."""
     benchmark = _load_benchmark()
     calls = []
     clock = iter(range(100))
@@ -766,7 +767,7 @@ def test_contenders_are_timed_round_robin_after_their_warm_up():
         result = benchmark.time_interleaved(fns, torch.device("cpu"), warmup=2, repeats=3)
     finally:
         benchmark.CLOCK = benchmark.CLOCKS["wall"]
-    assert calls == ["a", "a", "a", "b", "b", "b", "c", "c", "c"] + ["a", "b", "c"] * 3
+    assert calls == ["a", "a", "a", "b", "b", "b", "c", "c", "c"] + ["a", "b", "c", "b", "c", "a", "c", "a", "b"]
     assert all(r["times_s"] == [1, 1, 1] and r["median_s"] == 1 for r in result.values())
     ratio = benchmark.paired_ratio({"times_s": [2.0, 3.0, 4.0]}, {"times_s": [1.0, 2.0, 4.0]})
     assert ratio == {"median": 1.5, "min": 1.0, "max": 2.0, "rounds": 3, "paired": True}
@@ -804,7 +805,8 @@ def test_floor_buffers_are_made_untimed_before_each_call_and_freed_before_the_ne
         benchmark.CLOCK = benchmark.CLOCKS["wall"]
     assert result["floor"]["times_s"] == [1, 1, 1] and result["contender"]["times_s"] == [2, 2, 2]
     assert result["floor"]["peak_memory_bytes"] is None  # not measured under the dispatch mode
-    assert events[-6:] == [("floor", 1, True), ("contender", 0)] * 3
+    assert events[-6:] == [("floor", 1, True), ("contender", 0), ("contender", 0), ("floor", 1, True)] + [
+        ("floor", 1, True), ("contender", 0)]  # rounds rotate; the buffers never outlive the floor's call
 
 
 def test_cpu_peak_memory_counts_live_tensor_storage():
