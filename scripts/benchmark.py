@@ -346,8 +346,8 @@ def time_interleaved(
     `measure_memory`, or it is a FreshEachCall) and `warmup` more times untimed, then `repeats` rounds run every
     callable once, in turn, each round starting one callable later than the last (so that no callable always runs
     right after the same neighbour). A slow drift of the machine's load (other processes, thermal state) hits every
-    contender alike instead of whichever ran last, and each round gives paired ratios. Per name: the median, the individual
-    times (round order) and the peak memory of the first call.
+    contender alike instead of whichever ran last, and each round gives paired ratios. Per name: the median, the
+    individual times (round order) and the peak memory of the first call.
 
     The clock is wall time, or with `--timer cpu` this process's CPU time (robust on a busy machine when run with
     `--threads 1`: time spent descheduled is not counted).
@@ -773,8 +773,8 @@ def _paired_lines(report: dict) -> list[str]:
             lines.append(f"{w['name']} [{dtype}] {format_ratio(ratio)}")
     if not lines:
         return []
-    return ["", "Packing vs the per-image loop (per-image time ÷ packed time, paired round by round; > 1 = packing wins): "
-            + ", ".join(lines) + "."]
+    return ["", "Packing vs the per-image loop (per-image time ÷ packed time, paired round by round; > 1 = packing "
+            "wins): " + ", ".join(lines) + "."]
 
 
 def _bf16_lines(report: dict) -> list[str]:
@@ -857,23 +857,27 @@ def summary_line(report: dict) -> str:
     return line
 
 
+def _workload_description(w: dict) -> str:
+    longest = max(h * width for _, h, width in w["grids"])
+    return (f"{w['name']}: {w['images']} image(s), {w['tokens']:,} tokens, longest {longest:,} (padded to the "
+            f"longest, naflex computes {w['padded_flop_ratio']:.2f}× the FLOP)")
+
+
 def render_markdown(report: dict) -> str:
     m = report["machine"]
     peaks = ", ".join(f"{dtype} {_fmt_flops(p)}" for dtype, p in report["matmul_peak"].items())
     lines = [
         f"## {report['title']}",
         "",
-        f"Machine: {m['cpu']}; {m.get('gpu', 'no GPU')}; torch {m['torch']}, transformers {m.get('transformers', '?')}, "
+        f"Machine: {m['cpu']}; {m.get('gpu', 'no GPU')}; torch {m['torch']}, "
+        f"transformers {m.get('transformers', '?')}, "
         f"{m['threads']} threads, load average at start {m.get('load_average', ('?',))[0]}. dtype(s) "
         f"{', '.join(report['dtypes'])}. Config: {report['config_description']}. {report['repeats']} interleaved "
         f"rounds after a memory-measuring call and {report['warmup']} warm-up ({report['timer']} time); figures are "
         f"median (min–max) over the rounds. Matmul peak measured: {peaks}. Wall time of this run: "
         f"{report['wall_s']:.0f} s.",
         "",
-        "Workloads: " + "; ".join(
-            f"{w['name']}: {w['images']} image(s), {w['tokens']:,} tokens, longest {max(h * w_ for _, h, w_ in w['grids']):,}"
-            f" (padded to the longest, naflex computes {w['padded_flop_ratio']:.2f}× the FLOP)" for w in report["workloads"]
-        ) + ".",
+        "Workloads: " + "; ".join(_workload_description(w) for w in report["workloads"]) + ".",
         "",
         TABLE_HEADER,
         "|" + "---|" * (TABLE_HEADER.count("|") - 1),
@@ -1184,8 +1188,8 @@ def contender_entry(contender: Contender, dtype: str, measured: dict, w: dict, t
     if peak is not None:
         fraction = paired_ratio(timed[("matmul-peak", dtype)], measured)
         scale = w["flops"] / peak["flop"]
-        entry["of_matmul_peak"] = with_verdict({**fraction, **{k: fraction[k] * scale for k in ("median", "min", "max")}},
-                                               bounded_by_one=True)
+        scaled = {**fraction, **{k: fraction[k] * scale for k in ("median", "min", "max")}}
+        entry["of_matmul_peak"] = with_verdict(scaled, bounded_by_one=True)
     floor = w["floors"].get(dtype)
     if floor is not None:
         entry["of_floor"] = with_verdict(paired_ratio(floor, measured), bounded_by_one=True)
@@ -1223,7 +1227,8 @@ def bf16_accuracy(models: dict, pixel_values: torch.Tensor, grid_thws: torch.Ten
         model.config._attn_implementation = "sdpa"
         outputs.append(model(pixel_values.to(DTYPES[dtype]), grid_thws).last_hidden_state.float())
     cosine = F.cosine_similarity(outputs[0], outputs[1], dim=-1)
-    return {"min_token_cosine": exact(float(cosine.min())), "max_abs_diff": float((outputs[0] - outputs[1]).abs().max())}
+    difference = float((outputs[0] - outputs[1]).abs().max())
+    return {"min_token_cosine": exact(float(cosine.min())), "max_abs_diff": difference}
 
 
 def run_workload(

@@ -551,7 +551,8 @@ def test_benchmark_smoke(tmp_path, monkeypatch):
     assert dropping["workload"] == "mixed" and dropping["kept_tokens"] < dropping["tokens"]
     _assert_spread(dropping["time_fraction"], 2)
     judged = {t["target"].split(" (#")[0] for t in report["targets"]}
-    assert "packing never slower than the per-image loop" in judged and "packed-sdpa ≥ 3× faster than naflex-padded" not in judged  # quick
+    assert "packing never slower than the per-image loop" in judged
+    assert "packed-sdpa ≥ 3× faster than naflex-padded" not in judged  # judged on the full run's workload only
     assert all(t["status"] in ("met", "MISSED", "noisy", "measurement error") for t in report["targets"])
     markdown = (tmp_path / "benchmark.md").read_text()
     assert "| mixed |" in markdown and "Targets:" in markdown and "median (min–max)" in markdown
@@ -725,7 +726,8 @@ def test_benchmark_runs_on_cuda_in_bf16(tmp_path, monkeypatch):
     names = "packed-sdpa,packed-sdpa-sync-per-layer,per-image-sdpa,naflex-padded"
     report = benchmark.main(["--quick", "--device", "cuda", "--repeats", "2", "--no-compile", "--contenders", names,
                              "--out", str(tmp_path)])
-    assert report["device"] == "cuda" and report["dtypes"] == ["bf16"] and report["matmul_peak"]["bf16"]["median"] > 1e12
+    assert report["device"] == "cuda" and report["dtypes"] == ["bf16"]
+    assert report["matmul_peak"]["bf16"]["median"] > 1e12
     for workload in report["workloads"]:
         timed = {c["name"]: c for c in workload["contenders"] if "error" not in c and c["dtype"] == "bf16"}
         assert set(names.split(",")) <= set(timed)
