@@ -40,7 +40,7 @@ see `LiveTensorBytes`; CUDA: torch.cuda.max_memory_allocated), token dropping (k
 `<out>/benchmark.json`, `<out>/benchmark.md`, and `<out>/benchmark.png` when matplotlib is installed
 (`pip install 'siglip2-navit[bench]'`).
 
-    python scripts/benchmark.py --quick                  # so400m widths, 1 layer, 3 images (time: see --help)
+    python scripts/benchmark.py --quick                  # so400m widths, 1 layer, 3 images (time: see --quick below)
     python scripts/benchmark.py --quick --dtype bf16     # the same in bf16 against the fp32 reference
     python scripts/benchmark.py --layers 1               # so400m widths, 1 of 27 layers, every workload
     python scripts/benchmark.py --device cuda            # bf16 on a GPU
@@ -90,7 +90,10 @@ from siglip2_navit.modeling_siglip2_navit import Siglip2NavitModel  # noqa: E402
 SO400M = dict(hidden_size=1152, intermediate_size=4304, num_hidden_layers=27, num_attention_heads=16)
 QUICK = SO400M  # --quick: the real widths (a toy width would measure Python overhead), with fewer layers and images
 QUICK_LAYERS = 1
-QUICK_MEASURED = "measured: about 40 s on 2 busy CPU cores"
+QUICK_MEASURED = (
+    "about 35 s on 2 idle CPU cores, estimated from its 60 CPU-seconds; 68-125 s measured while other jobs shared "
+    "the 2 cores"
+)
 NAFLEX_GRID = 16  # naflex checkpoints learn a 16×16 PE grid
 
 
@@ -842,6 +845,12 @@ def _target_lines(report: dict) -> list[str]:
     return lines
 
 
+def _load(report: dict) -> str:
+    """The 1-minute load average when the run started (how busy the machine was), or "?" where unknown."""
+    load = report["machine"].get("load_average")
+    return "?" if not load else f"{load[0]:.1f}"
+
+
 def summary_line(report: dict) -> str:
     """One line: how many targets were met, MISSED, noisy or measurement errors, and how many figures were flagged."""
     s = report["summary"]
@@ -853,7 +862,7 @@ def summary_line(report: dict) -> str:
         line += " MISSED: " + "; ".join(s["missed"]) + "."
     if s["flagged_figures"]:
         line += (f" {s['flagged_figures']} figure(s) flagged noisy or as measurement errors (machine load average at "
-                 f"start {report['machine'].get('load_average', ('?',))[0]}).")
+                 f"start {_load(report)}).")
     return line
 
 
@@ -871,7 +880,7 @@ def render_markdown(report: dict) -> str:
         "",
         f"Machine: {m['cpu']}; {m.get('gpu', 'no GPU')}; torch {m['torch']}, "
         f"transformers {m.get('transformers', '?')}, "
-        f"{m['threads']} threads, load average at start {m.get('load_average', ('?',))[0]}. dtype(s) "
+        f"{m['threads']} threads, load average at start {_load(report)}. dtype(s) "
         f"{', '.join(report['dtypes'])}. Config: {report['config_description']}. {report['repeats']} interleaved "
         f"rounds after a memory-measuring call and {report['warmup']} warm-up ({report['timer']} time); figures are "
         f"median (min–max) over the rounds. Matmul peak measured: {peaks}. Wall time of this run: "
