@@ -582,6 +582,27 @@ def test_benchmark_bf16_runs_the_bf16_contenders_against_an_fp32_reference(tmp_p
     assert "bf16 vs fp32" in (tmp_path / "benchmark.md").read_text()
 
 
+@pytest.mark.parametrize(
+    "options, expected",
+    [
+        ([], [("packed-sdpa", "fp32"), ("per-image-sdpa", "fp32"), ("naflex-padded", "fp32")]),
+        (["--dtype", "bf16"], [("packed-sdpa", "fp32"), ("packed-sdpa", "bf16"), ("per-image-sdpa", "bf16")]),
+        (["--dtype", "both"], [("packed-sdpa", "fp32"), ("per-image-sdpa", "fp32"), ("naflex-padded", "fp32"),
+                               ("packed-sdpa", "bf16"), ("per-image-sdpa", "bf16")]),
+        (["--dtype", "bf16", "--contenders", "naflex-padded,packed-sdpa"],
+         [("packed-sdpa", "fp32"), ("naflex-padded", "bf16"), ("packed-sdpa", "bf16")]),
+        (["--dtype", "bf16", "--contenders", "per-image-sdpa"], [("per-image-sdpa", "bf16")]),  # no bf16 packed: no ref
+    ],
+)
+def test_contenders_per_dtype_include_the_fp32_reference_of_bf16(options, expected):
+    """Which (contender, dtype) pairs a quick run times: bf16 brings the fp32 packed-sdpa along (its reference for the
+    bf16 speed-up and accuracy) exactly when bf16 packed-sdpa runs."""
+    benchmark = _load_benchmark()
+    args = benchmark.parse_args(["--quick", *options])
+    device = torch.device("cpu")
+    assert benchmark.selected_contenders(args, benchmark.run_dtypes(args, device)) == expected
+
+
 def test_bf16_accuracy_is_the_minimum_per_token_cosine():
     """Checked against hand-computed values: tokens (1, 0) vs (1, 0) have cosine 1, (0, 1) vs (1, 1) cosine 1/√2."""
     benchmark = _load_benchmark()
