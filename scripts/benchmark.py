@@ -1120,14 +1120,15 @@ class Models:
 
 
 def models_by_dtype(args: argparse.Namespace, chosen: list[tuple[str, str]], device: torch.device) -> dict:
-    """The models each dtype's contenders need, all with the same (fp32-initialised) weights."""
+    """The models each dtype's contenders need, all with the same (fp32-initialised) weights: fp32 uses the built
+    models themselves, bf16 casts copies (so a full so400m run holds one fp32 copy of each model, not two)."""
     size = QUICK if args.quick else SO400M
     layers = args.layers if args.layers is not None else (QUICK_LAYERS if args.quick else None)
     needs = lambda name, dtype: (name, dtype) in chosen  # noqa: E731
     model, naflex, ovis = build_models(size, layers, args.seed, any(n == "packed-sdpa-ovis" for n, _ in chosen))
     result = {}
     for dtype in dict.fromkeys(d for _, d in chosen):
-        cast = lambda m: copy.deepcopy(m).to(device=device, dtype=DTYPES[dtype])  # noqa: E731
+        cast = lambda m: (m if dtype == "fp32" else copy.deepcopy(m)).to(device=device, dtype=DTYPES[dtype])  # noqa
         result[dtype] = Models(
             navit=cast(model),
             naflex=cast(naflex) if needs("naflex-padded", dtype) else None,
