@@ -863,7 +863,18 @@ def summary_line(report: dict) -> str:
     if s["flagged_figures"]:
         line += (f" {s['flagged_figures']} figure(s) flagged noisy or as measurement errors (machine load average at "
                  f"start {_load(report)}).")
+    if machine_busy(report):
+        line += (f" **The machine was busy** (load average {_load(report)} on {os.cpu_count()} CPUs at the start): "
+                 "other processes bias even paired wall-clock figures (a model's many small ops wait for preempted "
+                 "threads more than the floor's few large GEMMs do); rerun on an idle machine, or with "
+                 "`--threads 1 --timer cpu`.")
     return line
+
+
+def machine_busy(report: dict) -> bool:
+    """More runnable processes than CPUs when the run started (1-minute load average), with wall-clock timing."""
+    load = report["machine"].get("load_average")
+    return bool(load) and report.get("timer", "wall") == "wall" and load[0] >= (os.cpu_count() or 1)
 
 
 def _workload_description(w: dict) -> str:

@@ -697,6 +697,9 @@ def test_missed_targets_are_printed_and_fail_the_run_only_when_asked(monkeypatch
     monkeypatch.setattr(benchmark, "main", lambda argv=None: report)
     assert benchmark.cli(["--quick"]) == 0  # printed, not fatal, by default
     assert benchmark.cli(["--quick", "--fail-on-missed"]) == 1
+    assert "machine was busy" not in line  # load average 0.5
+    report["machine"]["load_average"] = (2.0 * os.cpu_count(), 1.0, 1.0)
+    assert "**The machine was busy**" in benchmark.summary_line(report)
     met = _synthetic_report(benchmark, [0.43, 0.45, 0.47])
     monkeypatch.setattr(benchmark, "main", lambda argv=None: met)
     assert met["summary"]["missed"] == [] and benchmark.cli(["--quick", "--fail-on-missed"]) == 0
