@@ -4,7 +4,9 @@ the benchmark only (docs/benchmarks.md), never asserted here."""
 
 import importlib.util
 import os
+import re
 import sys
+import weakref
 from collections import Counter
 from pathlib import Path
 
@@ -503,9 +505,15 @@ def _load_benchmark():
     return module
 
 
+TINY_WIDTHS = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=2)
+
+
 def _tiny_benchmark(monkeypatch):
+    """The benchmark with tiny widths and tiny images: exercises every code path in seconds (never timed here)."""
     benchmark = _load_benchmark()
-    monkeypatch.setattr(benchmark, "SMALL", dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=2))
+    monkeypatch.setattr(benchmark, "QUICK", TINY_WIDTHS)
+    monkeypatch.setattr(benchmark, "QUICK_LAYERS", 2)
+    monkeypatch.setattr(benchmark, "PEAK_MATMUL_SIDE", {True: 1024, False: 256})
     monkeypatch.setattr(
         benchmark,
         "workloads",
@@ -517,35 +525,221 @@ def _tiny_benchmark(monkeypatch):
     return benchmark
 
 
+def _assert_spread(figure, rounds):
+    assert figure["min"] <= figure["median"] <= figure["max"] and figure["rounds"] == rounds, figure
+
+
 def test_benchmark_smoke(tmp_path, monkeypatch):
+    """Every contender, every figure with its spread over the rounds, a verdict on every ratio, the targets judged."""
     benchmark = _tiny_benchmark(monkeypatch)
     report = benchmark.main(
-        ["--quick", "--repeats", "1", "--all-contenders", "--out", str(tmp_path), "--threads", "1"]
+        ["--quick", "--repeats", "2", "--all-contenders", "--contenders", ",".join(benchmark.CONTENDER_NAMES[:-1]),
+         "--out", str(tmp_path), "--threads", "1"]
     )
     names = {c["name"] for w in report["workloads"] for c in w["contenders"]}
     assert {"packed-sdpa", "packed-eager", "per-image-sdpa", "naflex-padded", "packed-sdpa-sync-per-layer"} <= names
+    assert report["dtypes"] == ["fp32"] and set(report["matmul_peak"]) == {"fp32"}
     for workload in report["workloads"]:
-        assert workload["naflex_max_abs_diff"] < 1e-4  # same weights, same math: the baseline is a fair one
+        assert workload["naflex_max_abs_diff"]["fp32"] < 1e-4  # same weights, same math: the baseline is a fair one
+        assert set(workload["floors"]) == {"fp32"} and workload["floors"]["fp32"]["kind"] in ("floor-bmm", "floor-sdpa")
+        _assert_spread(workload["floors"]["fp32"], 2)
         for contender in workload["contenders"]:
-            assert contender["median_s"] > 0 and contender["tokens_per_s"] > 0
-    assert report["token_dropping"]["kept_tokens"] < report["token_dropping"]["tokens"]
-    for workload in report["workloads"]:
-        ratio = workload["packed_vs_per_image"]
-        assert ratio["rounds"] == 1 and ratio["min"] <= ratio["median"] <= ratio["max"]
-    assert (tmp_path / "benchmark.json").exists() and (tmp_path / "benchmark.md").exists()
-    assert "| mixed |" in (tmp_path / "benchmark.md").read_text()
+            _assert_spread(contender["time_s"], 2)
+            assert contender["tokens_per_s"] > 0
+            for key in ("vs_naflex_padded", "of_floor", "of_matmul_peak"):
+                assert contender[key]["verdict"] in ("result", "tie", "noisy", "measurement error")
+        ratio = workload["packed_vs_per_image"]["fp32"]
+        _assert_spread(ratio, 2)
+        assert ratio["paired"] and ratio["verdict"] in ("result", "tie", "noisy")
+    dropping = report["token_dropping"]
+    assert dropping["workload"] == "mixed" and dropping["kept_tokens"] < dropping["tokens"]
+    _assert_spread(dropping["time_fraction"], 2)
+    judged = {t["target"].split(" (#")[0] for t in report["targets"]}
+    assert "packing never slower than the per-image loop" in judged
+    assert "packed-sdpa ≥ 3× faster than naflex-padded" not in judged  # judged on the full run's workload only
+    assert all(t["status"] in ("met", "MISSED", "noisy", "measurement error") for t in report["targets"])
+    markdown = (tmp_path / "benchmark.md").read_text()
+    assert "| mixed |" in markdown and "Targets:" in markdown and "median (min–max)" in markdown
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["benchmark.json", "benchmark.md"] + (
+        ["benchmark.png"] if (tmp_path / "benchmark.png").exists() else [])  # no temporary file left behind
+
+
+def test_benchmark_bf16_runs_the_bf16_contenders_against_an_fp32_reference(tmp_path, monkeypatch):
+    """--dtype bf16: the contenders and the floor in bf16, plus the fp32 packed-sdpa in the same rounds, which gives
+    the paired bf16 speed-up and the accuracy of bf16 (min per-token cosine vs fp32), judged against issue #15."""
+    benchmark = _tiny_benchmark(monkeypatch)
+    report = benchmark.main(["--quick", "--dtype", "bf16", "--repeats", "2", "--threads", "1", "--workloads", "mixed",
+                             "--out", str(tmp_path)])
+    workload = report["workloads"][0]
+    assert report["dtypes"] == ["bf16"] and set(report["matmul_peak"]) == {"fp32", "bf16"}
+    assert [(c["name"], c["dtype"]) for c in workload["contenders"]] == [
+        ("packed-sdpa", "fp32"), ("packed-sdpa", "bf16"), ("per-image-sdpa", "bf16")]  # quick: naflex in fp32 only
+    assert set(workload["floors"]) == {"bf16"}
+    bf16 = workload["bf16_vs_fp32"]
+    _assert_spread(bf16["speedup"], 2)
+    assert 0.99 < bf16["min_token_cosine"]["median"] <= 1.0 and 0 < bf16["max_abs_diff"] < 0.5
+    assert report["token_dropping"]["dtype"] == "bf16"
+    judged = {t["target"] for t in report["targets"]}
+    assert {"bf16 packed-sdpa ≥ 80 % of the bf16 matmul floor (#15) [bf16]",
+            "bf16 packed-sdpa ≥ 2.4× the fp32 forward (#15) [bf16]",
+            "bf16 vs fp32 min per-token cosine ≥ 0.999 (#15) [bf16]"} <= judged
+    assert "bf16 vs fp32" in (tmp_path / "benchmark.md").read_text()
+
+
+@pytest.mark.parametrize(
+    "options, expected",
+    [
+        ([], [("packed-sdpa", "fp32"), ("per-image-sdpa", "fp32"), ("naflex-padded", "fp32")]),
+        (["--dtype", "bf16"], [("packed-sdpa", "fp32"), ("packed-sdpa", "bf16"), ("per-image-sdpa", "bf16")]),
+        (["--dtype", "both"], [("packed-sdpa", "fp32"), ("per-image-sdpa", "fp32"), ("naflex-padded", "fp32"),
+                               ("packed-sdpa", "bf16"), ("per-image-sdpa", "bf16")]),
+        (["--dtype", "bf16", "--contenders", "naflex-padded,packed-sdpa"],
+         [("packed-sdpa", "fp32"), ("naflex-padded", "bf16"), ("packed-sdpa", "bf16")]),
+        (["--dtype", "bf16", "--contenders", "per-image-sdpa"], [("per-image-sdpa", "bf16")]),  # no bf16 packed: no ref
+    ],
+)
+def test_contenders_per_dtype_include_the_fp32_reference_of_bf16(options, expected):
+    """Which (contender, dtype) pairs a quick run times: bf16 brings the fp32 packed-sdpa along (its reference for the
+    bf16 speed-up and accuracy) exactly when bf16 packed-sdpa runs."""
+    benchmark = _load_benchmark()
+    args = benchmark.parse_args(["--quick", *options])
+    device = torch.device("cpu")
+    assert benchmark.selected_contenders(args, benchmark.run_dtypes(args, device)) == expected
+
+
+def test_bf16_accuracy_is_the_minimum_per_token_cosine():
+    """Checked against hand-computed values: tokens (1, 0) vs (1, 0) have cosine 1, (0, 1) vs (1, 1) cosine 1/√2."""
+    benchmark = _load_benchmark()
+    outputs = {"fp32": torch.tensor([[1.0, 0.0], [0.0, 1.0]]), "bf16": torch.tensor([[1.0, 0.0], [1.0, 1.0]])}
+
+    class Fixed(torch.nn.Module):
+        def __init__(self, out):
+            super().__init__()
+            self.out, self.config = out, type("Config", (), {})()
+
+        def forward(self, pixel_values, grid_thws):
+            return type("Output", (), {"last_hidden_state": self.out.to(pixel_values.dtype)})()
+
+    models = {d: benchmark.Models(navit=Fixed(o), naflex=None, ovis=None) for d, o in outputs.items()}
+    result = benchmark.bf16_accuracy(models, torch.zeros(2, 3), torch.tensor([[1, 1, 2]]))
+    assert result["min_token_cosine"]["median"] == pytest.approx(2**-0.5, abs=1e-6)
+    assert result["max_abs_diff"] == 1.0
+
+
+def _ratio_of(benchmark, ratios):
+    """A paired ratio whose rounds are exactly `ratios` (numerator times ÷ denominator times of 1 s)."""
+    return benchmark.with_verdict(benchmark.paired_ratio({"times_s": ratios}, {"times_s": [1.0] * len(ratios)}))
+
+
+def test_ratios_whose_rounds_straddle_one_are_noisy_not_results():
+    benchmark = _load_benchmark()
+    faster = _ratio_of(benchmark, [1.05, 1.10, 1.08])
+    assert faster["verdict"] == "result" and benchmark.format_ratio(faster) == "1.08× (1.05–1.10)"
+    noisy = _ratio_of(benchmark, [0.95, 1.02, 1.10])  # "1.02× faster" with rounds from 0.95 to 1.10
+    assert noisy["verdict"] == "noisy"
+    assert benchmark.format_ratio(noisy) == "noisy (0.95–1.10×)"  # the median is never printed as a result
+    tie = _ratio_of(benchmark, [0.99, 1.00, 1.01])
+    assert tie["verdict"] == "tie" and benchmark.format_ratio(tie).startswith("tie")
+    assert _ratio_of(benchmark, [0.90, 0.93, 0.97])["verdict"] == "result"  # slower in every round: a result too
+
+
+def test_a_floor_fraction_above_100_percent_is_a_measurement_error():
+    benchmark = _load_benchmark()
+    floor_times, contender_times = [1.0, 1.02, 1.04], [0.95, 0.96, 0.97]  # "faster than the bare matmuls"
+    fraction = benchmark.with_verdict(benchmark.unpaired_ratio(floor_times, contender_times), bounded_by_one=True)
+    assert fraction["median"] == pytest.approx(1.02 / 0.96)
+    assert fraction["min"] == pytest.approx(1.0 / 0.97) and fraction["max"] == pytest.approx(1.04 / 0.95)
+    assert fraction["verdict"] == "measurement error"
+    assert "measurement error" in benchmark.format_ratio(fraction, "%")
+    assert benchmark.target_status(fraction, 0.85, True) == "measurement error"  # cannot meet a target
+    below = benchmark.with_verdict(benchmark.unpaired_ratio([0.8, 0.9], [1.0, 1.1]), bounded_by_one=True)
+    assert below["verdict"] == "result" and benchmark.format_ratio(below, "%") == "81 % (73–90)"  # 0.85 ÷ 1.05
+    reaching = benchmark.with_verdict(benchmark.unpaired_ratio([0.9, 1.0], [0.95, 1.0]), bounded_by_one=True)
+    assert reaching["verdict"] == "noisy"  # median below 100 %, but some pairing of samples above it
+    assert benchmark.target_status(reaching, 0.80, True) == "noisy"  # every round ≥ 80 %, but some are "> floor"
+
+
+@pytest.mark.parametrize(
+    "rounds, threshold, higher_is_better, expected",
+    [
+        ([0.86, 0.90, 0.88], 0.85, True, "met"),
+        ([0.80, 0.84, 0.82], 0.85, True, "MISSED"),
+        ([0.83, 0.87, 0.86], 0.85, True, "noisy"),
+        ([0.43, 0.47], 0.65, False, "met"),
+        ([0.90, 0.94, 0.99], 0.65, False, "MISSED"),  # issue #15: "target ≤ 65 %" at 94 % must not pass silently
+        ([0.60, 0.70], 0.65, False, "noisy"),
+    ],
+)
+def test_target_status_needs_every_round(rounds, threshold, higher_is_better, expected):
+    benchmark = _load_benchmark()
+    figure = benchmark.paired_ratio({"times_s": rounds}, {"times_s": [1.0] * len(rounds)})
+    assert benchmark.target_status(figure, threshold, higher_is_better) == expected
+
+
+def _synthetic_report(benchmark, dropping_rounds):
+    """A report with made-up timings: one workload, packed vs per-image paired over 3 rounds, token dropping."""
+    ratio = _ratio_of(benchmark, [1.01, 1.03, 1.02])
+    report = {"device": "cpu", "quick": True, "machine": {"load_average": (0.5, 0.5, 0.5)},
+              "workloads": [{"name": "mixed", "contenders": [], "packed_vs_per_image": {"fp32": ratio}}],
+              "token_dropping": {"workload": "mixed", "dtype": "fp32",
+                                 "time_fraction": benchmark.paired_ratio({"times_s": dropping_rounds},
+                                                                         {"times_s": [1.0] * len(dropping_rounds)})}}
+    report["targets"] = benchmark.evaluate_targets(report)
+    report["summary"] = benchmark.summarize(report)
+    return report
+
+
+def test_missed_targets_are_printed_and_fail_the_run_only_when_asked(monkeypatch):
+    benchmark = _load_benchmark()
+    report = _synthetic_report(benchmark, [0.92, 0.94, 0.96])
+    assert [t["status"] for t in report["targets"]] == ["met", "MISSED"]
+    assert len(report["summary"]["missed"]) == 1 and "65 %" in report["summary"]["missed"][0]
+    line = benchmark.summary_line(report)
+    assert "1 MISSED" in line and "keep 50 % of tokens" in line
+    lines = "\n".join(benchmark._target_lines(report))
+    assert "**MISSED**" in lines and "94 % (92–96)" in lines
+    monkeypatch.setattr(benchmark, "main", lambda argv=None: report)
+    assert benchmark.cli(["--quick"]) == 0  # printed, not fatal, by default
+    assert benchmark.cli(["--quick", "--fail-on-missed"]) == 1
+    assert "machine was busy" not in line  # load average 0.5
+    report["machine"]["load_average"] = (2.0 * os.cpu_count(), 1.0, 1.0)
+    assert "**The machine was busy**" in benchmark.summary_line(report)
+    met = _synthetic_report(benchmark, [0.43, 0.45, 0.47])
+    monkeypatch.setattr(benchmark, "main", lambda argv=None: met)
+    assert met["summary"]["missed"] == [] and benchmark.cli(["--quick", "--fail-on-missed"]) == 0
+
+
+def test_quick_mode_measures_the_real_widths_and_claims_its_measured_time():
+    """--quick runs so400m widths (a toy width measures Python overhead), and README states the time --help states."""
+    benchmark = _load_benchmark()
+    widths = ("hidden_size", "intermediate_size", "num_attention_heads")
+    assert all(benchmark.QUICK[k] == benchmark.SO400M[k] for k in widths) and benchmark.QUICK_LAYERS <= 2
+    seconds = re.search(r"about (\d+) s", benchmark.QUICK_MEASURED).group(1)
+    readme = (REPO_ROOT / "README.md").read_text()
+    assert f"`python scripts/benchmark.py --quick` (about {seconds} s" in readme
+    assert f"about {seconds} s" in (REPO_ROOT / "docs" / "benchmarks.md").read_text()
+
+
+@pytest.mark.parametrize("bad", [["--repeats", "0"], ["--warmup", "-1"], ["--dtype", "fp16"]])
+def test_benchmark_refuses_bad_options_before_running(bad, capsys):
+    benchmark = _load_benchmark()
+    with pytest.raises(SystemExit):
+        benchmark.parse_args(bad)
+    assert "error" in capsys.readouterr().err
 
 
 def test_benchmark_subsets_of_contenders_and_names_are_checked(tmp_path, monkeypatch):
-    """Any subset of contenders writes a report (torch.compile without the eager packed-sdpa time to compare with
-    included); misspelt contender or workload names are refused before anything runs."""
+    """Any subset of contenders writes a report (torch.compile, timed against eager in the same rounds, included);
+    misspelt contender or workload names are refused before anything runs."""
     benchmark = _tiny_benchmark(monkeypatch)
     compile_ = torch.compile
     monkeypatch.setattr(torch, "compile", lambda model, **kwargs: compile_(model, **kwargs, backend="eager"))
-    args = ["--quick", "--repeats", "1", "--threads", "1", "--workloads", "mixed", "--out", str(tmp_path)]
+    args = ["--quick", "--repeats", "2", "--threads", "1", "--workloads", "mixed", "--out", str(tmp_path)]
     report = benchmark.main([*args, "--contenders", "per-image-sdpa", "--compile"])
     assert [c["name"] for c in report["workloads"][0]["contenders"]] == ["per-image-sdpa"]
-    assert report["compile"]["eager_median_s"] is None and "not timed" in (tmp_path / "benchmark.md").read_text()
+    assert "token_dropping" not in report  # it is paired with packed-sdpa, which did not run
+    _assert_spread(report["compile"]["speedup_vs_eager"], 2)
+    assert "torch.compile" in (tmp_path / "benchmark.md").read_text()
     for bad in (["--contenders", "packed_sdpa"], ["--workloads", "mixd"]):
         with pytest.raises(SystemExit, match="unknown"):
             benchmark.main([*args, *bad])
@@ -557,13 +751,17 @@ def test_benchmark_runs_on_cuda_in_bf16(tmp_path, monkeypatch):
     """The GPU run end to end on a tiny config: bf16, CUDA-only contenders, peak-matmul MFU, memory from the CUDA
     allocator; so that `python scripts/benchmark.py --device cuda` is known to work before it is spent on so400m."""
     benchmark = _tiny_benchmark(monkeypatch)
-    report = benchmark.main(["--quick", "--device", "cuda", "--repeats", "1", "--no-compile", "--out", str(tmp_path)])
-    assert report["device"] == "cuda" and report["dtype"] == "bfloat16" and report["matmul_peak_flops"] > 1e12
+    names = "packed-sdpa,packed-sdpa-sync-per-layer,per-image-sdpa,naflex-padded"
+    report = benchmark.main(["--quick", "--device", "cuda", "--repeats", "2", "--no-compile", "--contenders", names,
+                             "--out", str(tmp_path)])
+    assert report["device"] == "cuda" and report["dtypes"] == ["bf16"]
+    assert report["matmul_peak"]["bf16"]["median"] > 1e12
     for workload in report["workloads"]:
-        timed = {c["name"]: c for c in workload["contenders"] if "error" not in c}
-        assert {"packed-sdpa", "packed-sdpa-sync-per-layer", "per-image-sdpa", "naflex-padded"} <= set(timed)
+        timed = {c["name"]: c for c in workload["contenders"] if "error" not in c and c["dtype"] == "bf16"}
+        assert set(names.split(",")) <= set(timed)
         for contender in timed.values():
-            assert 0 < contender["fraction_of_matmul_peak"] < 1 and contender["peak_memory_bytes"] > 0
+            assert 0 < contender["of_matmul_peak"]["median"] < 1 and contender["peak_memory_bytes"] > 0
+        assert "bf16" in workload["packed_vs_sync_per_layer"]
     assert "| mixed |" in (tmp_path / "benchmark.md").read_text()
 
 
@@ -581,15 +779,16 @@ def test_a_failing_contender_is_reported_and_the_run_goes_on(tmp_path, monkeypat
     report = benchmark.main(["--quick", "--repeats", "1", "--threads", "1", "--workloads", "mixed", "--out", str(tmp_path)])
     contenders = {c["name"]: c for c in report["workloads"][0]["contenders"]}
     assert "out of memory" in contenders["naflex-padded"]["error"]
-    assert contenders["packed-sdpa"]["median_s"] > 0 and "speedup_vs_naflex_padded" not in contenders["packed-sdpa"]
-    assert report["workloads"][0]["packed_vs_per_image"]["rounds"] == 1
+    assert contenders["packed-sdpa"]["median_s"] > 0 and "vs_naflex_padded" not in contenders["packed-sdpa"]
+    assert report["workloads"][0]["packed_vs_per_image"]["fp32"]["rounds"] == 1
     assert "out of memory" in (tmp_path / "benchmark.md").read_text()
     assert "naflex_max_abs_diff" not in report["workloads"][0]
 
 
 def test_contenders_are_timed_round_robin_after_their_warm_up():
-    """time_interleaved: per contender a memory-measuring call and the warm-ups first, then rounds of one call each,
-    so a drift in machine load affects every contender alike; paired ratios come from the same rounds."""
+    """time_interleaved: per contender a memory-measuring call and the warm-ups first, then rounds of one call each
+    (each round rotated by one), so a drift in machine load affects every contender alike; paired ratios come from
+    the same rounds."""
     benchmark = _load_benchmark()
     calls = []
     clock = iter(range(100))
@@ -599,10 +798,46 @@ def test_contenders_are_timed_round_robin_after_their_warm_up():
         result = benchmark.time_interleaved(fns, torch.device("cpu"), warmup=2, repeats=3)
     finally:
         benchmark.CLOCK = benchmark.CLOCKS["wall"]
-    assert calls == ["a", "a", "a", "b", "b", "b", "c", "c", "c"] + ["a", "b", "c"] * 3
+    assert calls == ["a", "a", "a", "b", "b", "b", "c", "c", "c"] + ["a", "b", "c", "b", "c", "a", "c", "a", "b"]
     assert all(r["times_s"] == [1, 1, 1] and r["median_s"] == 1 for r in result.values())
     ratio = benchmark.paired_ratio({"times_s": [2.0, 3.0, 4.0]}, {"times_s": [1.0, 2.0, 4.0]})
-    assert ratio == {"median": 1.5, "min": 1.0, "max": 2.0, "rounds": 3}
+    assert ratio == {"median": 1.5, "min": 1.0, "max": 2.0, "rounds": 3, "paired": True}
+
+
+def test_floor_buffers_are_made_untimed_before_each_call_and_freed_before_the_next_contender():
+    """A FreshEachCall (the matmul floors) runs in the same rounds as the contenders, but its buffers exist only
+    around its own call: made before it (not timed), gone before the next contender runs."""
+    benchmark = _load_benchmark()
+    now, events, live = [0], [], weakref.WeakSet()
+
+    class Buffers:
+        pass
+
+    def make():
+        now[0] += 100  # making the buffers takes long: must not be timed
+        buffers = Buffers()
+        live.add(buffers)
+
+        def floor():
+            now[0] += 1
+            events.append(("floor", len(live), buffers is not None))
+
+        return floor
+
+    def contender():
+        now[0] += 2
+        events.append(("contender", len(live)))
+
+    benchmark.CLOCK = lambda: now[0]
+    try:
+        result = benchmark.time_interleaved({"floor": benchmark.FreshEachCall(make), "contender": contender},
+                                            torch.device("cpu"), warmup=1, repeats=3)
+    finally:
+        benchmark.CLOCK = benchmark.CLOCKS["wall"]
+    assert result["floor"]["times_s"] == [1, 1, 1] and result["contender"]["times_s"] == [2, 2, 2]
+    assert result["floor"]["peak_memory_bytes"] is None  # not measured under the dispatch mode
+    assert events[-6:] == [("floor", 1, True), ("contender", 0), ("contender", 0), ("floor", 1, True)] + [
+        ("floor", 1, True), ("contender", 0)]  # rounds rotate; the buffers never outlive the floor's call
 
 
 def test_cpu_peak_memory_counts_live_tensor_storage():
