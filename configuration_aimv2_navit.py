@@ -7,17 +7,9 @@ from typing import Optional
 from transformers import PretrainedConfig
 from transformers.activations import ACT2FN
 
+from .navit_core import validate_packed_config
 
-_POSITIVE_INTS = (
-    "hidden_size",
-    "intermediate_size",
-    "num_hidden_layers",
-    "num_attention_heads",
-    "num_channels",
-    "image_size",
-    "patch_size",
-    "hidden_stride",
-)
+
 _BOOLS = ("qkv_bias", "mlp_bias", "use_head", "is_native")
 
 
@@ -105,22 +97,12 @@ class Aimv2NavitConfig(PretrainedConfig):
     def _validate(self) -> None:
         """Check every field (at init, and again when a model is built: `from_pretrained` overrides and direct
         assignments bypass `__init__`)."""
-        for name in _POSITIVE_INTS:
-            value = getattr(self, name)
-            if not isinstance(value, int) or isinstance(value, bool) or value <= 0:
-                raise ValueError(f"`{name}` must be a positive integer, got {value!r}.")
+        validate_packed_config(self, frames_per_patch=1)
         for name in _BOOLS:
             if not isinstance(getattr(self, name), bool):
                 raise ValueError(f"`{name}` must be True or False, got {getattr(self, name)!r}.")
         if self.hidden_act not in ACT2FN:
             raise ValueError(f"`hidden_act` must be one of transformers' activations (e.g. 'silu'), got {self.hidden_act!r}.")
-        if self.temporal_patch_size != 1:
-            raise ValueError(f"`temporal_patch_size` must be 1 (AIMv2 encodes still images), got {self.temporal_patch_size!r}.")
-        if self.hidden_size % self.num_attention_heads:
-            raise ValueError(
-                f"`hidden_size` ({self.hidden_size}) must be divisible by `num_attention_heads` "
-                f"({self.num_attention_heads})."
-            )
         if self.is_native and self.hidden_size % 4:
             raise ValueError(
                 f"The 2D sin-cos position embedding of native checkpoints needs `hidden_size` divisible by 4, got "
@@ -132,9 +114,6 @@ class Aimv2NavitConfig(PretrainedConfig):
             raise ValueError(f"`rms_norm_eps` must be positive, got {self.rms_norm_eps!r}.")
         if not 0.0 <= self.attention_dropout < 1.0:
             raise ValueError(f"`attention_dropout` must be in [0, 1), got {self.attention_dropout!r}.")
-        block = self.cpu_block_tokens
-        if block is not None and (not isinstance(block, int) or isinstance(block, bool) or block <= 0):
-            raise ValueError(f"`cpu_block_tokens` must be a positive integer or None, got {block!r}.")
 
 
 Aimv2NavitConfig.register_for_auto_class()  # save_pretrained then writes auto_map for AutoConfig

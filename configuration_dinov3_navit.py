@@ -7,21 +7,7 @@ from typing import Optional
 from transformers import PretrainedConfig
 from transformers.activations import ACT2FN
 
-
-_POSITIVE_INTS = (
-    "hidden_size",
-    "intermediate_size",
-    "num_hidden_layers",
-    "num_attention_heads",
-    "num_channels",
-    "patch_size",
-    "image_size",
-    "hidden_stride",
-)
-
-
-def _is_int(value) -> bool:
-    return isinstance(value, int) and not isinstance(value, bool)
+from .navit_core import is_int, validate_packed_config
 
 
 def _is_number(value) -> bool:
@@ -136,23 +122,11 @@ class Dinov3NavitConfig(PretrainedConfig):
 
     def _validate(self) -> None:
         """Check field values and their consistency (at init and again when a model is built from the config)."""
-        for name in _POSITIVE_INTS:
-            value = getattr(self, name)
-            if not _is_int(value) or value <= 0:
-                raise ValueError(f"`{name}` must be a positive integer, got {value!r}.")
-        if self.temporal_patch_size != 1:
-            raise ValueError(
-                f"`temporal_patch_size` must be 1 (DINOv3 embeds single frames), got {self.temporal_patch_size!r}."
-            )
-        if self.hidden_size % self.num_attention_heads:
-            raise ValueError(
-                f"`hidden_size` ({self.hidden_size}) must be divisible by `num_attention_heads` "
-                f"({self.num_attention_heads})."
-            )
+        validate_packed_config(self, frames_per_patch=1)
         head_dim = self.hidden_size // self.num_attention_heads
         if head_dim % 4:
             raise ValueError(f"DINOv3's 2D RoPE needs head_dim divisible by 4, got head_dim={head_dim}.")
-        if not _is_int(self.num_register_tokens) or self.num_register_tokens < 0:
+        if not is_int(self.num_register_tokens) or self.num_register_tokens < 0:
             raise ValueError(f"`num_register_tokens` must be a non-negative integer, got {self.num_register_tokens!r}.")
         if self.hidden_act not in ACT2FN:
             raise ValueError(f"`hidden_act` {self.hidden_act!r} is not a known activation (transformers' ACT2FN).")
@@ -161,9 +135,6 @@ class Dinov3NavitConfig(PretrainedConfig):
         if not _is_number(self.drop_path_rate) or not 0.0 <= self.drop_path_rate < 1.0:
             raise ValueError(f"`drop_path_rate` must be in [0, 1), got {self.drop_path_rate!r}.")
         self._validate_augmentation()
-        block = self.cpu_block_tokens
-        if block is not None and (not _is_int(block) or block <= 0):
-            raise ValueError(f"`cpu_block_tokens` must be a positive integer or None, got {block!r}.")
 
     def _validate_augmentation(self) -> None:
         shift = self.pos_embed_shift

@@ -5,6 +5,8 @@ from typing import Optional, Union
 
 from transformers import PretrainedConfig
 
+from .navit_core import validate_packed_config
+
 
 _PE_INTERPOLATIONS = ("bicubic", "bilinear")
 
@@ -139,29 +141,7 @@ class Siglip2NavitConfig(PretrainedConfig):
     def _validate(self) -> None:
         """Check field values and their consistency (at init and again when a model is built from the config, since
         `from_pretrained` overrides and direct assignments bypass `__init__`)."""
-        for name in (
-            "hidden_size",
-            "intermediate_size",
-            "num_hidden_layers",
-            "num_attention_heads",
-            "num_channels",
-            "patch_size",
-            "temporal_patch_size",
-            "image_size",
-            "hidden_stride",
-            "window_size",
-        ):
-            value = getattr(self, name)
-            if not isinstance(value, int) or isinstance(value, bool) or value <= 0:
-                raise ValueError(f"`{name}` must be a positive integer, got {value!r}.")
-        if self.hidden_size % self.num_attention_heads != 0:
-            raise ValueError(
-                f"`hidden_size` ({self.hidden_size}) must be divisible by `num_attention_heads` "
-                f"({self.num_attention_heads})."
-            )
-        block = self.cpu_block_tokens
-        if block is not None and (not isinstance(block, int) or isinstance(block, bool) or block <= 0):
-            raise ValueError(f"`cpu_block_tokens` must be a positive integer or None, got {block!r}.")
+        validate_packed_config(self, extra_ints=("window_size",))
         head_dim = self.hidden_size // self.num_attention_heads
         if self.use_rope and head_dim % 4 != 0:
             raise ValueError(f"2D RoPE needs head_dim divisible by 4, got head_dim={head_dim}.")

@@ -336,6 +336,50 @@ def _prefix_slots(counts: torch.Tensor, frame_order: torch.Tensor, num_prefix: i
 
 
 # ----------------------------------------------------------------------------------------------------------------------
+# Configuration checks every family shares (the transformer's shape and the packed-input fields)
+# ----------------------------------------------------------------------------------------------------------------------
+
+PACKED_CONFIG_INTS = (
+    "hidden_size",
+    "intermediate_size",
+    "num_hidden_layers",
+    "num_attention_heads",
+    "num_channels",
+    "patch_size",
+    "temporal_patch_size",
+    "image_size",
+    "hidden_stride",
+)
+
+
+def is_int(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def validate_packed_config(config, extra_ints: Sequence[str] = (), frames_per_patch: Optional[int] = None) -> None:
+    """ValueError unless the fields every packed encoder has are consistent: positive integer sizes (plus
+    `extra_ints`), `hidden_size` divisible by the heads, `cpu_block_tokens` a positive integer or None, and
+    `temporal_patch_size == frames_per_patch` for families that embed single frames."""
+    for name in (*PACKED_CONFIG_INTS, *extra_ints):
+        value = getattr(config, name)
+        if not is_int(value) or value <= 0:
+            raise ValueError(f"`{name}` must be a positive integer, got {value!r}.")
+    if frames_per_patch is not None and config.temporal_patch_size != frames_per_patch:
+        raise ValueError(
+            f"`temporal_patch_size` must be {frames_per_patch} ({type(config).__name__} embeds single frames), got "
+            f"{config.temporal_patch_size!r}."
+        )
+    if config.hidden_size % config.num_attention_heads:
+        raise ValueError(
+            f"`hidden_size` ({config.hidden_size}) must be divisible by `num_attention_heads` "
+            f"({config.num_attention_heads})."
+        )
+    block = config.cpu_block_tokens
+    if block is not None and (not is_int(block) or block <= 0):
+        raise ValueError(f"`cpu_block_tokens` must be a positive integer or None, got {block!r}.")
+
+
+# ----------------------------------------------------------------------------------------------------------------------
 # Input validation: every inconsistency is a ValueError raised before any compute.
 # ----------------------------------------------------------------------------------------------------------------------
 
