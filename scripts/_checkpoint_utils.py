@@ -769,6 +769,62 @@ def convert_to_folder(
     )
 
 
+def convert_renamed_tensors(
+    src, dst, checkpoint, names: Mapping[str, str], config, script: str, desc: str, overwrite=False, dtype="keep",
+    base_model=None, processor_kwargs=None,
+) -> Path:
+    """The tensors of `checkpoint` named in `names` (source name -> model name), unchanged: header shapes checked
+    against `config` before any data is read, then read, cast to `dtype` and written to DST atomically."""
+    header_shapes = {names[key]: shape for key, shape in checkpoint.shapes(names).items()}
+    check_shapes(header_shapes, expected_shapes(config), f"Checkpoint {src}")
+    tensors = checkpoint.read(names, desc=desc)
+    state_dict = cast({names[key]: t for key, t in tensors.items()}, dtype)
+    return convert_to_folder(src, dst, state_dict, config, script, overwrite, base_model, processor_kwargs)
+
+
+def square_side(value: Any, name: str) -> int:
+    """A transformers size field (an int, or a square [side, side] pair) -> the side; non-square is refused."""
+    if isinstance(value, (list, tuple)):
+        if len(value) != 2 or value[0] != value[1]:
+            raise ConversionError(f"`{name}` {value!r} is not square; the packed models need square patches and grids.")
+        value = value[0]
+    return value
+
+
+def _resample(value: Any) -> int:
+    """A PIL resampling filter from a preprocessor config (an int, or a name such as "bilinear")."""
+    import PIL.Image
+
+    if isinstance(value, str):
+        try:
+            return int(PIL.Image.Resampling[value.upper()])
+        except KeyError:
+            raise ConversionError(f"Unknown `resample` {value!r} in preprocessor_config.json.") from None
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise ConversionError(f"`resample` in preprocessor_config.json must be a PIL filter, got {value!r}.")
+    return value
+
+
+def source_processor_kwargs(src: Path) -> Optional[Dict[str, Any]]:
+    """`image_mean`, `image_std` and `resample` of the source's `preprocessor_config.json` (those it has), checked by
+    building the processor now rather than half-way through writing DST; None without the file (the family's
+    defaults apply)."""
+    path = Path(src) / "preprocessor_config.json"
+    if not path.is_file():
+        return None
+    source = read_json(path)
+    kwargs = {name: source[name] for name in ("image_mean", "image_std") if source.get(name) is not None}
+    if source.get("resample") is not None:
+        kwargs["resample"] = _resample(source["resample"])
+    import_package()
+    processing = importlib.import_module(f"{PACKAGE}.image_processing_siglip2_navit")
+    try:
+        processing.Siglip2NavitImageProcessor(**kwargs)
+    except ValueError as err:
+        raise ConversionError(f"{path}: {err}") from None
+    return kwargs
+
+
 def cast(state_dict: Dict[str, torch.Tensor], dtype: Optional[str]) -> Dict[str, torch.Tensor]:
     """`state_dict` in `dtype` ("keep"/None: unchanged); a tensor whose values overflow `dtype` is refused."""
     if dtype in (None, "keep"):

@@ -45,7 +45,6 @@ _VISION_DEFAULTS = {  # transformers' Aimv2VisionConfig defaults, for fields a s
     "use_head": True,
     "is_native": False,
 }
-PROCESSOR_FIELDS = ("image_mean", "image_std", "resample")  # what the converted processor takes from the source
 
 
 def vision_config_of(config: Dict[str, Any]) -> Dict[str, Any]:
@@ -60,32 +59,13 @@ def vision_config_of(config: Dict[str, Any]) -> Dict[str, Any]:
     return {**_VISION_DEFAULTS, **vision}
 
 
-def _square_side(value: Any, name: str) -> int:
-    """`image_size` / `patch_size` as one int (transformers also allows a square [h, w] pair)."""
-    if isinstance(value, (list, tuple)):
-        if len(value) != 2 or value[0] != value[1]:
-            raise utils.ConversionError(f"`{name}` {value!r} is not square; AIMv2 NaViT needs square patches and grids.")
-        value = value[0]
-    return value
-
-
 def navit_config_kwargs(vision: Dict[str, Any], hidden_stride: int) -> Dict[str, Any]:
     """Aimv2NavitConfig arguments: the source's vision fields unchanged, plus the packed token order."""
     kwargs = {name: vision[name] for name in _VISION_DEFAULTS}
-    kwargs["image_size"] = _square_side(vision["image_size"], "image_size")
-    kwargs["patch_size"] = _square_side(vision["patch_size"], "patch_size")
+    kwargs["image_size"] = utils.square_side(vision["image_size"], "image_size")
+    kwargs["patch_size"] = utils.square_side(vision["patch_size"], "patch_size")
     kwargs["hidden_stride"] = hidden_stride
     return kwargs
-
-
-def processor_kwargs_of(src: Path) -> Dict[str, Any]:
-    """`image_mean`, `image_std`, `resample` of the source's `preprocessor_config.json` (those it has; none without
-    the file: the family defaults apply)."""
-    path = src / "preprocessor_config.json"
-    if not path.is_file():
-        return {}
-    processor = utils.read_json(path)
-    return {name: processor[name] for name in PROCESSOR_FIELDS if processor.get(name) is not None}
 
 
 def vision_tensor_names(keys, src: Path) -> Dict[str, str]:
@@ -117,22 +97,11 @@ def convert(
         config = utils.config_class(utils.AIMV2)(**navit_config_kwargs(vision, hidden_stride))
     except ValueError as err:
         raise utils.ConversionError(f"Cannot build an Aimv2NavitConfig from {src}: {err}") from None
+    processor_kwargs = utils.source_processor_kwargs(src)  # read (and checked) before any tensor
 
     names = vision_tensor_names(checkpoint.keys(), src)
-    header_shapes = {names[key]: shape for key, shape in checkpoint.shapes(names).items()}
-    utils.check_shapes(header_shapes, utils.expected_shapes(config), f"Checkpoint {src}")  # before reading any data
-
-    tensors = checkpoint.read(names, desc="Reading the vision tower")
-    state_dict = utils.cast({names[key]: t for key, t in tensors.items()}, dtype)
-    return utils.convert_to_folder(
-        src,
-        dst,
-        state_dict,
-        config,
-        Path(__file__).name,
-        overwrite=overwrite,
-        base_model=base_model,
-        processor_kwargs=processor_kwargs_of(src),
+    return utils.convert_renamed_tensors(
+        src, dst, checkpoint, names, config, Path(__file__).name, "Reading the vision tower", overwrite, dtype, base_model, processor_kwargs
     )
 
 

@@ -18,12 +18,10 @@ Example:
         --base-model facebook/dinov3-vitl16-pretrain-lvd1689m
 """
 
-import importlib
 import sys
 from pathlib import Path
 from typing import Any, Dict, Optional
 
-import PIL.Image
 
 import _checkpoint_utils as utils
 
@@ -57,15 +55,6 @@ _DINOV3_DEFAULTS = {  # transformers' DINOv3ViTConfig defaults, for fields a sav
 _MODULE_PATH = "model.layer."  # transformers' module path of the layers; the files it writes say `layer.`
 
 
-def _square(value: Any, name: str) -> int:
-    """An int, or a [side, side] pair (transformers allows both) -> the side."""
-    if isinstance(value, (list, tuple)):
-        if len(value) != 2 or value[0] != value[1]:
-            raise utils.ConversionError(f"`{name}` {value!r} is not square; the packed model needs square patches.")
-        value = value[0]
-    return value
-
-
 def navit_config_kwargs(config: Dict[str, Any], hidden_stride: int) -> Dict[str, Any]:
     """`Dinov3NavitConfig` fields of a `DINOv3ViTModel` `config.json` (defaults filled in, backbone fields dropped)."""
     model_type = config.get("model_type")
@@ -75,40 +64,9 @@ def navit_config_kwargs(config: Dict[str, Any], hidden_stride: int) -> Dict[str,
             "ConvNeXt DINOv3 checkpoints ('dinov3_convnext') are not ViTs."
         )
     values = {name: config.get(name, default) for name, default in _DINOV3_DEFAULTS.items()}
-    values["patch_size"] = _square(values["patch_size"], "patch_size")
-    values["image_size"] = _square(values["image_size"], "image_size")
+    values["patch_size"] = utils.square_side(values["patch_size"], "patch_size")
+    values["image_size"] = utils.square_side(values["image_size"], "image_size")
     return {**values, "hidden_stride": hidden_stride, "temporal_patch_size": 1}
-
-
-def _resample(value: Any) -> int:
-    """A PIL resampling filter from a preprocessor config (an int, or a name such as "bilinear")."""
-    if isinstance(value, str):
-        try:
-            return int(PIL.Image.Resampling[value.upper()])
-        except KeyError:
-            raise utils.ConversionError(f"Unknown `resample` {value!r} in preprocessor_config.json.") from None
-    if isinstance(value, bool) or not isinstance(value, int):
-        raise utils.ConversionError(f"`resample` in preprocessor_config.json must be a PIL filter, got {value!r}.")
-    return value
-
-
-def processor_kwargs_of(src: Path) -> Optional[Dict[str, Any]]:
-    """The normalisation and resampling of the source's `preprocessor_config.json` (None without one: the family's
-    defaults apply)."""
-    path = src / "preprocessor_config.json"
-    if not path.is_file():
-        return None
-    utils.import_package()
-    source = utils.read_json(path)
-    kwargs = {name: source[name] for name in ("image_mean", "image_std") if name in source}
-    if "resample" in source:
-        kwargs["resample"] = _resample(source["resample"])
-    processing = importlib.import_module(f"{utils.PACKAGE}.image_processing_siglip2_navit")
-    try:
-        processing.Siglip2NavitImageProcessor(**kwargs)  # checked now, not half-way through writing DST
-    except ValueError as err:
-        raise utils.ConversionError(f"{path}: {err}") from None
-    return kwargs
 
 
 def checkpoint_names(keys) -> Dict[str, str]:
@@ -129,22 +87,11 @@ def convert(
         )
     except ValueError as err:
         raise utils.ConversionError(f"Cannot build a Dinov3NavitConfig from {src}: {err}") from None
-    processor_kwargs = processor_kwargs_of(src)  # read (and checked) before any tensor
+    processor_kwargs = utils.source_processor_kwargs(src)  # read (and checked) before any tensor
 
     names = checkpoint_names(checkpoint.keys())
-    header_shapes = {names[key]: shape for key, shape in checkpoint.shapes(names).items()}
-    utils.check_shapes(header_shapes, utils.expected_shapes(config), f"Checkpoint {src}")
-    tensors = checkpoint.read(names, desc="Reading the DINOv3 tensors")
-    state_dict = utils.cast({names[key]: t for key, t in tensors.items()}, dtype)
-    return utils.convert_to_folder(
-        src,
-        dst,
-        state_dict,
-        config,
-        Path(__file__).name,
-        overwrite=overwrite,
-        base_model=base_model,
-        processor_kwargs=processor_kwargs,
+    return utils.convert_renamed_tensors(
+        src, dst, checkpoint, names, config, Path(__file__).name, "Reading the DINOv3 tensors", overwrite, dtype, base_model, processor_kwargs
     )
 
 
