@@ -90,10 +90,7 @@ from siglip2_navit.modeling_siglip2_navit import Siglip2NavitModel  # noqa: E402
 SO400M = dict(hidden_size=1152, intermediate_size=4304, num_hidden_layers=27, num_attention_heads=16)
 QUICK = SO400M  # --quick: the real widths (a toy width would measure Python overhead), with fewer layers and images
 QUICK_LAYERS = 1
-QUICK_MEASURED = (
-    "about 35 s on 2 idle CPU cores, estimated from its 60 CPU-seconds; 68-125 s measured while other jobs shared "
-    "the 2 cores"
-)
+QUICK_MEASURED = "about 30 s on 2 idle CPU cores, measured; 68-125 s while other jobs shared the 2 cores"
 NAFLEX_GRID = 16  # naflex checkpoints learn a 16×16 PE grid
 
 
