@@ -26,6 +26,7 @@ from .navit_core import (
     PackedEncoder,
     PackedEncoderLayer,
     PackedLayout,
+    PackedPatchEmbedding,
     PackedPreTrainedModel,
     PackedSelfAttention,
     final_norm_in_input_order,
@@ -106,21 +107,13 @@ class Aimv2NavitRMSNorm(nn.Module):
         return f"{tuple(self.weight.shape)}, eps={self.variance_epsilon}"
 
 
-class Aimv2NavitPatchEmbed(nn.Conv2d):
-    """The patch linear, stored as transformers' Conv2d (`[D, C, p, p]` + bias) and applied to packed rows `[n, C·p·p]`
-    as one matmul; a module call, so that hooks on `get_input_embeddings()` see it."""
-
-    def forward(self, patches: torch.Tensor) -> torch.Tensor:
-        return F.linear(patches, self.weight.flatten(1), self.bias)  # [n, D]
-
-
 class Aimv2NavitEmbeddings(nn.Module):
     """Patch linear -> RMSNorm -> + position embedding (2D sin-cos when `is_native`, else the learned table)."""
 
     def __init__(self, config: Aimv2NavitConfig):
         super().__init__()
         self.config = config
-        self.patch_embed = Aimv2NavitPatchEmbed(
+        self.patch_embed = PackedPatchEmbedding(
             config.num_channels, config.hidden_size, kernel_size=config.patch_size, stride=config.patch_size
         )
         self.rms_norm = Aimv2NavitRMSNorm(config.hidden_size, config.rms_norm_eps)
@@ -128,8 +121,7 @@ class Aimv2NavitEmbeddings(nn.Module):
             self.position_embedding = nn.Embedding(config.position_grid**2, config.hidden_size)
 
     def forward(self, pixel_values: torch.Tensor, layout: PackedLayout) -> torch.Tensor:
-        weight = self.patch_embed.weight
-        patches = pixel_values.to(weight.device)[layout.token_rows].to(weight.dtype)  # [K, C·p·p], working order
+        patches = self.patch_embed.patch_rows(pixel_values, layout)  # [K, C·p·p], working order
         hidden_states = self.rms_norm(self.patch_embed(patches))  # [K, D]
         if self.config.is_native:
             table = layout.family.to(hidden_states.dtype)  # the batch's sincos_table [longest side, D/2]

@@ -21,7 +21,6 @@ from dataclasses import dataclass
 from typing import Optional, Sequence, Union
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 from transformers.activations import ACT2FN
 from transformers.modeling_outputs import BaseModelOutput, BaseModelOutputWithPooling
@@ -32,6 +31,7 @@ from .navit_core import (
     PackedEncoder,
     PackedEncoderLayer,
     PackedLayout,
+    PackedPatchEmbedding,
     PackedPreTrainedModel,
     PackedSelfAttention,
     assemble_sequence,
@@ -127,15 +127,6 @@ def prefix_rotation(num_prefix: int, head_dim: int, device: torch.device) -> tup
 # ----------------------------------------------------------------------------------------------------------------------
 
 
-class Dinov3NavitPatchEmbeddings(nn.Conv2d):
-    """The patch embedding: Conv2d parameters `[D, C, p, p]` (the checkpoints' layout), applied to packed patch rows
-    `[n, C·p·p]` as one matmul. A module call, so that hooks on `get_input_embeddings()` see it."""
-
-    def forward(self, patch_rows: torch.Tensor) -> torch.Tensor:
-        flat_weight = self.weight.flatten(1)  # [D, C·p·p]
-        return F.linear(patch_rows, flat_weight, self.bias)  # [n, D]
-
-
 class Dinov3NavitEmbeddings(nn.Module):
     """Patch embeddings of the kept rows, and every frame's sequence opened by its CLS and register tokens."""
 
@@ -145,7 +136,7 @@ class Dinov3NavitEmbeddings(nn.Module):
         self.cls_token = nn.Parameter(torch.randn(1, 1, hidden))
         self.mask_token = nn.Parameter(torch.zeros(1, 1, hidden))  # masked-patch token (`bool_masked_pos`)
         self.register_tokens = nn.Parameter(torch.empty(1, config.num_register_tokens, hidden))
-        self.patch_embeddings = Dinov3NavitPatchEmbeddings(
+        self.patch_embeddings = PackedPatchEmbedding(
             config.num_channels, hidden, kernel_size=config.patch_size, stride=config.patch_size
         )
 
@@ -157,7 +148,7 @@ class Dinov3NavitEmbeddings(nn.Module):
         self, pixel_values: torch.Tensor, layout: PackedLayout, bool_masked_pos: Optional[torch.Tensor] = None
     ) -> torch.Tensor:
         weight = self.patch_embeddings.weight
-        rows = pixel_values.to(weight.device)[layout.token_rows].to(weight.dtype)  # [K, C·p·p], working order
+        rows = self.patch_embeddings.patch_rows(pixel_values, layout)  # [K, C·p·p], working order
         patches = self.patch_embeddings(rows)  # [K, D]
         if bool_masked_pos is not None:
             masked = bool_masked_pos.to(weight.device)[layout.token_rows][:, None]  # [K, 1]

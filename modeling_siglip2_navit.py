@@ -27,6 +27,7 @@ from .navit_core import (
     PackedEncoder,
     PackedEncoderLayer,
     PackedLayout,
+    PackedPatchEmbedding,
     PackedPreTrainedModel,
     PackedSelfAttention,
     _cpu_block_tokens,
@@ -126,15 +127,6 @@ def rope_cos_sin(positions: torch.Tensor, head_dim: int, theta: float) -> tuple[
 # Modules
 # ----------------------------------------------------------------------------------------------------------------------
 
-class Siglip2NavitPatchEmbedding(nn.Conv2d):
-    """The patch embedding: Conv2d parameters (`[hidden, C·T, p, p]`, the checkpoints' layout), applied to packed patch
-    rows `[n, C·T·p·p]` as one matmul. A module call, so that hooks on `get_input_embeddings()` see it (e.g.
-    `enable_input_require_grads` for adapters with reentrant gradient checkpointing)."""
-
-    def forward(self, patches: torch.Tensor) -> torch.Tensor:
-        return F.linear(patches, self.weight.reshape(self.out_channels, -1), self.bias)  # [n, hidden]
-
-
 class Siglip2NavitEmbeddings(nn.Module):
     """Patch embedding (stored in Conv2d layout, computed as one matmul) plus the resized learned PE."""
 
@@ -142,7 +134,7 @@ class Siglip2NavitEmbeddings(nn.Module):
         super().__init__()
         self.config = config
         self.embed_dim = config.hidden_size
-        self.patch_embedding = Siglip2NavitPatchEmbedding(
+        self.patch_embedding = PackedPatchEmbedding(
             in_channels=config.num_channels * config.temporal_patch_size,
             out_channels=config.hidden_size,
             kernel_size=config.patch_size,
@@ -186,9 +178,7 @@ class Siglip2NavitEmbeddings(nn.Module):
         piece = _cpu_block_tokens(self.config, weight)
         if piece is not None and not _has_hooks(self.patch_embedding):
             return self._forward_in_pieces(pixel_values, layout, piece)
-        pixel_values = pixel_values.to(weight.device)  # no-op unless the caller's rows live on another device
-        pixel_values = pixel_values[layout.token_rows].to(weight.dtype)  # [K, C·T·p²], working order
-        embeddings = self.patch_embedding(pixel_values)  # [K, hidden]
+        embeddings = self.patch_embedding(self.patch_embedding.patch_rows(pixel_values, layout))  # [K, hidden]
         if self.config.preserve_original_pe:
             embeddings = embeddings + self.token_position_embeddings(layout)
         return embeddings

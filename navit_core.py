@@ -866,6 +866,19 @@ def _cpu_block_tokens(config, tensor: torch.Tensor) -> Optional[int]:
 # ----------------------------------------------------------------------------------------------------------------------
 
 
+class PackedPatchEmbedding(nn.Conv2d):
+    """A family's patch embedding: Conv2d parameters (`[hidden, C·T, p, p]` + bias, the checkpoints' layout) applied
+    to packed patch rows `[n, C·T·p·p]` as one matmul. A module call, so that hooks on `get_input_embeddings()` see it
+    (e.g. `enable_input_require_grads` for adapters with reentrant gradient checkpointing)."""
+
+    def forward(self, patches: torch.Tensor) -> torch.Tensor:
+        return F.linear(patches, self.weight.reshape(self.out_channels, -1), self.bias)  # [n, hidden]
+
+    def patch_rows(self, pixel_values: torch.Tensor, layout: PackedLayout) -> torch.Tensor:
+        """The kept rows of `pixel_values` in working order, on this module's device and dtype: [K, C·T·p·p]."""
+        return pixel_values.to(self.weight.device)[layout.token_rows].to(self.weight.dtype)
+
+
 class PackedSelfAttention(nn.Module):
     """q/k/v projections + the packed attention interface; a family adds its output projection (under its own
     parameter name) and returns it from `project_output`."""
