@@ -828,7 +828,7 @@ def apply_rotary_pos_emb(
 
 
 # ----------------------------------------------------------------------------------------------------------------------
-# Modules
+# CPU block schedule: when inference runs block by block (whole sequences per block) instead of over all tokens
 # ----------------------------------------------------------------------------------------------------------------------
 
 
