@@ -41,7 +41,7 @@ class Aimv2NavitConfig(PretrainedConfig):
             every frame in `s × s` blocks (SPEC §3), ready for an LLM-side merger.
         temporal_patch_size (`int`, *optional*, defaults to 1): frames per patch; AIMv2 is an image model, so 1.
         cpu_block_tokens (`int`, *optional*, defaults to 4096): CPU inference runs each layer over blocks of whole
-            images of at most this many tokens (same outputs, block-sized intermediates); `None` disables it.
+            frames of at most this many tokens (same outputs, block-sized intermediates); `None` disables it.
     """
 
     model_type = "aimv2_navit"

@@ -6,9 +6,9 @@ core (`navit_core.py`). Parameter names are those of transformers' `Aimv2VisionM
 unchanged. One forward (N packed patch rows, K kept tokens, K == N unless `keep_indices` drops some):
 
     pixel_values [N, C·p·p], grid_thws [n_images, 3]
-      -> plan (host, once)   validation, PackedLayout (`cu_seqlens` per image); learned-table grids checked
+      -> plan (host, once)   validation, PackedLayout (`cu_seqlens` per frame); learned-table grids checked
       -> embeddings          patch linear -> RMSNorm -> + 2D sin-cos PE of (row, col) (or the learned table)  [K, D]
-      -> encoder layers      pre-norm RMSNorm blocks, SwiGLU MLP; attention per image of the packed batch
+      -> encoder layers      pre-norm RMSNorm blocks, SwiGLU MLP; attention per frame of the packed batch
       -> rms_norm            -> last_hidden_state [K, D], input order; attention-pooling head -> [n_images, D]
 """
 
@@ -132,7 +132,7 @@ class Aimv2NavitEmbeddings(nn.Module):
 
 
 class Aimv2NavitAttention(PackedSelfAttention):
-    """Multi-head self-attention within each image of the packed batch (no RoPE); all projections biased as
+    """Multi-head self-attention within each frame of the packed batch (no RoPE); all projections biased as
     `qkv_bias`."""
 
     def __init__(self, config: Aimv2NavitConfig):

@@ -335,6 +335,9 @@ class Dinov3NavitModel(Dinov3NavitPreTrainedModel):
     def _layout_options(self) -> dict:
         return {"num_prefix_tokens": self.config.num_prefix_tokens}
 
+    def _has_pooler(self) -> bool:
+        return True  # every frame's CLS token
+
     def _plan_family(self, layout: PackedLayout, grids: Sequence[tuple[int, int, int]]) -> Dinov3Plan:
         frame_image = torch.repeat_interleave(torch.arange(len(grids)), torch.tensor([t for t, _, _ in grids]))
         image_ids = frame_image[layout.host_frame_ids].to(layout.positions.device)

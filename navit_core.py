@@ -1188,6 +1188,10 @@ class PackedPreTrainedModel(PreTrainedModel):
         """Whether the model pools every image's tokens (then no frame may lose all its tokens)."""
         return False
 
+    def _has_pooler(self) -> bool:
+        """Whether `forward` returns a `pooler_output` (a pooling head, or DINOv3's CLS token)."""
+        return self._pools_per_image()
+
     def _output_flags(self, output_hidden_states, output_attentions, return_dict) -> tuple[bool, bool, bool]:
         config = self.config
         return (
@@ -1305,15 +1309,21 @@ class PackedPreTrainedModel(PreTrainedModel):
         attention-pooling head; DINOv3's CLS token, averaged over the frames of a video), else the mean of the image's
         `last_hidden_state` tokens (after the final norm)."""
         grids = _grid_to_list(grid_thws)
+        counts = [t * h * w for t, h, w in grids]  # tokens per image in last_hidden_state
+        keep_indices = kwargs.get("keep_indices")
+        if keep_indices is not None and not self._has_pooler():
+            if not isinstance(keep_indices, torch.Tensor):
+                raise ValueError("`keep_indices` must be a 1-D integer tensor of row positions into `pixel_values`.")
+            image_ids = torch.searchsorted(torch.tensor(counts).cumsum(0), keep_indices.cpu().long(), right=True)
+            counts = torch.bincount(image_ids, minlength=len(grids)).tolist()
+            if 0 in counts:  # before any compute
+                raise ValueError(
+                    f"Images {[i for i, n in enumerate(counts) if n == 0]} keep no tokens, so their mean embedding is "
+                    "undefined: keep at least one block of every image."
+                )
         outputs = self(pixel_values, grid_thws, return_dict=True, **kwargs)
         pooled = outputs.pooler_output
         if pooled is None:
-            counts = [t * h * w for t, h, w in grids]
-            keep_indices = kwargs.get("keep_indices")
-            if keep_indices is not None:  # kept tokens per image
-                bounds = torch.tensor(counts).cumsum(0)
-                image_ids = torch.searchsorted(bounds, keep_indices.cpu().long(), right=True)
-                counts = torch.bincount(image_ids, minlength=len(grids)).tolist()
             return segment_mean(outputs.last_hidden_state, counts)
         frames = [t for t, _, _ in grids]
         if pooled.shape[0] == sum(frames) and pooled.shape[0] != len(grids):  # one row per frame: average each video

@@ -623,6 +623,9 @@ def test_get_image_features_averages_the_kept_tokens_when_dropping():
         tokens = model(pixel_values, grid, keep_indices=keep).last_hidden_state
     torch.testing.assert_close(features, torch.stack([tokens[:8].mean(0), tokens[8:].mean(0)]))
 
+    with pytest.raises(ValueError, match=r"Images \[1\] keep no tokens"):  # the mean of no tokens is undefined
+        model.get_image_features(pixel_values, grid, keep_indices=torch.arange(16))
+
 
 def test_unexpected_keyword_is_rejected():
     model = tiny_model()
