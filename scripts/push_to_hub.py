@@ -58,7 +58,15 @@ def folder_files(folder: Path) -> List[str]:
         if any(fnmatch.fnmatch(part, pattern) for part in parts for pattern in SKIP_PATTERNS):
             continue
         if path.is_file():
-            files.append(path.relative_to(folder).as_posix())
+            relative = path.relative_to(folder).as_posix()
+            try:  # a link out of the folder would upload whatever it points at (a token, a key, ...)
+                utils.resolve_inside(folder, relative, f"{folder}")
+            except utils.ConversionError:
+                raise ValidationError(
+                    f"{path} links to {path.resolve()}, outside {folder}: every published file must lie inside the "
+                    "folder (copy it in instead of linking)."
+                ) from None
+            files.append(relative)
     return files
 
 
@@ -257,6 +265,11 @@ def validate(folder, image: Optional[Path] = None) -> List[str]:
     problems = {kind: info.get(kind) for kind in ("missing_keys", "unexpected_keys", "mismatched_keys") if info.get(kind)}
     if problems:
         raise ValidationError(f"The weights do not match the config: {problems}")
+    try:  # every weight, not only those one sample forward pass happens to use
+        for name, tensor in model.state_dict().items():
+            utils.check_finite(name, tensor, f"in {folder}", why="refusing to publish it")
+    except utils.ConversionError as err:
+        raise ValidationError(str(err)) from err
 
     config = model.config
     disagree = [

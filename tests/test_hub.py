@@ -315,6 +315,35 @@ def _numpy_objects(path):
         np.save(f, np.array([{"a": 1}, None], dtype=object), allow_pickle=True)
 
 
+class _RunsCode:
+    """Unpickling this calls `print` (the stand-in for any callable an attacker names)."""
+
+    def __reduce__(self):
+        return (print, ("unpickled",))
+
+
+def _text_pickle(protocol, padding=0):
+    def write(path):
+        import pickle
+
+        path.write_bytes(pickle.dumps(["x" * padding, _RunsCode()], protocol=protocol))
+
+    return write
+
+
+def _numpy_objects_bare_descr(path):
+    """An object array whose header says `'O'` (numpy still reads it as objects, i.e. unpickles it)."""
+    _numpy_objects(path)
+    path.write_bytes(path.read_bytes().replace(b"'descr': '|O'", b"'descr': 'O' "))
+
+
+def _npz_with_an_object_array_last(path):
+    import numpy as np
+
+    arrays = {f"plain{i:03d}": np.zeros(2) for i in range(70)}
+    np.savez(path, **arrays, zz=np.array([{"a": 1}], dtype=object))
+
+
 def _gzip_open(path, mode):
     import gzip
 
@@ -343,12 +372,49 @@ def _xz_open(path, mode):
         ("state.bz2", _compressed(_bz2_open), "compressed a pickle"),
         ("state.xz", _compressed(_xz_open), "compressed a pickle"),
         ("objects.npy", _numpy_objects, "numpy array of Python objects"),
+        ("objects_o.npy", _numpy_objects_bare_descr, "numpy array of Python objects"),
+        ("many.npz", _npz_with_an_object_array_last, "member 'zz.npy' is a numpy array of Python objects"),
+        ("optimizer.npy", _text_pickle(0), "a pickle (protocol 0/1, text)"),
+        ("state.dat", _text_pickle(1), "a pickle (protocol 0/1, text)"),
+        ("late_import.dat", _text_pickle(0, padding=20000), "a pickle (protocol 0/1, text)"),  # import past the sniff
+        ("late_import_1.dat", _text_pickle(1, padding=300000), "a pickle (protocol 0/1, text)"),
     ],
 )
 def test_refuses_pickles_by_content(model_dir, monkeypatch, capsys, name, write, kind):
     (model_dir / name).parent.mkdir(exist_ok=True)
     write(model_dir / name)
     _expect_refusal(model_dir, monkeypatch, capsys, "Pickle files are not published", f"{name} (", kind)
+
+
+def test_text_files_are_not_taken_for_pickles(tmp_path):
+    """Text whose first characters happen to be pickle opcodes (a dist-info `top_level.txt` is `isympy\\nsympy\\n`,
+    INST without a MARK) and a harmless text pickle that imports nothing are not refused; the repo's own files neither."""
+    import pickle
+
+    (tmp_path / "top_level.txt").write_text("isympy\nsympy\n")
+    (tmp_path / "cat.txt").write_text("cat\ndog\n" * 2000)
+    (tmp_path / "numbers.dat").write_bytes(pickle.dumps([1, 2, "x" * 9000], protocol=0))
+    for path in [*tmp_path.iterdir(), *(p for p in ROOT.rglob("*") if p.is_file() and ".git" not in p.parts)]:
+        if not path.name.endswith(utils.PICKLE_SUFFIXES) and ".venv" not in path.parts:
+            assert utils.pickle_reason(path) is None, path
+
+
+def test_refuses_links_out_of_the_folder(model_dir, tmp_path, monkeypatch, capsys):
+    secret = tmp_path / "token"
+    secret.write_text("hf_secret")
+    (model_dir / "notes.txt").symlink_to(secret)
+    _expect_refusal(model_dir, monkeypatch, capsys, "notes.txt links to", "outside")
+
+
+def test_refuses_non_finite_weights_the_sample_forward_does_not_use(model_dir, monkeypatch, capsys):
+    """The MAP head's probe is used; the position table rows of a grid the sample image never has are not: a NaN
+    there passes any forward-based check."""
+    weights = model_dir / "model.safetensors"
+    tensors = load_file(weights)
+    name = "vision_model.embeddings.position_embedding.weight"
+    tensors[name][-1, 0] = float("nan")
+    save_file(tensors, weights, metadata={"format": "pt"})
+    _expect_refusal(model_dir, monkeypatch, capsys, name, "non-finite")
 
 
 def test_refuses_malformed_weights_in_one_line(model_dir, monkeypatch, capsys):
