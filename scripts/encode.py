@@ -51,6 +51,7 @@ IMAGE_EXTENSIONS = frozenset(
 FORMAT_EXT = {"safetensors": ".safetensors", "parquet": ".parquet"}
 MANIFEST = "_manifest.json"
 ERRORS = "errors.jsonl"
+SHOWN_ERRORS = 20  # bad inputs named in the summary (all of them are in DIR/errors.jsonl)
 LOCK = ".lock"
 SHARD_RE = re.compile(r"^train-r(\d{5,})-(\d{6,})\.(safetensors|parquet)$")  # zero-padded, may outgrow the padding
 TMP_PREFIX = ".tmp-"
@@ -656,6 +657,7 @@ def load_model(args: argparse.Namespace, config: Any, device: str, announce: boo
     major, minor = (int(x) for x in transformers.__version__.split(".")[:2])
     dtype_kw = "dtype" if (major, minor) >= (4, 56) else "torch_dtype"  # renamed in transformers 4.56
     if has_weights(args.model):
+        transformers.utils.logging.disable_progress_bar()  # this job shows its own progress; errors stay one line
         model = AutoModel.from_pretrained(args.model, trust_remote_code=True, attn_implementation=args.attn,
                                           use_safetensors=True, **{dtype_kw: dtype})
         source = "pretrained weights"
@@ -689,8 +691,9 @@ def weights_digest(args: argparse.Namespace) -> str:
     return digest.hexdigest()
 
 
-def make_fingerprint(args: argparse.Namespace, config: Any, processor: Any) -> Dict[str, Any]:
-    """The settings that change the stored features; a resumed run must match them exactly."""
+def make_fingerprint(args: argparse.Namespace, config: Any, processor: Any, pool: Optional[str]) -> Dict[str, Any]:
+    """The settings that change the stored features (and, for --dataset, what the row-index ids refer to); a resumed
+    run must match them exactly. `pool` is the resolved pooling ('head' / 'mean'), not the --pool request."""
     volatile = ("transformers_version", "_name_or_path", "torch_dtype", "dtype", "_attn_implementation_internal",
                 "_attn_implementation_autoset", "attn_implementation", "_commit_hash")
     config_dict = {k: v for k, v in config.to_dict().items() if k not in volatile}
@@ -704,8 +707,9 @@ def make_fingerprint(args: argparse.Namespace, config: Any, processor: Any) -> D
         "min_pixels": args.min_pixels,
         "max_pixels": args.max_pixels,
         "features": args.features,
-        "pool": args.pool,
+        "pool": pool,
         "normalize": args.normalize,
+        "dataset": None if args.dataset is None else [os.path.abspath(args.dataset), args.split, args.image_column],
         "format": args.format,
         "dtype": args.dtype,
     }
@@ -767,6 +771,8 @@ def choose_device(requested: Optional[str], dist: Dist) -> str:
         if index >= torch.cuda.device_count():
             raise UsageError(f"--device {requested}: only {torch.cuda.device_count()} CUDA device(s)")
         return f"cuda:{index}"
+    if requested != "cpu":
+        raise UsageError(f"--device {requested}: expected cpu, cuda or cuda:N")
     return requested
 
 
@@ -789,6 +795,15 @@ def on_rank0(dist: Dist, action: Any) -> Any:
 # ----------------------------------------------------------------------------------------------------------------------
 # features
 # ----------------------------------------------------------------------------------------------------------------------
+
+
+def check_budget(args: argparse.Namespace, processor: Any) -> None:
+    """--min-pixels / --max-pixels must make a valid budget with the processor's defaults (one line, before any work:
+    otherwise every image would fail alike)."""
+    try:
+        processor.smart_resize(64, 64, **budget_of(args))
+    except ValueError as error:
+        raise UsageError(f"pixel budget: {error}") from None
 
 
 def resolve_pool(args: argparse.Namespace, model: Any, processor: Any, device: str) -> Optional[str]:
@@ -875,6 +890,7 @@ class Stats:
     tokens: int = 0
     errors: int = 0
     seconds: float = 0.0
+    failed: List[Tuple[str, str]] = dataclasses.field(default_factory=list)  # the first (id, error) of this run
 
 
 def print_summary(args: argparse.Namespace, stats: List[Stats], rows: List[Dict[str, Any]], header: str,
@@ -888,6 +904,11 @@ def print_summary(args: argparse.Namespace, stats: List[Stats], rows: List[Dict[
     print(f"images: {images}  total patches: {patches}  total merged tokens: {tokens}")
     print(f"wall time: {wall:.3f} s  throughput: {patches / max(wall, 1e-9):.1f} patches/s "
           f"({tokens / max(wall, 1e-9):.1f} merged tokens/s, {images / max(wall, 1e-9):.2f} images/s)")
+    failed = [pair for s in stats for pair in s.failed]
+    for item_id, message in failed[:SHOWN_ERRORS]:
+        print(f"error: {item_id}: {message}", file=sys.stderr)
+    if errors > len(failed[:SHOWN_ERRORS]):
+        print(f"... and {errors - len(failed[:SHOWN_ERRORS])} more errors", file=sys.stderr)
     where = f"; output: {args.out} ({shards} shards)" if args.out else ""
     error_note = f" (see {os.path.join(args.out, ERRORS)})" if args.out and total_errors else ""
     print(f"encoded {images} images, skipped {skipped} already done, {errors} errors in this run, "
@@ -960,6 +981,8 @@ class EncodeJob:
             self.stats.errors += 1
             item = pending[index]
             self.sink.error({"id": item.id, "error": message, "source": item.source})
+            if len(self.stats.failed) < SHOWN_ERRORS:
+                self.stats.failed.append((item.id, message))
 
     def encode_batch(self, batch: Dict[str, Any], pending: List[Item]) -> None:
         grids = batch["grid_thws"]
@@ -987,21 +1010,25 @@ def run(args: argparse.Namespace, dist: Dist) -> int:
     items, dataset = collect_inputs(args)
     config = load_config(args)
     processor = AutoImageProcessor.from_pretrained(args.model, trust_remote_code=True)
+    check_budget(args, processor)
+    # Everything that can still refuse the command (model, attention backend, pooling) comes before DIR is touched.
+    if dist.world_size > 1 and device == "cpu":
+        torch.set_num_threads(max(1, (os.cpu_count() or 1) // dist.world_size))
+    try:
+        model, source = load_model(args, config, device, announce=dist.rank == 0)
+    except ImportError as error:  # e.g. --attn flash_attention_2 without flash-attn
+        raise UsageError(str(error).strip().splitlines()[0]) from None
+    pool = resolve_pool(args, model, processor, device)
     if args.out is not None:
         # rank 0 alone hashes the weights and prepares the folder; the other ranks wait for its verdict
-        on_rank0(dist, lambda: prepare_output(args.out, make_fingerprint(args, config, processor), args.overwrite,
-                                              args.retry_errors))
+        on_rank0(dist, lambda: prepare_output(args.out, make_fingerprint(args, config, processor, pool),
+                                              args.overwrite, args.retry_errors))
         done, errored, _ = done_ids(args.out)
     else:
         done, errored = set(), set()
     mine = [item for item in items if owner_rank(item.id, dist.world_size) == dist.rank]
     pending = [item for item in mine if item.id not in done and item.id not in errored]
     skipped = sum(dist.gather(len(mine) - len(pending)))
-
-    if dist.world_size > 1 and device == "cpu":
-        torch.set_num_threads(max(1, (os.cpu_count() or 1) // dist.world_size))
-    model, source = load_model(args, config, device, announce=dist.rank == 0)
-    pool = resolve_pool(args, model, processor, device)
     meta = {"features": args.features, "pool": str(pool), "normalize": str(args.normalize),
             "model": os.path.abspath(args.model), "weights": source, "dtype": args.dtype}
     keep_rows = args.table if args.table is not None else args.out is None

@@ -123,7 +123,8 @@ def reference(data):
 
 
 def _encode(data, out, *extra, inputs=None, model="model"):
-    argv = [*([str(data["images"])] if inputs is None else inputs), "--out", str(out), "--model", str(data[model]), *BUDGET_ARGS, *extra]
+    argv = [*([str(data["images"])] if inputs is None else inputs), *([] if out is None else ["--out", str(out)]),
+            "--model", str(data[model]), *BUDGET_ARGS, *extra]
     return encode.main([str(a) for a in argv])
 
 
@@ -254,7 +255,7 @@ def test_rerun_with_other_settings_is_refused_and_overwrite_starts_over(data, tm
     capsys.readouterr()
     assert _encode(data, out, "--features", "pooled", inputs=one) == 2
     err = capsys.readouterr().err.strip()
-    assert len(err.splitlines()) == 1 and "other settings (features: 'tokens' -> 'pooled')" in err and "--overwrite" in err
+    assert len(err.splitlines()) == 1 and "other settings (features: 'tokens' -> 'pooled'" in err and "--overwrite" in err
     assert _encode(data, out, "--dtype", "bf16", inputs=one) == 2
     assert "dtype: 'fp32' -> 'bf16'" in capsys.readouterr().err
     # throughput settings may change between reruns
@@ -269,6 +270,42 @@ def test_rerun_with_other_settings_is_refused_and_overwrite_starts_over(data, tm
         assert _encode(data, out, "--features", "pooled", inputs=one) == 2
         assert "another encode.py job is writing into" in capsys.readouterr().err
     assert len(readme_loader()(str(out))[one[0]].shape) == 1  # a file given directly: id = the path as given
+
+
+def test_a_refused_command_leaves_no_settings_behind(data, tmp_path, capsys):
+    """A command refused after its arguments parse (no head for --pool head, a bad budget) writes nothing into DIR,
+    so the corrected command runs; --pool auto and the explicit pooling it resolves to are the same settings."""
+    out, one = tmp_path / "refused", [str(data["good"]["img003.png"])]
+    assert _encode(data, out, "--features", "pooled", "--pool", "head", inputs=one) == 2
+    assert "no pooling head" in capsys.readouterr().err
+    assert _encode(data, out, "--min-pixels", "100000", "--max-pixels", "1000", inputs=one) == 2
+    assert not out.exists() or not list(out.iterdir())
+    assert _encode(data, out, "--features", "pooled", "--pool", "mean", inputs=one) == 0
+    assert _encode(data, out, "--features", "pooled", inputs=one) == 0  # auto resolves to mean: same settings
+    assert "skipped 1 already done" in capsys.readouterr().out
+
+
+def test_another_dataset_or_split_into_the_same_folder_is_refused(data, tmp_path, monkeypatch, capsys):
+    """--dataset ids are row numbers: another split (or dataset) must not count as already done."""
+    datasets = pytest.importorskip("datasets")
+
+    monkeypatch.setenv("HF_DATASETS_CACHE", str(tmp_path / "hf_cache"))
+    paths = [str(data["good"][k]) for k in ("img002.jpg", "img005.png")]
+    split = datasets.Dataset.from_dict({"image": paths}).cast_column("image", datasets.Image())
+    datasets.DatasetDict({"train": split, "test": split}).save_to_disk(str(tmp_path / "dd"))
+    out = tmp_path / "out"
+    assert _encode(data, out, "--dataset", tmp_path / "dd", "--split", "train", inputs=[]) == 0
+    capsys.readouterr()
+    assert _encode(data, out, "--dataset", tmp_path / "dd", "--split", "test", inputs=[]) == 2
+    assert "other settings (dataset:" in capsys.readouterr().err
+
+
+def test_bad_inputs_are_named_in_the_summary(data, capsys):
+    """Without --out nothing is written, so the summary itself names each bad input and why."""
+    assert _encode(data, None, inputs=[str(data["images"] / name) for name in data["bad"]]) == 0
+    err = capsys.readouterr().err
+    for name in data["bad"]:
+        assert f"error: {data['images'] / name}: " in err
 
 
 def test_cli_errors_are_one_clear_line(data, tmp_path, capsys):
@@ -292,13 +329,17 @@ def test_cli_errors_are_one_clear_line(data, tmp_path, capsys):
         ([EXAMPLES[0], "--pool", "mean", *model], "--features pooled only"),
         ([EXAMPLES[0], "--config-overrides", "hidden_size=8", *model], "only applies to randomly initialised models"),
         ([EXAMPLES[0], "--config-overrides", "no_such_field=1"], "the config has no field 'no_such_field'"),
+        ([EXAMPLES[0], "--max-pixels", "4000", *model], "pixel budget: `min_pixels`"),
+        ([EXAMPLES[0], "--device", "foo", *model], "expected cpu, cuda or cuda:N"),
+        ([EXAMPLES[0], "--attn", "flash_attention_2", *model], ("flash-attn", "FlashAttention2")),  # ours / transformers'
     ]
     if not torch.cuda.is_available():
         cases.append(([EXAMPLES[0], "--device", "cuda", *model], "CUDA is not available"))
     for argv, message in cases:
         assert encode.main(argv) == 2, argv
         err = capsys.readouterr().err.strip()
-        assert len(err.splitlines()) == 1 and message in err, (argv, err)
+        messages = message if isinstance(message, tuple) else (message,)
+        assert len(err.splitlines()) == 1 and any(m in err for m in messages), (argv, err)
 
 
 def test_input_ids_from_folders_globs_lists_and_files(tmp_path, monkeypatch):
