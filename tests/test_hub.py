@@ -394,8 +394,10 @@ def test_text_files_are_not_taken_for_pickles(tmp_path):
     (tmp_path / "top_level.txt").write_text("isympy\nsympy\n")
     (tmp_path / "cat.txt").write_text("cat\ndog\n" * 2000)
     (tmp_path / "numbers.dat").write_bytes(pickle.dumps([1, 2, "x" * 9000], protocol=0))
-    for path in [*tmp_path.iterdir(), *(p for p in ROOT.rglob("*") if p.is_file() and ".git" not in p.parts)]:
-        if not path.name.endswith(utils.PICKLE_SUFFIXES) and ".venv" not in path.parts:
+    hidden = lambda p: any(part.startswith(".") for part in p.relative_to(ROOT).parts)  # noqa: E731 .git, .venv*
+    ours = [p for p in ROOT.rglob("*") if p.is_file() and not hidden(p)]
+    for path in [*tmp_path.iterdir(), *ours]:
+        if not path.name.endswith(utils.PICKLE_SUFFIXES) and "egg-info" not in str(path):
             assert utils.pickle_reason(path) is None, path
 
 
