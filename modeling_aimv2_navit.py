@@ -29,10 +29,8 @@ from .navit_core import (
     PackedPatchEmbedding,
     PackedPreTrainedModel,
     PackedSelfAttention,
-    final_norm_in_input_order,
     per_image_groups,
     _never_specialize,
-    restore_encoder_outputs,
 )
 
 
@@ -289,11 +287,10 @@ class Aimv2NavitModel(Aimv2NavitPreTrainedModel):
     ) -> BaseModelOutput:
         """Embeddings, encoder layers and the final RMSNorm for a planned batch; outputs in input order."""
         hidden_states = self.embeddings(pixel_values, layout)  # [K, D], working order
-        hidden_states, all_hidden_states, all_attentions = self.encoder(
-            hidden_states, layout, output_attentions=output_attentions, output_hidden_states=output_hidden_states
+        encoded, _ = self.encoder.encode_and_restore(
+            hidden_states, layout, self.rms_norm, output_attentions, output_hidden_states
         )
-        last_hidden_state = final_norm_in_input_order(hidden_states, layout, self.rms_norm, self.config)
-        return restore_encoder_outputs(last_hidden_state, all_hidden_states, all_attentions, layout, self.encoder.layers)
+        return encoded
 
     def wrap_outputs(
         self, encoded: BaseModelOutput, layout: PackedLayout, return_dict: bool

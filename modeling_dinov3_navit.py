@@ -35,8 +35,6 @@ from .navit_core import (
     PackedPreTrainedModel,
     PackedSelfAttention,
     assemble_sequence,
-    final_norm_in_input_order,
-    restore_encoder_outputs,
 )
 
 
@@ -360,12 +358,10 @@ class Dinov3NavitModel(Dinov3NavitPreTrainedModel):
     ) -> Dinov3NavitEncoderOutput:
         """Embeddings, layers and the final norm of the patches (input order); also the last sequence [S, D]."""
         hidden_states = self.embeddings(pixel_values, layout, bool_masked_pos)  # [S, D], working order
-        hidden_states, all_hidden_states, all_attentions = self.encoder(
-            hidden_states, layout, output_attentions=output_attentions, output_hidden_states=output_hidden_states
+        encoded, sequence = self.encoder.encode_and_restore(
+            hidden_states, layout, self.norm, output_attentions, output_hidden_states
         )
-        last_hidden_state = final_norm_in_input_order(hidden_states, layout, self.norm, self.config)  # [K, D]
-        encoded = restore_encoder_outputs(last_hidden_state, all_hidden_states, all_attentions, layout, self.layer)
-        return Dinov3NavitEncoderOutput(sequence=hidden_states, **encoded)
+        return Dinov3NavitEncoderOutput(sequence=sequence, **encoded)
 
     def wrap_outputs(
         self, encoded: Dinov3NavitEncoderOutput, layout: PackedLayout, return_dict: bool

@@ -32,9 +32,7 @@ from .navit_core import (
     PackedSelfAttention,
     _cpu_block_tokens,
     _has_hooks,
-    final_norm_in_input_order,
     per_image_groups,
-    restore_encoder_outputs,
 )
 from .navit_core import build_packed_layout as build_core_layout
 
@@ -314,11 +312,10 @@ class Siglip2NavitVisionTransformer(nn.Module):
         """Embeddings, encoder and post_layernorm, outputs in input order. The MAP head runs in `pool`, which
         `Siglip2NavitModel.forward` calls outside the compiled region (it groups images by token count)."""
         hidden_states = self.embeddings(pixel_values, layout)  # [K, hidden], working order
-        hidden_states, all_hidden_states, all_attentions = self.encoder(
-            hidden_states, layout, output_attentions=output_attentions, output_hidden_states=output_hidden_states
+        encoded, _ = self.encoder.encode_and_restore(
+            hidden_states, layout, self.post_layernorm, output_attentions, output_hidden_states
         )
-        last_hidden_state = final_norm_in_input_order(hidden_states, layout, self.post_layernorm, self.config)
-        return restore_encoder_outputs(last_hidden_state, all_hidden_states, all_attentions, layout, self.encoder.layers)
+        return encoded
 
     @torch.compiler.disable  # groups images by token count: eager, so that torch.compile does not specialize on it
     def pool(self, last_hidden_state: torch.Tensor, layout: PackedLayout) -> torch.Tensor:

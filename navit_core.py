@@ -87,10 +87,6 @@ class PackedLayout:
     prefix_index: Optional[torch.Tensor] = None  # [F, P] sequence rows of each frame's prefix tokens, input order
     family: Any = None  # what a family plans once per batch on top (e.g. SigLIP2's resized-PE indices)
 
-    @property
-    def num_frames(self) -> int:
-        return len(self.frame_token_counts)
-
 
 def assemble_sequence(layout: PackedLayout, patch_rows: torch.Tensor, prefix_rows: torch.Tensor) -> torch.Tensor:
     """The encoder's sequence [S, ·] from `patch_rows` [K, ·] (working order) and the `prefix_rows` [P, ·] every frame
@@ -1061,6 +1057,24 @@ class PackedEncoder(nn.Module):
             if output_attentions:
                 all_attentions += (attn_weights,)
         return hidden_states, all_hidden_states, all_attentions
+
+    def encode_and_restore(
+        self,
+        hidden_states: torch.Tensor,
+        layout: PackedLayout,
+        final_norm: nn.Module,
+        output_attentions: bool = False,
+        output_hidden_states: bool = False,
+    ) -> tuple[BaseModelOutput, torch.Tensor]:
+        """Every family's tail after its embeddings: all layers on the sequence `hidden_states` [S, hidden] (working
+        order), `final_norm` of its patch rows, and the outputs in input order; also the last sequence [S, hidden]
+        (working order, prefix rows included)."""
+        sequence, all_hidden_states, all_attentions = self(
+            hidden_states, layout, output_attentions=output_attentions, output_hidden_states=output_hidden_states
+        )
+        last_hidden_state = final_norm_in_input_order(sequence, layout, final_norm, self.config)  # [K, hidden]
+        encoded = restore_encoder_outputs(last_hidden_state, all_hidden_states, all_attentions, layout, self.layers)
+        return encoded, sequence
 
     def _cpu_blocks(
         self, hidden_states: torch.Tensor, layout: PackedLayout, output_attentions: bool

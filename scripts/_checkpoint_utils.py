@@ -98,12 +98,9 @@ DINOV3 = Family(
     },
 )
 FAMILIES: Dict[str, Family] = {family.model_type: family for family in (SIGLIP2, AIMV2, DINOV3)}
-# Every code file any converted folder may ship (push_to_hub accepts no other .py).
+# Every remote-code file a converted folder may ship: `push_to_hub.py` refuses any other `.py` file in a folder and
+# any of these that is not byte-identical to this checkout's copy.
 CODE_FILES = tuple(dict.fromkeys(name for family in FAMILIES.values() for name in family.code_files))
-# Every remote-code file a published model folder may hold: `push_to_hub.py` refuses any other `.py` file in a folder
-# and any of these that is not byte-identical to this checkout's copy.
-ALLOWED_CODE_FILES: Tuple[str, ...] = CODE_FILES
-AUTO_MAP = SIGLIP2.auto_map
 # config.json's `custom_pipelines`: `pipeline("image-feature-extraction", model=DST, trust_remote_code=True)` builds
 # pipeline_navit's packed pipeline (transformers' own splits packed outputs row by row when batching).
 CUSTOM_PIPELINES = {
@@ -149,6 +146,12 @@ def family_of(config) -> Family:
     if model_type not in FAMILIES:
         raise ConversionError(f"No model family for model_type {model_type!r}: expected one of {sorted(FAMILIES)}.")
     return FAMILIES[model_type]
+
+
+def processor_class():
+    """The image processor every family's folder ships."""
+    import_package()
+    return importlib.import_module(f"{PACKAGE}.image_processing_siglip2_navit").Siglip2NavitImageProcessor
 
 
 def config_class(family: Family = SIGLIP2):
@@ -610,7 +613,6 @@ def save_model_folder(
     to (`CARD_ASSETS`: docs/, examples/).
     """
     family = family_of(config)
-    processor_cls = importlib.import_module(f"{PACKAGE}.image_processing_siglip2_navit").Siglip2NavitImageProcessor
 
     config.auto_map = dict(family.auto_map)
     config.custom_pipelines = json.loads(json.dumps(CUSTOM_PIPELINES))  # a deep copy: the config may be reused
@@ -627,7 +629,7 @@ def save_model_folder(
     tensors = {name: t.contiguous() for name, t in state_dict.items()}
     save_file(tensors, str(folder / WEIGHTS_NAME), metadata={"format": "pt"})
 
-    processor = processor_cls(
+    processor = processor_class()(
         **{**family.processor_defaults, **(processor_kwargs or {})},
         patch_size=config.patch_size,
         temporal_patch_size=getattr(config, "temporal_patch_size", 1),
@@ -866,10 +868,8 @@ def source_processor_kwargs(src: Path) -> Optional[Dict[str, Any]]:
     kwargs = {name: source[name] for name in ("image_mean", "image_std") if source.get(name) is not None}
     if source.get("resample") is not None:
         kwargs["resample"] = _resample(source["resample"])
-    import_package()
-    processing = importlib.import_module(f"{PACKAGE}.image_processing_siglip2_navit")
     try:
-        processing.Siglip2NavitImageProcessor(**kwargs)
+        processor_class()(**kwargs)
     except ValueError as err:
         raise ConversionError(f"{path}: {err}") from None
     return kwargs

@@ -4,7 +4,7 @@
 
 Validation (everything must pass before anything is sent). First, statically (nothing of the folder is imported or
 run yet):
-  * its only Python files are this project's remote code (`ALLOWED_CODE_FILES` in _checkpoint_utils.py), each
+  * its only Python files are this project's remote code (`CODE_FILES` in _checkpoint_utils.py), each
     byte-identical to this checkout's copy; every `auto_map` (config.json, the processor configs, any top-level
     JSON) and `custom_pipelines` reference names a class of those files, none another repository's code;
   * the folder holds safetensors weights and no pickle files, recognised by name (*.bin, *.pt, *.pkl, ...) and by
@@ -77,7 +77,7 @@ def _python_files(folder: Path) -> List[str]:
 
 def _check_code_files(folder: Path) -> None:
     """The folder's Python files are exactly this project's remote code, byte for byte (nothing is imported)."""
-    allowed = utils.ALLOWED_CODE_FILES
+    allowed = utils.CODE_FILES
     foreign = [name for name in _python_files(folder) if name not in allowed]
     if foreign:
         raise ValidationError(
@@ -152,14 +152,14 @@ def _referenced_code_file(location: str, ref: Any) -> str:
     if "--" in ref:
         raise ValidationError(
             f"{location} = {ref!r} points at code in another Hub repository; only this folder's own remote code "
-            f"({', '.join(utils.ALLOWED_CODE_FILES)}) may be referenced."
+            f"({', '.join(utils.CODE_FILES)}) may be referenced."
         )
     module, _, name = ref.rpartition(".")
     code_file = f"{module}.py"
-    if code_file not in utils.ALLOWED_CODE_FILES:
+    if code_file not in utils.CODE_FILES:
         raise ValidationError(
             f"{location} = {ref!r} points at {code_file}, which is not this project's remote code "
-            f"({', '.join(utils.ALLOWED_CODE_FILES)})."
+            f"({', '.join(utils.CODE_FILES)})."
         )
     if name not in _defined_names(code_file):
         raise ValidationError(f"{location} = {ref!r}: {code_file} defines no {name}.")
