@@ -2,11 +2,16 @@
 """Configuration of the AIMv2 NaViT vision encoder: transformers' `Aimv2VisionConfig` fields and defaults, plus the
 packed-input fields (`hidden_stride`, `temporal_patch_size`, `cpu_block_tokens`)."""
 
-from typing import Optional
+from typing import TYPE_CHECKING, Optional
 
 from transformers import PretrainedConfig
 
 from .navit_core import check_dtype_settings, validate_packed_config
+
+if TYPE_CHECKING:  # never run: names the core's modules for transformers < 5, which copies a local folder's remote code
+    from .navit_attention import PACKED_ATTENTION_FUNCTIONS  # noqa: F401  (only the files each module imports itself)
+    from .navit_image_utils import block_order_position  # noqa: F401
+    from .navit_layout import MAX_CONFIG_INTS  # noqa: F401
 
 
 _BOOLS = ("qkv_bias", "mlp_bias", "use_head", "is_native")

@@ -1,11 +1,16 @@
 # Copyright 2026 The siglip2-navit authors. Licensed under the Apache License, Version 2.0.
 """Configuration of the SigLIP2 NaViT vision encoder (the Ovis2.5 vision tower)."""
 
-from typing import Optional, Union
+from typing import TYPE_CHECKING, Optional, Union
 
 from transformers import PretrainedConfig
 
 from .navit_core import check_dtype_settings, validate_packed_config
+
+if TYPE_CHECKING:  # never run: names the core's modules for transformers < 5, which copies a local folder's remote code
+    from .navit_attention import PACKED_ATTENTION_FUNCTIONS  # noqa: F401  (only the files each module imports itself)
+    from .navit_image_utils import block_order_position  # noqa: F401
+    from .navit_layout import MAX_CONFIG_INTS  # noqa: F401
 
 
 _PE_INTERPOLATIONS = ("bicubic", "bilinear")
