@@ -30,7 +30,7 @@ from .navit_core import (
     PackedPreTrainedModel,
     PackedSelfAttention,
     per_image_groups,
-    _never_specialize,
+    never_specialize,
 )
 
 
@@ -276,7 +276,7 @@ class Aimv2NavitModel(Aimv2NavitPreTrainedModel):
             return None
         longest = max(max(grid) for grid in layout.frame_grids)
         table = sincos_table(longest, self.config.hidden_size, layout.positions.device)  # [longest, D/2]
-        _never_specialize(table)  # its length varies per batch: never a guard of a compiled graph
+        never_specialize(table)  # its length varies per batch: never a guard of a compiled graph
         return table
 
     def _pools_per_image(self) -> bool:

@@ -30,8 +30,8 @@ from .navit_core import (
     PackedPatchEmbedding,
     PackedPreTrainedModel,
     PackedSelfAttention,
-    _cpu_block_tokens,
-    _has_hooks,
+    cpu_block_tokens,
+    has_hooks,
     per_image_groups,
 )
 from .navit_core import build_packed_layout as build_core_layout
@@ -173,8 +173,8 @@ class Siglip2NavitEmbeddings(nn.Module):
 
     def forward(self, pixel_values: torch.Tensor, layout: PackedLayout) -> torch.Tensor:
         weight = self.patch_embedding.weight
-        piece = _cpu_block_tokens(self.config, weight)
-        if piece is not None and not _has_hooks(self.patch_embedding):
+        piece = cpu_block_tokens(self.config, weight)
+        if piece is not None and not has_hooks(self.patch_embedding):
             return self._forward_in_pieces(pixel_values, layout, piece)
         embeddings = self.patch_embedding(self.patch_embedding.patch_rows(pixel_values, layout))  # [K, hidden]
         if self.config.preserve_original_pe:
@@ -224,7 +224,7 @@ class Siglip2NavitMLP(nn.Module):
         if (
             self.inplace_gelu_tanh
             and not (torch.is_grad_enabled() and hidden_states.requires_grad)
-            and not _has_hooks(self.fc1)
+            and not has_hooks(self.fc1)
         ):
             # Inference: GELU in place on fc1's fresh output (same math as ACT2FN["gelu_pytorch_tanh"]): one [K, I]
             # buffer less at peak and ~half the activation's memory traffic. Skipped when autograd or a forward hook

@@ -48,7 +48,11 @@ MODEL_CARD = "README.md"
 # Folders the model card links to (docs/) and its code examples open (examples/): copied into every converted folder,
 # so that the card's links resolve and its snippets run in the Hub repository too.
 CARD_ASSETS = ("docs", "examples")
-CORE_FILES = ("navit_core.py", "image_processing_siglip2_navit.py", "pipeline_navit.py")  # every family ships them
+CORE_FILES = (
+    "navit_layout.py", "navit_attention.py", "navit_core.py",
+    "navit_image_utils.py", "navit_batching.py", "image_processing_siglip2_navit.py",
+    "pipeline_navit.py",
+)  # every family ships them
 
 
 @dataclass(frozen=True)

@@ -84,7 +84,8 @@ def save_checkpoint(folder: Path, args: argparse.Namespace) -> None:
         setattr(config, key, value)
     torch.manual_seed(0)
     AutoModel.from_config(config, trust_remote_code=True).save_pretrained(str(folder))
-    for name in ("image_processing_siglip2_navit.py", "preprocessor_config.json", "processor_config.json"):
+    for name in ("image_processing_siglip2_navit.py", "navit_image_utils.py", "navit_batching.py",
+                 "preprocessor_config.json", "processor_config.json"):
         (folder / name).write_bytes((ROOT / name).read_bytes())
 
 

@@ -15,7 +15,11 @@ REPO_ROOT = Path(__file__).resolve().parents[1]
 MODEL_FILES = (
     "configuration_siglip2_navit.py",
     "modeling_siglip2_navit.py",
+    "navit_layout.py",
+    "navit_attention.py",
     "navit_core.py",
+    "navit_image_utils.py",
+    "navit_batching.py",
     "image_processing_siglip2_navit.py",
     "pipeline_navit.py",
 )

@@ -22,7 +22,10 @@ TINY = {"hidden_size": 64, "num_hidden_layers": 2, "num_attention_heads": 2, "in
 # small pixel budgets keep every image at 16-64 patches (factor 32: 1-4 blocks of 2x2 patches per side)
 BUDGET = {"min_pixels": 32 * 32, "max_pixels": 128 * 128}
 BUDGET_ARGS = ["--min-pixels", str(BUDGET["min_pixels"]), "--max-pixels", str(BUDGET["max_pixels"])]
-PROCESSOR_FILES = ("image_processing_siglip2_navit.py", "preprocessor_config.json", "processor_config.json")
+PROCESSOR_FILES = (
+    "image_processing_siglip2_navit.py", "navit_image_utils.py", "navit_batching.py", "preprocessor_config.json",
+    "processor_config.json",
+)
 
 
 def load_encode_module():

@@ -281,12 +281,12 @@ def test_agreement_catches_unswapped_position_embedding_halves(converted, native
 def test_agreement_catches_attention_leaking_across_images(converted, native_reference, monkeypatch):
     """One attention sequence over the whole packed batch (no cu_seqlens boundaries) must fail the check."""
     _, model, (pixel_values, grid_thws) = converted[1]
-    core = loaded_module(model, "navit_core")
+    layout_module = loaded_module(model, "navit_layout")
     plan = model.plan
 
     def leaky_plan(*args, **kwargs):
         layout = plan(*args, **kwargs)
-        layout.full = core._partition_of_lengths([layout.token_rows.shape[0]], layout.token_rows.device)
+        layout.full = layout_module._partition_of_lengths([layout.token_rows.shape[0]], layout.token_rows.device)
         return layout
 
     monkeypatch.setattr(model, "plan", leaky_plan)

@@ -50,7 +50,11 @@ SOURCE_CONFIG = {
 CODE_FILES = {
     "configuration_aimv2_navit.py",
     "modeling_aimv2_navit.py",
+    "navit_layout.py",
+    "navit_attention.py",
     "navit_core.py",
+    "navit_image_utils.py",
+    "navit_batching.py",
     "image_processing_siglip2_navit.py",
     "pipeline_navit.py",
 }

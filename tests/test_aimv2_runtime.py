@@ -27,7 +27,7 @@ from test_aimv2 import randomize_  # noqa: E402
 from test_performance import GraphCounter  # noqa: E402
 from transformers import AutoModel  # noqa: E402
 
-import siglip2_navit.navit_core as core  # noqa: E402
+from siglip2_navit import navit_attention  # noqa: E402
 from siglip2_navit.configuration_aimv2_navit import Aimv2NavitConfig  # noqa: E402
 from siglip2_navit.modeling_aimv2_navit import Aimv2NavitModel  # noqa: E402
 
@@ -54,7 +54,7 @@ def hub_folder(model: Aimv2NavitModel, folder: Path) -> Path:
 @pytest.fixture
 def fake_flash(monkeypatch):
     """flash_attention_2 on CPU: the core's flash-attn entry point served by a plain per-sequence softmax."""
-    monkeypatch.setitem(core._FLASH_VARLEN, "fn", cpu_flash_varlen)
+    monkeypatch.setitem(navit_attention._FLASH_VARLEN, "fn", cpu_flash_varlen)
 
 
 def _registered_batched_attention(module, query, key, value, attention_mask, dropout=0.0, scaling=None, **kwargs):

@@ -27,6 +27,7 @@ from test_performance import GraphCounter  # counts compiled graphs (SigLIP2's r
 
 from siglip2_navit import modeling_dinov3_navit as modeling
 from siglip2_navit import navit_core as core
+from siglip2_navit import navit_attention, navit_layout
 from siglip2_navit.configuration_dinov3_navit import Dinov3NavitConfig
 from siglip2_navit.modeling_dinov3_navit import Dinov3NavitModel
 
@@ -250,7 +251,7 @@ def _longer_side(original):
 
 def _leaky(original):
     def attention(module, query, key, value, partition, *args, **kwargs):
-        one_sequence = core._partition_of_lengths([query.shape[0]], query.device)
+        one_sequence = navit_layout._partition_of_lengths([query.shape[0]], query.device)
         return original(module, query, key, value, one_sequence, *args, **kwargs)
 
     return attention
@@ -266,7 +267,7 @@ def _as_raster(original):
 
 MUTATIONS = {
     "rope normalised by the longer side": (modeling, "patch_coordinates", _longer_side(modeling.patch_coordinates)),
-    "block rows passed as raster": (core, "_token_coordinates", _as_raster(core._token_coordinates)),
+    "block rows passed as raster": (navit_layout, "_token_coordinates", _as_raster(navit_layout._token_coordinates)),
     "prefix tokens rotated": (modeling, "prefix_rotation", _rotated_prefix),
 }
 
@@ -463,7 +464,7 @@ def test_backends_agree_and_switch_at_runtime(monkeypatch):
         model.set_attn_implementation("eager")
         assert model.config._attn_implementation == "eager"
         eager = model(*inputs, output_attentions=True)
-        monkeypatch.setitem(core._FLASH_VARLEN, "fn", cpu_flash_varlen)
+        monkeypatch.setitem(navit_attention._FLASH_VARLEN, "fn", cpu_flash_varlen)
         model.config._attn_implementation = "flash_attention_2"  # transformers' switch needs the flash-attn package
         flash = model(*inputs)
     assert len(eager.attentions) == 2 and len(eager.attentions[0]) == 4  # one map per frame

@@ -13,7 +13,7 @@ from spec_reference import reference_forward
 from torch.utils._python_dispatch import TorchDispatchMode
 
 from siglip2_navit import modeling_siglip2_navit as modeling
-from siglip2_navit import navit_core as core
+from siglip2_navit import navit_attention
 from siglip2_navit.configuration_siglip2_navit import Siglip2NavitConfig
 from siglip2_navit.modeling_siglip2_navit import Siglip2NavitModel
 
@@ -137,7 +137,7 @@ def test_block_order_is_raster_order_regrouped():
 
 @pytest.fixture
 def fake_flash(monkeypatch):
-    monkeypatch.setitem(core._FLASH_VARLEN, "fn", cpu_flash_varlen)
+    monkeypatch.setitem(navit_attention._FLASH_VARLEN, "fn", cpu_flash_varlen)
 
 
 @pytest.mark.parametrize("config", [dict(), WINDOWED], ids=["full", "windowed"])
@@ -193,7 +193,7 @@ def test_set_attn_implementation_switches_backend_at_runtime(hub_folder):
 
 @pytest.mark.skipif(importlib.util.find_spec("flash_attn") is not None, reason="flash-attn is installed here")
 def test_flash_attention_without_flash_attn_is_a_clear_error(hub_folder, monkeypatch):
-    monkeypatch.delitem(core._FLASH_VARLEN, "fn", raising=False)
+    monkeypatch.delitem(navit_attention._FLASH_VARLEN, "fn", raising=False)
     model = tiny_model()
     model.config._attn_implementation = "flash_attention_2"
     pixel_values, grid = packed_inputs(model.config, [(1, 2, 2)])
@@ -646,7 +646,10 @@ def test_keep_indices_covering_everything_is_the_normal_forward():
 
 def test_repo_root_is_loadable_as_hub_folder(tmp_path):
     """The .py files at the root import with relative imports only, as transformers' remote-code loader needs."""
-    model_files = ("configuration_siglip2_navit.py", "modeling_siglip2_navit.py", "navit_core.py")
+    model_files = (
+        "configuration_siglip2_navit.py", "modeling_siglip2_navit.py", "navit_core.py", "navit_layout.py",
+        "navit_attention.py",
+    )
     for name in model_files:
         source = (REPO_ROOT / name).read_text()
         assert "from siglip2_navit" not in source and "import siglip2_navit" not in source
@@ -709,8 +712,8 @@ def test_sdpa_uses_torch_varlen_kernel_with_the_packed_partition(monkeypatch):
     model = tiny_model(**WINDOWED)
     pixel_values, grid = packed_inputs(model.config, ODD_GRIDS)
     want = model(pixel_values, grid).last_hidden_state
-    monkeypatch.setattr(core, "_torch_varlen_usable", lambda query, dropout: dropout == 0.0)
-    monkeypatch.setattr(core, "_torch_varlen_attention", lambda: fake_varlen_attn)
+    monkeypatch.setattr(navit_attention, "_torch_varlen_usable", lambda query, dropout: dropout == 0.0)
+    monkeypatch.setattr(navit_attention, "_torch_varlen_attention", lambda: fake_varlen_attn)
     torch.testing.assert_close(model(pixel_values, grid).last_hidden_state, want, atol=1e-5, rtol=1e-5)
     assert len(calls) == model.config.num_hidden_layers and all(dtype == torch.int32 for dtype, _ in calls)
     assert {max_q for _, max_q in calls} == {14 * 8, 36}  # largest frame (full layer), largest 6×6 window
@@ -729,7 +732,7 @@ def test_torch_varlen_kernel_without_scale_argument_gets_the_scale_folded_into_q
         return cpu_flash_varlen(query, key, value, cu_seq_q, cu_seq_k, max_q, max_k, softmax_scale=default_scale)
 
     monkeypatch.setattr(varlen, "varlen_attn", varlen_attn_2_10)
-    kernel = core._load_torch_varlen()
+    kernel = navit_attention._load_torch_varlen()
     assert kernel is not varlen_attn_2_10
     generator = torch.Generator().manual_seed(0)
     query, key, value = (torch.randn(11, 2, 16, generator=generator) for _ in range(3))  # head_dim 16: default 0.25
@@ -742,7 +745,7 @@ def test_torch_varlen_kernel_without_scale_argument_gets_the_scale_folded_into_q
         raise AssertionError("not called")
 
     monkeypatch.setattr(varlen, "varlen_attn", varlen_attn_2_11)
-    assert core._load_torch_varlen() is varlen_attn_2_11  # torch >= 2.11: used as it is
+    assert navit_attention._load_torch_varlen() is varlen_attn_2_11  # torch >= 2.11: used as it is
 
 
 # ---------------------------------------------------------------------------------------------------------------------
@@ -758,20 +761,20 @@ def _relative_error(got: torch.Tensor, want: torch.Tensor) -> float:
 
 
 needs_torch_varlen = pytest.mark.skipif(
-    core._torch_varlen_attention() is None, reason="this torch has no torch.nn.attention.varlen (torch < 2.10)"
+    navit_attention._torch_varlen_attention() is None, reason="this torch has no torch.nn.attention.varlen (torch < 2.10)"
 )
 
 
 def _counting_varlen(monkeypatch) -> list:
     """Route the sdpa CUDA branch through a wrapper of torch's real varlen kernel that counts its calls."""
-    kernel = core._torch_varlen_attention()
+    kernel = navit_attention._torch_varlen_attention()
     calls = []
 
     def counting(*args, **kwargs):
         calls.append(args[0].dtype)
         return kernel(*args, **kwargs)
 
-    monkeypatch.setattr(core, "_torch_varlen_attention", lambda: counting)
+    monkeypatch.setattr(navit_attention, "_torch_varlen_attention", lambda: counting)
     return calls
 
 

@@ -221,7 +221,7 @@ def test_compiled_inference_runs_the_varlen_kernels_inside_the_op(kernel, monkey
     """The CUDA kernels (flash-attn varlen; torch's varlen for sdpa) under torch.compile: called from inside the opaque
     op with the batch's cu_seqlens / max_seqlen, same output as eager, no recompiles (CPU stand-ins for the kernels)."""
     from siglip2_navit import modeling_siglip2_navit as modeling
-    from siglip2_navit import navit_core as core
+    from siglip2_navit import navit_attention
 
     max_lengths = []
 
@@ -230,10 +230,10 @@ def test_compiled_inference_runs_the_varlen_kernels_inside_the_op(kernel, monkey
         return cpu_flash_varlen(query, key, value, cu_q, cu_k, max_q, max_k, dropout_p, softmax_scale or scale, causal)
 
     if kernel == "flash_attention_2":
-        monkeypatch.setitem(core._FLASH_VARLEN, "fn", fake_kernel)
+        monkeypatch.setitem(navit_attention._FLASH_VARLEN, "fn", fake_kernel)
     else:
-        monkeypatch.setattr(core, "_torch_varlen_usable", lambda query, dropout: dropout == 0.0)
-        monkeypatch.setattr(core, "_torch_varlen_attention", lambda: fake_kernel)
+        monkeypatch.setattr(navit_attention, "_torch_varlen_usable", lambda query, dropout: dropout == 0.0)
+        monkeypatch.setattr(navit_attention, "_torch_varlen_attention", lambda: fake_kernel)
     torch._dynamo.reset()
     model = tiny_model(**WINDOWED)
     model.config._attn_implementation = "sdpa" if kernel == "torch-varlen" else kernel
@@ -279,7 +279,7 @@ def test_opaque_attention_op_matches_the_backend_and_passes_opcheck(backend):
     """The custom op torch.compile sees is the backend itself: same output on a partition that needs regrouping, and
     torch.library.opcheck accepts its schema, fake (meta) implementation and dynamic-shape tracing."""
     from siglip2_navit import modeling_siglip2_navit as modeling
-    from siglip2_navit import navit_core as core
+    from siglip2_navit import navit_attention, navit_core as core
 
     model = tiny_model(**WINDOWED)
     layout = modeling.build_packed_layout(GRIDS, model.config, torch.device("cpu"))
@@ -289,8 +289,8 @@ def test_opaque_attention_op_matches_the_backend_and_passes_opcheck(backend):
     expected, _ = core.PACKED_ATTENTION_FUNCTIONS[backend](None, query, key, value, partition, 0.3)
     args = (query, key, value, partition.cu_seqlens, partition.cu_seqlens_host, partition.group_index,
             partition.group_inverse, 0.3, 0.0, backend)
-    torch.testing.assert_close(core._PACKED_ATTENTION_OP(*args), expected, atol=0, rtol=0)
-    torch.library.opcheck(core._PACKED_ATTENTION_OP, args)
+    torch.testing.assert_close(navit_attention._PACKED_ATTENTION_OP(*args), expected, atol=0, rtol=0)
+    torch.library.opcheck(navit_attention._PACKED_ATTENTION_OP, args)
 
     # backward: the recomputing backward op gives autograd's gradients of the backend itself
     leaves = [t.clone().requires_grad_() for t in (query, key, value)]
@@ -298,12 +298,12 @@ def test_opaque_attention_op_matches_the_backend_and_passes_opcheck(backend):
     expected_grads = torch.autograd.grad(
         core.PACKED_ATTENTION_FUNCTIONS[backend](None, *leaves, partition, 0.3)[0], leaves, grad_output
     )
-    actual_grads = torch.autograd.grad(core._PACKED_ATTENTION_OP(*leaves, *args[3:]), leaves, grad_output)
+    actual_grads = torch.autograd.grad(navit_attention._PACKED_ATTENTION_OP(*leaves, *args[3:]), leaves, grad_output)
     for actual, wanted in zip(actual_grads, expected_grads):
         torch.testing.assert_close(actual, wanted, atol=1e-6, rtol=1e-5)
-    torch.library.opcheck(core._PACKED_ATTENTION_OP, (*leaves, *args[3:]))  # incl. the autograd registration
-    again = core._register_packed_attention_op()  # the module executed again (reload): a second, working op
-    assert again._qualname != core._PACKED_ATTENTION_OP._qualname
+    torch.library.opcheck(navit_attention._PACKED_ATTENTION_OP, (*leaves, *args[3:]))  # incl. the autograd registration
+    again = navit_attention._register_packed_attention_op()  # the module executed again (reload): a second, working op
+    assert again._qualname != navit_attention._PACKED_ATTENTION_OP._qualname
     torch.testing.assert_close(again(*args), expected, atol=0, rtol=0)
 
 
@@ -419,7 +419,7 @@ def test_cpu_block_schedule_never_overwrites_the_encoders_input():
 
 
 def test_attention_blocks_hold_whole_sequences_within_the_budget():
-    from siglip2_navit.navit_core import _partition_of_lengths, attention_blocks
+    from siglip2_navit.navit_layout import _partition_of_lengths, attention_blocks
 
     lengths = [3, 5, 5, 9, 2, 2, 2, 12, 1]
     partition = _partition_of_lengths(lengths, torch.device("cpu"))

@@ -381,7 +381,7 @@ def test_channel_axis_is_inferred_like_transformers():
     one); 4 counts only when neither end is 1 or 3; both ends 1 or 3 is ambiguous (numpy HWC, tensors CHW, warned)."""
     from transformers.testing_utils import CaptureLogger
 
-    from siglip2_navit import image_processing_siglip2_navit as module
+    from siglip2_navit import navit_image_utils as module
 
     proc = Siglip2NavitImageProcessor()
     rng = np.random.default_rng(6)
@@ -637,7 +637,8 @@ def test_mixed_images_and_videos_order():
 def _hub_like_folder(tmp_path) -> Path:
     folder = tmp_path / "hub_folder"
     folder.mkdir()
-    for name in ("image_processing_siglip2_navit.py", "preprocessor_config.json", "processor_config.json"):
+    for name in ("image_processing_siglip2_navit.py", "navit_image_utils.py", "navit_batching.py",
+                 "preprocessor_config.json", "processor_config.json"):
         shutil.copy(ROOT / name, folder / name)
     return folder
 

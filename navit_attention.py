@@ -1,0 +1,358 @@
+# Copyright 2026 The siglip2-navit authors. Licensed under the Apache License, Version 2.0.
+"""Packed attention backends: one interface, dispatched once per model, over `cu_seqlens` (never a dense mask).
+
+`flash_attention_2` runs flash-attn's varlen kernel; `sdpa` uses torch's varlen kernel on CUDA or one
+`scaled_dot_product_attention` call per group of equal-length sequences; `eager` does matmul + softmax per sequence
+(and can return the attention maps); any function registered with transformers' `AttentionInterface` runs per
+sequence. Under torch.compile the built-in backends run inside one opaque custom op.
+"""
+
+import inspect
+import math
+import re
+from typing import Callable, Optional
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
+from transformers.utils import logging
+
+from .navit_layout import AttentionPartition, _partition_from_tensors
+
+
+logger = logging.get_logger(__name__)
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# Attention backends. Each takes packed q, k, v [K, heads, head_dim] and an AttentionPartition and returns
+# (output [K, heads, head_dim], per-sequence attention maps or None).
+# ----------------------------------------------------------------------------------------------------------------------
+
+
+def _grouped_attention(query, key, value, partition, kernel):
+    """Run `kernel` on each batch of equal-length sequences ([n, heads, L, head_dim] views); restore token order."""
+    if partition.regroup:
+        query, key, value = query[partition.group_index], key[partition.group_index], value[partition.group_index]
+    heads, head_dim = query.shape[1], query.shape[2]
+    outputs, weights = [], []
+    start = 0
+    for seq_len, n_seqs in partition.batches:
+        end = start + seq_len * n_seqs
+
+        def to_batch(x: torch.Tensor) -> torch.Tensor:
+            return x[start:end].view(n_seqs, seq_len, heads, head_dim).transpose(1, 2)
+
+        out, attn = kernel(to_batch(query), to_batch(key), to_batch(value))  # [n, heads, L, head_dim]
+        outputs.append(out.transpose(1, 2).reshape(end - start, heads, head_dim))
+        if attn is not None:
+            weights.extend(attn.unbind(0))
+        start = end
+    output = outputs[0] if len(outputs) == 1 else torch.cat(outputs, dim=0)
+    if partition.regroup:
+        output = output[partition.group_inverse]
+    if weights:  # back to sequence order
+        ordered = [None] * len(weights)
+        for position, seq_id in enumerate(partition.grouped_seq_order):
+            ordered[seq_id] = weights[position]
+        weights = ordered
+    return output, (tuple(weights) if weights else None)
+
+
+def eager_packed_attention(
+    module: nn.Module,
+    query: torch.Tensor,
+    key: torch.Tensor,
+    value: torch.Tensor,
+    partition: AttentionPartition,
+    scaling: float,
+    dropout: float = 0.0,
+    output_attentions: bool = False,
+) -> tuple[torch.Tensor, Optional[tuple[torch.Tensor, ...]]]:
+    """Reference backend: explicit matmul + float32 softmax per sequence; can return the attention maps."""
+
+    def kernel(q, k, v):
+        scores = torch.matmul(q, k.transpose(-1, -2)) * scaling  # [n, heads, L, L]
+        probs = torch.softmax(scores, dim=-1, dtype=torch.float32).to(q.dtype)
+        probs = F.dropout(probs, p=dropout, training=dropout > 0)
+        return torch.matmul(probs, v), (probs if output_attentions else None)
+
+    return _grouped_attention(query, key, value, partition, kernel)
+
+
+def _load_torch_varlen() -> Optional[Callable]:
+    """torch's bundled flash varlen kernel (torch >= 2.10, CUDA) as `fn(q, k, v, cu_q, cu_k, max_q, max_k, *, scale)`,
+    or None when this torch has none."""
+    try:
+        from torch.nn.attention.varlen import varlen_attn
+    except ImportError:
+        return None
+    if "scale" in inspect.signature(varlen_attn).parameters:  # torch >= 2.11
+        return varlen_attn
+
+    def varlen_attn_scaled(query, key, value, cu_seq_q, cu_seq_k, max_q, max_k, *, scale=None):
+        """torch 2.10's kernel always scales by head_dim**-0.5: other scales are folded into the queries."""
+        default = query.shape[-1] ** -0.5
+        if scale is not None and not math.isclose(scale, default):
+            query = query * (scale / default)
+        return varlen_attn(query, key, value, cu_seq_q, cu_seq_k, max_q, max_k)
+
+    return varlen_attn_scaled
+
+
+_TORCH_VARLEN = _load_torch_varlen()  # resolved at import: a constant for torch.compile, no per-layer introspection
+
+
+def _torch_varlen_attention() -> Optional[Callable]:
+    """torch's varlen kernel with a `scale` argument on every torch that has one (see `_load_torch_varlen`)."""
+    return _TORCH_VARLEN
+
+
+def _torch_varlen_usable(query: torch.Tensor, dropout: float) -> bool:
+    """The varlen kernel runs half precision on CUDA, without dropout (it has none)."""
+    return (
+        query.is_cuda
+        and query.dtype in (torch.float16, torch.bfloat16)
+        and dropout == 0.0
+        and _torch_varlen_attention() is not None
+    )
+
+
+def sdpa_packed_attention(
+    module: nn.Module,
+    query: torch.Tensor,
+    key: torch.Tensor,
+    value: torch.Tensor,
+    partition: AttentionPartition,
+    scaling: float,
+    dropout: float = 0.0,
+    output_attentions: bool = False,
+) -> tuple[torch.Tensor, None]:
+    """torch varlen kernel on CUDA half precision; else one SDPA call per group of equal-length sequences."""
+    if _torch_varlen_usable(query, dropout):
+        cu = partition.cu_seqlens
+        out = _torch_varlen_attention()(
+            query, key, value, cu, cu, partition.max_seqlen, partition.max_seqlen, scale=scaling
+        )
+        return out, None
+
+    def kernel(q, k, v):
+        return F.scaled_dot_product_attention(q, k, v, dropout_p=dropout, scale=scaling), None
+
+    return _grouped_attention(query, key, value, partition, kernel)
+
+
+_FLASH_VARLEN: dict[str, Callable] = {}
+
+
+def _flash_attn_varlen_func() -> Callable:
+    """Import `flash_attn.flash_attn_varlen_func` lazily (flash-attn is an optional dependency)."""
+    if "fn" not in _FLASH_VARLEN:
+        try:
+            from flash_attn import flash_attn_varlen_func
+        except ImportError as err:
+            raise ImportError(
+                "attn_implementation='flash_attention_2' needs the `flash-attn` package (pip install "
+                "'siglip2-navit[flash]' or pip install flash-attn --no-build-isolation), or the `kernels` package "
+                "for transformers' hub kernels. Use attn_implementation='sdpa' otherwise."
+            ) from err
+        _FLASH_VARLEN["fn"] = flash_attn_varlen_func
+    return _FLASH_VARLEN["fn"]
+
+
+def flash_packed_attention(
+    module: nn.Module,
+    query: torch.Tensor,
+    key: torch.Tensor,
+    value: torch.Tensor,
+    partition: AttentionPartition,
+    scaling: float,
+    dropout: float = 0.0,
+    output_attentions: bool = False,
+) -> tuple[torch.Tensor, None]:
+    """flash-attn varlen kernel over the whole packed batch."""
+    cu = partition.cu_seqlens
+    max_len = partition.max_seqlen
+    out = _flash_attn_varlen_func()(
+        query, key, value, cu, cu, max_len, max_len, dropout_p=dropout, softmax_scale=scaling, causal=False
+    )
+    return out, None
+
+
+def _registered_attention(name: str) -> Callable:
+    """Adapt a function registered in transformers' AttentionInterface (e.g. a hub flash kernel) to packed inputs."""
+    if hasattr(ALL_ATTENTION_FUNCTIONS, "get_interface"):
+        interface = ALL_ATTENTION_FUNCTIONS.get_interface(name, sdpa_packed_attention)
+    else:  # transformers 4.5x before get_interface
+        interface = ALL_ATTENTION_FUNCTIONS[name]
+    varlen = "flash" in name
+
+    def packed(module, query, key, value, partition, scaling, dropout=0.0, output_attentions=False):
+        if varlen:  # transformers' flash interface: [1, heads, K, head_dim] + cu_seq_lens kwargs
+            out, _ = interface(
+                module,
+                query.transpose(0, 1).unsqueeze(0),
+                key.transpose(0, 1).unsqueeze(0),
+                value.transpose(0, 1).unsqueeze(0),
+                attention_mask=None,
+                dropout=dropout,
+                scaling=scaling,
+                is_causal=False,
+                cu_seq_lens_q=partition.cu_seqlens,
+                cu_seq_lens_k=partition.cu_seqlens,
+                max_length_q=partition.max_seqlen,
+                max_length_k=partition.max_seqlen,
+            )
+            return out.reshape(query.shape), None
+
+        def kernel(q, k, v):
+            out, weights = interface(module, q, k, v, attention_mask=None, dropout=dropout, scaling=scaling)
+            return out.transpose(1, 2), weights  # interfaces return [n, L, heads, head_dim]
+
+        return _grouped_attention(query, key, value, partition, kernel)
+
+    return packed
+
+
+PACKED_ATTENTION_FUNCTIONS: dict[str, Callable] = {
+    "eager": eager_packed_attention,
+    "sdpa": sdpa_packed_attention,
+    "flash_attention_2": flash_packed_attention,
+}
+
+
+def get_packed_attention_interface(attn_implementation: Optional[str]) -> Callable:
+    """The packed attention function for `config._attn_implementation` (resolved once per forward)."""
+    name = attn_implementation or "sdpa"
+    if name in PACKED_ATTENTION_FUNCTIONS:
+        return PACKED_ATTENTION_FUNCTIONS[name]
+    try:
+        return _registered_attention(name)
+    except KeyError as err:
+        raise ValueError(
+            f"Unknown attn_implementation {name!r}: use 'sdpa', 'eager', 'flash_attention_2' or a function "
+            "registered with transformers' AttentionInterface."
+        ) from err
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# torch.compile: the built-in backends as one opaque custom op
+# ----------------------------------------------------------------------------------------------------------------------
+# Traced as Python, the per-group loop of the backends bakes the batch's sequence lengths into the graph: one recompile
+# per new batch composition. Under torch.compile, the built-in backends therefore run inside a custom op that takes
+# only tensors, so the graph has symbolic shapes and no per-batch constants and one compiled graph serves every batch.
+# The op re-derives the batching from a CPU copy of `cu_seqlens` (a few µs of host work per layer, never a device
+# sync). Its backward is a second op that recomputes the attention under `torch.func.vjp` (like checkpointing the
+# attention alone); that needs aten-only kernels without dropout, so flash-attn, torch's CUDA varlen kernel and
+# attention dropout keep the traced path when autograd is on.
+
+
+def _packed_attention_kernel(
+    query: torch.Tensor,
+    key: torch.Tensor,
+    value: torch.Tensor,
+    cu_seqlens: torch.Tensor,
+    cu_seqlens_host: torch.Tensor,
+    group_index: torch.Tensor,
+    group_inverse: torch.Tensor,
+    scaling: float,
+    dropout: float,
+    backend: str,
+) -> torch.Tensor:
+    """The forward op's eager body: rebuild the partition and run `backend` on it."""
+    partition = _partition_from_tensors(cu_seqlens, cu_seqlens_host, group_index, group_inverse)
+    output, _ = PACKED_ATTENTION_FUNCTIONS[backend](None, query, key, value, partition, scaling, dropout)
+    return output
+
+
+def _packed_attention_backward_kernel(
+    grad_output: torch.Tensor,
+    query: torch.Tensor,
+    key: torch.Tensor,
+    value: torch.Tensor,
+    cu_seqlens: torch.Tensor,
+    cu_seqlens_host: torch.Tensor,
+    group_index: torch.Tensor,
+    group_inverse: torch.Tensor,
+    scaling: float,
+    backend: str,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """The backward op's eager body: recompute the attention under `torch.func.vjp` and pull `grad_output` back."""
+    partition = _partition_from_tensors(cu_seqlens, cu_seqlens_host, group_index, group_inverse)
+
+    def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+        return PACKED_ATTENTION_FUNCTIONS[backend](None, q, k, v, partition, scaling, 0.0)[0]
+
+    _, pull_back = torch.func.vjp(attention, query, key, value)
+    return pull_back(grad_output)
+
+
+def _register_packed_attention_op():
+    """Register the forward and backward ops under names unique to this module (remote code can be loaded under
+    several module names, or executed again); returns the forward op, differentiable."""
+    base = "packed_attention_" + re.sub(r"\W", "_", __name__)
+    name, suffix = base, 0
+    while hasattr(torch.ops.siglip2_navit, name):  # this module executed again (reload): a fresh name
+        suffix += 1
+        name = f"{base}_{suffix}"
+    forward = torch.library.custom_op(f"siglip2_navit::{name}", mutates_args=())(_packed_attention_kernel)
+    backward = torch.library.custom_op(f"siglip2_navit::{name}_backward", mutates_args=())(
+        _packed_attention_backward_kernel
+    )
+
+    @forward.register_fake
+    def _(query, key, value, cu_seqlens, cu_seqlens_host, group_index, group_inverse, scaling, dropout, backend):
+        return torch.empty_like(query)  # [K, heads, head_dim]
+
+    @backward.register_fake
+    def _(grad_output, query, key, value, cu_seqlens, cu_seqlens_host, group_index, group_inverse, scaling, backend):
+        return torch.empty_like(query), torch.empty_like(key), torch.empty_like(value)
+
+    def setup_context(ctx, inputs, output):
+        query, key, value, cu_seqlens, cu_seqlens_host, group_index, group_inverse, scaling, dropout, backend = inputs
+        if dropout != 0.0:
+            raise RuntimeError("The packed attention op has no backward with dropout (its mask is not kept).")
+        ctx.save_for_backward(query, key, value, cu_seqlens, cu_seqlens_host, group_index, group_inverse)
+        ctx.scaling, ctx.backend = scaling, backend
+
+    def backward_formula(ctx, grad_output):
+        grads = backward(grad_output.contiguous(), *ctx.saved_tensors, ctx.scaling, ctx.backend)
+        return (*grads, None, None, None, None, None, None, None)
+
+    forward.register_autograd(backward_formula, setup_context=setup_context)
+    return forward
+
+
+_PACKED_ATTENTION_OP = _register_packed_attention_op()
+
+
+def _use_opaque_attention(name: str, hidden_states: torch.Tensor, dropout: float, output_attentions: bool) -> bool:
+    """Whether a layer traced by torch.compile runs the attention through the opaque op (decided at trace time)."""
+    if not torch.compiler.is_compiling() or output_attentions or name not in PACKED_ATTENTION_FUNCTIONS:
+        return False
+    if not torch.is_grad_enabled():
+        return True
+    # The backward recomputes the attention under torch.func.vjp: aten-only kernels, no dropout.
+    return dropout == 0.0 and name != "flash_attention_2" and not _torch_varlen_usable(hidden_states, 0.0)
+
+
+def _opaque_packed_attention(backend: str) -> Callable:
+    """`backend` (a key of PACKED_ATTENTION_FUNCTIONS) behind the custom op, with the packed-attention signature."""
+
+    def attention(module, query, key, value, partition, scaling, dropout=0.0, output_attentions=False):
+        output = _PACKED_ATTENTION_OP(
+            query,
+            key,
+            value,
+            partition.cu_seqlens,
+            partition.cu_seqlens_host,
+            partition.group_index,
+            partition.group_inverse,
+            scaling,
+            dropout,
+            backend,
+        )
+        return output, None
+
+    return attention
+
