@@ -231,20 +231,27 @@ def glob_matches(pattern: str) -> List[str]:
         except OSError:
             return []
 
+    def folders_below(folder: str) -> List[str]:
+        found = []
+        for entry in entries(folder):
+            if not entry.name.startswith(".") and entry.is_dir(follow_symlinks=False):
+                path = os.path.join(folder, entry.name)
+                found += [path, *folders_below(path)]
+        return found
+
     def walk(prefix: str, i: int) -> None:
         if i == len(parts):
             matches.append(prefix)
             return
         part, last = parts[i], i == len(parts) - 1
-        if part == "**":
-            walk(prefix, i + 1)  # no folder at all
-            for entry in entries(prefix):
-                if entry.name.startswith("."):
-                    continue
+        if part == "**":  # this folder and every real folder below it: never through a link to a folder
+            if last and prefix:
+                matches.append(os.path.join(prefix, ""))  # the folder itself, written as glob writes it
+            for folder in [prefix, *folders_below(prefix)]:
                 if last:
-                    matches.append(os.path.join(prefix, entry.name))
-                if entry.is_dir(follow_symlinks=False):
-                    walk(os.path.join(prefix, entry.name), i)
+                    matches.extend(os.path.join(folder, e.name) for e in entries(folder) if not e.name.startswith("."))
+                else:
+                    walk(folder, i + 1)
             return
         for entry in entries(prefix) if glob.has_magic(part) else []:
             if fnmatch.fnmatch(entry.name, part) and (part.startswith(".") or not entry.name.startswith(".")):

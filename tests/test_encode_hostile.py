@@ -402,3 +402,22 @@ def test_weights_that_disagree_with_the_config_are_refused(layers, kind, data, t
     line = _one_line_error(result, 2, kind)
     assert re.search(r"layers\.[12]\.", line) and result.stderr.strip() == line, result.stderr  # no load report
     assert not out.exists()
+
+
+def test_glob_matches_equal_glob_where_there_is_no_link(tmp_path, monkeypatch):
+    """The glob walk that does not follow folder links gives exactly what glob.glob(recursive=True) gives on a tree
+    without links (hidden names, nested folders, a trailing `**`, relative and absolute patterns)."""
+    import glob
+
+    from encode_testutils import load_encode_module
+
+    encode = load_encode_module()
+    for name in ("a.png", "b.jpg", ".hidden.png", "sub/c.png", "sub/deeper/d.png", "sub/deeper/e.txt", ".dot/f.png",
+                 "sib/g.png"):
+        (tmp_path / name).parent.mkdir(parents=True, exist_ok=True)
+        (tmp_path / name).write_bytes(b"")
+    monkeypatch.chdir(tmp_path)
+    patterns = ["*.png", "**/*.png", "**", "sub/**", "s?b/*.png", "*/", "sub/*/*.png", ".*", "**/.*", "[ab].*",
+                "sub/deeper/*", "nope/**/*.png"]
+    for pattern in patterns + [str(tmp_path / p) for p in patterns]:
+        assert sorted(encode.glob_matches(pattern)) == sorted(glob.glob(pattern, recursive=True)), pattern
