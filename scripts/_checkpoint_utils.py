@@ -631,7 +631,10 @@ def save_model_folder(
     config.save_pretrained(str(folder))
 
     tensors = {name: t.contiguous() for name, t in state_dict.items()}
-    save_file(tensors, str(folder / WEIGHTS_NAME), metadata={"format": "pt"})
+    try:
+        save_file(tensors, str(folder / WEIGHTS_NAME), metadata={"format": "pt"})
+    except SafetensorError as err:  # e.g. the disk is full: safetensors raises its own error, not an OSError
+        raise ConversionError(f"Writing {folder / WEIGHTS_NAME} failed: {_first_line(err)}") from None
 
     processor = processor_class()(
         **{**family.processor_defaults, **(processor_kwargs or {})},
