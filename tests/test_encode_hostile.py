@@ -120,7 +120,8 @@ def test_nan_features_are_errors_never_stored(data, tmp_path):
     """rope_theta = -1 (set on the config object, past the config's own checks) makes NaN for most images but not all:
     those are recorded in errors.jsonl, the finite ones stored; a rerun does not retry them."""
     out = tmp_path / "nan"
-    args = [data["images"], "--out", out, "--model", ROOT, *BUDGET_ARGS, "--config-overrides", f"{TINY_ARG},rope_theta=-1"]
+    args = [data["images"], "--out", out, "--model", ROOT, *BUDGET_ARGS,
+            "--config-overrides", f"{TINY_ARG},rope_theta=-1"]
     result = run_script(args)
     assert result.returncode == 0, result.stderr
     features, errors = _features(out), _errors(out)

@@ -25,8 +25,8 @@ opened) and images whose features come out NaN/Inf (never stored) are recorded i
 (`{"id", "error", "source"}` per line) and skipped; the run goes on (`--strict`: exit status 1 when any input has
 an error record). A model that gives NaN/Inf for every image of its first batch is broken: the job stops there,
 recording nothing. A failure of the job itself (disk full, a dead worker) is one line with exit status 1; complete
-shards are kept and the same command resumes. Under `torchrun` / `accelerate launch` each rank takes the ids whose stable
-hash falls to it and writes its own shards; any world size resumes any other's output.
+shards are kept and the same command resumes. Under `torchrun` / `accelerate launch` each rank takes the ids whose
+stable hash falls to it and writes its own shards; any world size resumes any other's output.
 
 Loads the processor and model through the Auto API with `trust_remote_code=True`; a folder without safetensors
 weights runs randomly initialised weights (seeded, announced loudly).
@@ -641,7 +641,8 @@ def lock_output(out: str) -> None:
         holder = os.read(fd, 20).decode("ascii", "replace").strip()
         os.close(fd)
         pid = f" (pid {holder})" if holder.isdigit() else ""
-        raise UsageError(f"another encode.py job{pid} is writing into {out}; wait for it or use another --out") from None
+        raise UsageError(f"another encode.py job{pid} is writing into {out}; wait for it or use another --out"
+                         ) from None
     os.ftruncate(fd, 0)
     os.write(fd, f"{os.getpid()}\n".encode("ascii"))
     _HELD_LOCKS.append(fd)
@@ -659,7 +660,8 @@ def prepare_output(out: str, fingerprint: Dict[str, Any], overwrite: bool, retry
     for name in (LOCK, MANIFEST, ERRORS):
         path = os.path.join(out, name)
         if os.path.lexists(path) and not os.path.isfile(path):
-            raise UsageError(f"{path} is not a regular file (this tool writes it there): remove it or use another --out")
+            raise UsageError(f"{path} is not a regular file (this tool writes it there): remove it, or use another "
+                             "--out")
     lock_output(out)
     ours = [n for n in os.listdir(out) if SHARD_RE.match(n) or n.startswith(TMP_PREFIX) or n in (MANIFEST, ERRORS)]
     if overwrite:  # the manifest goes last: a kill half-way leaves a folder that still describes itself
