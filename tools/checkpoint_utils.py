@@ -23,6 +23,7 @@ from typing import Any, Callable, Dict, Mapping, Optional
 import torch
 import transformers
 from packaging import version
+from safetensors import SafetensorError
 from safetensors.torch import save_file
 
 # Everything the converters, push and tests use, from the modules this one was cut into (one import for a converter).
@@ -135,7 +136,7 @@ def save_model_folder(
     try:
         save_file(tensors, str(folder / WEIGHTS_NAME), metadata={"format": "pt"})
     except SafetensorError as err:  # e.g. the disk is full: safetensors raises its own error, not an OSError
-        raise ConversionError(f"Writing {folder / WEIGHTS_NAME} failed: {_first_line(err)}") from None
+        raise ConversionError(f"Writing {folder / WEIGHTS_NAME} failed: {err}") from None
 
     processor = processor_class()(
         **{**family.processor_defaults, **(processor_kwargs or {})},
