@@ -421,6 +421,13 @@ class EncodeInputs:
         return {"index": index, "pixel_values": batch["pixel_values"], "grid": batch["grid_thws"], "size": size}
 
 
+def quiet_worker_threads(worker_id: int) -> None:
+    """In each DataLoader worker: a background thread's traceback is not printed. When the job stops (another worker
+    died, a kill), a worker's thread that hands tensors to the main process fails mid-transfer; its traceback would
+    follow the job's one-line message. The worker's own errors still reach the main process."""
+    sys.excepthook = lambda *exc_info: None
+
+
 def collate(samples: List[Dict[str, Any]]) -> Dict[str, Any]:
     import torch
 
@@ -1122,7 +1129,7 @@ class EncodeJob:
             batch_sampler=TokenBudgetBatches(pending, self.dataset, self.processor, budget, self.args.max_tokens,
                                              self.args.shard_size),
             num_workers=self.args.workers, collate_fn=collate, pin_memory=self.device.startswith("cuda"),
-            prefetch_factor=4 if self.args.workers else None,
+            prefetch_factor=4 if self.args.workers else None, worker_init_fn=quiet_worker_threads,
         )
 
     def run(self, pending: List[Item], show_progress: bool) -> None:
