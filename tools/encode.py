@@ -1141,11 +1141,12 @@ class EncodeJob:
         start = time.perf_counter()
         try:
             self.encode_all(pending, progress, start)
-        except RuntimeError as error:  # raised by the DataLoader in this process when a worker process dies
-            if not str(error).startswith("DataLoader worker"):
+        except (RuntimeError, ConnectionError) as error:  # a worker process died: the DataLoader says so, or the
+            # connection that hands a batch over from that worker is reset first
+            if isinstance(error, RuntimeError) and not str(error).startswith("DataLoader worker"):
                 raise
-            raise JobError(f"{str(error).strip()} (e.g. out of memory: fewer --workers may help); complete shards are "
-                           "kept: rerun the same command to resume") from None
+            raise JobError(f"a DataLoader worker process died ({str(error).strip()}; e.g. out of memory: fewer "
+                           "--workers may help); complete shards are kept: rerun the same command to resume") from None
         if self.device.startswith("cuda"):
             torch.cuda.synchronize()
         progress.close()
