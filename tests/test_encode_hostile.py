@@ -116,13 +116,28 @@ def _assert_complete(out: Path, paths: Dict[str, Path], reference: Reference) ->
 # ----------------------------------------------------------------------------------------------------------------------
 
 
+# Set on the model after it is built, past every config check: rope_theta = -1 makes NaN for most images but not all,
+# a LayerNorm eps of -1e6 NaN for every row.
+BROKEN_MODEL = """
+import torch, transformers
+_from_config = transformers.AutoModel.from_config
+def _broken(config, **kwargs):
+    model = _from_config(config, **kwargs)
+    model.config.rope_theta = -1.0 if {what!r} == "rope_theta" else model.config.rope_theta
+    for module in model.modules():
+        if {what!r} == "layer_norm_eps" and isinstance(module, torch.nn.LayerNorm):
+            module.eps = -1e6
+    return model
+transformers.AutoModel.from_config = staticmethod(_broken)
+"""
+
+
 def test_nan_features_are_errors_never_stored(data, tmp_path):
-    """rope_theta = -1 (set on the config object, past the config's own checks) makes NaN for most images but not all:
-    those are recorded in errors.jsonl, the finite ones stored; a rerun does not retry them."""
+    """NaN for most images but not all: those are recorded in errors.jsonl, the finite ones stored; a rerun does not
+    retry them."""
     out = tmp_path / "nan"
-    args = [data["images"], "--out", out, "--model", ROOT, *BUDGET_ARGS,
-            "--config-overrides", f"{TINY_ARG},rope_theta=-1"]
-    result = run_script(args)
+    args = [data["images"], "--out", out, "--model", ROOT, *BUDGET_ARGS, "--config-overrides", TINY_ARG]
+    result = _run_patched(BROKEN_MODEL.format(what="rope_theta"), SCRIPT, args)
     assert result.returncode == 0, result.stderr
     features, errors = _features(out), _errors(out)
     assert errors, "rope_theta=-1 gives NaN for most images: some must be recorded"
@@ -130,18 +145,19 @@ def test_nan_features_are_errors_never_stored(data, tmp_path):
     assert all(torch.isfinite(f).all() for f in features.values())
     assert all("non-finite" in message for message in errors.values())
     assert f"{len(errors)} errors in this run" in result.stdout
-    again = run_script(args)
+    again = _run_patched(BROKEN_MODEL.format(what="rope_theta"), SCRIPT, args)
     assert again.returncode == 0 and "skipped 6 already done" in again.stdout, again.stderr
 
 
 def test_a_model_that_gives_only_nan_stops_with_one_line(data, tmp_path):
-    """layer_norm_eps = -1e6 makes every row NaN: the job stops at the first batch naming the cause; nothing is
-    stored or recorded against the images."""
+    """Every row NaN: the job stops at the first batch naming the cause; nothing is stored or recorded against the
+    images. A config value refused at load (rope_theta = -1 through --config-overrides) is one line too."""
     out = tmp_path / "allnan"
-    args = [data["images"], "--out", out, "--model", ROOT, *BUDGET_ARGS, "--config-overrides",
-            f"{TINY_ARG},layer_norm_eps=-1000000"]
-    _one_line_error(run_script(args), 1, "NaN")
+    args = [data["images"], "--out", out, "--model", ROOT, *BUDGET_ARGS, "--config-overrides", TINY_ARG]
+    _one_line_error(_run_patched(BROKEN_MODEL.format(what="layer_norm_eps"), SCRIPT, args), 1, "NaN")
     assert not list(out.glob("train-r*")) and not _errors(out)
+    refused = run_script([*args[:-1], f"{TINY_ARG},rope_theta=-1"])
+    _one_line_error(refused, 2, "rope_theta")
 
 
 # ----------------------------------------------------------------------------------------------------------------------

@@ -1225,7 +1225,7 @@ def run(args: argparse.Namespace, dist: Dist) -> int:
         torch.set_num_threads(max(1, (os.cpu_count() or 1) // dist.world_size))
     try:
         model, source = load_model(args, config, device, announce=dist.rank == 0)
-    except ImportError as error:  # e.g. --attn flash_attention_2 without flash-attn
+    except (ImportError, ValueError) as error:  # --attn flash_attention_2 without flash-attn; a refused config value
         raise UsageError(str(error).strip().splitlines()[0]) from None
     pool = resolve_pool(args, model, processor, device)
     if args.out is not None:
