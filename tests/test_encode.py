@@ -281,7 +281,7 @@ def test_rerun_with_other_settings_is_refused_and_overwrite_starts_over(data, tm
     try:
         assert holder.stdout.readline().strip() == "held"
         assert _encode(data, out, "--features", "pooled", inputs=one) == 2
-        assert f"another encode.py job (pid {holder.pid}) is writing into" in capsys.readouterr().err
+        assert f"another navit-encode job (pid {holder.pid}) is writing into" in capsys.readouterr().err
     finally:
         holder.communicate("")
     assert len(readme_loader()(str(out))[one[0]].shape) == 1  # a file given directly: id = the path as given
