@@ -283,3 +283,16 @@ def test_refuses_weights_for_another_layer_count(model_dir, monkeypatch, capsys,
     fail = classmethod(lambda *a, **k: pytest.fail("the model was loaded before its weights were checked"))
     monkeypatch.setattr(transformers.AutoModel, "from_pretrained", fail)
     _expect_refusal(model_dir, monkeypatch, capsys, "does not match the configuration", message)
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# 12. integer weights (stored I32, loaded as zeros or garbage) are refused by name
+# ----------------------------------------------------------------------------------------------------------------------
+
+
+def test_refuses_integer_weights(model_dir, monkeypatch, capsys):
+    tensors = load_file(model_dir / "model.safetensors")
+    name = "vision_model.post_layernorm.weight"
+    tensors[name] = torch.ones_like(tensors[name], dtype=torch.int32)
+    save_file(tensors, str(model_dir / "model.safetensors"), metadata={"format": "pt"})
+    _expect_refusal(model_dir, monkeypatch, capsys, f"Tensor {name!r} in", "is I32", "floating-point")

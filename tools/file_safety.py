@@ -39,7 +39,7 @@ PRIVATE_KEY = re.compile(rb"-----BEGIN [A-Z0-9 ]*PRIVATE KEY(?: BLOCK)?-----")
 
 # -- formats -------------------------------------------------------------------------------------------------------
 NATIVE_MODULE = re.compile(r"\.(so(\.\d+)*|pyd|dylib|dll)$", re.IGNORECASE)
-PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt", ".pkl", ".pickle", ".joblib")  # named for what they usually hold
+from .pickle_sniff import PICKLE_SUFFIXES  # noqa: E402 (named for what they usually hold)
 TEXT_SUFFIXES = (".md", ".markdown", ".txt", ".rst", ".cff")
 TEXT_NAMES = frozenset({".gitattributes", ".gitignore", "license", "licence", "notice", "copying", "authors"})
 IMAGE_FORMATS = {".png": "PNG", ".jpg": "JPEG", ".jpeg": "JPEG", ".webp": "WEBP", ".gif": "GIF"}
