@@ -9,7 +9,9 @@ A file is published only when it is one of
   * a PNG, JPEG, WebP or GIF image that Pillow verifies, with nothing appended after it.
 Anything else is refused with its name: pickles under any name or behind any prefix, numpy arrays, archives, YAML,
 native modules, unknown formats. A format is accepted for what its content is, never for what it is not, so no
-disguise of a pickle or of code gets through. None of the accepted formats is ever unpickled or run by a loader.
+disguise of a pickle or of code gets through. None of the accepted formats is ever unpickled or run by a loader (a
+protocol-0 pickle is ASCII, so it passes as a `.txt` or `.md` file, where nothing unpickles it; as `weights.npy`,
+which `np.load(allow_pickle=True)` would unpickle, it is refused).
 
 Before any content is read, credential files (by name), files the user cannot read and hard links shared with files
 outside the folder are refused; then every file's text (JSON strings decoded, a safetensors header) is searched for
