@@ -56,6 +56,7 @@ from .navit_image_utils import (
     _make_image_list,
     _make_video_list,
     _positive_int,
+    block_order_raster_index,
     open_image,
     to_rgb_uint8,
 )
@@ -99,15 +100,27 @@ class TokenCount(NamedTuple):
 
 
 
+# The largest pixel budget a processor accepts: 8192 x 8192 pixels (21x Ovis2.5's 1792^2 default; 262,144 patches of
+# 16 px). A larger budget would make one image's float32 patches alone outgrow a machine's memory (1e11 pixels:
+# 1.2 TB), so it is refused at load and at call instead of being found by the OOM killer.
+MAX_PIXEL_BUDGET = 8192 * 8192
+
+
 def validate_pixel_budget(min_pixels: Any, max_pixels: Any, factor: int) -> Tuple[int, int]:
     """Check a `(min_pixels, max_pixels)` budget for a resize factor and return it as Python ints.
 
     Raises:
-        ValueError: if a budget is not a positive integer, if `min_pixels > max_pixels`, or if `max_pixels` is
-            smaller than one `factor x factor` tile (no image could then be resized into the budget).
+        ValueError: if a budget is not a positive integer, if it exceeds `MAX_PIXEL_BUDGET` (8192 x 8192), if
+            `min_pixels > max_pixels`, or if `max_pixels` is smaller than one `factor x factor` tile (no image could
+            then be resized into the budget).
     """
     min_pixels = _positive_int(min_pixels, "min_pixels")
     max_pixels = _positive_int(max_pixels, "max_pixels")
+    for name, value in (("min_pixels", min_pixels), ("max_pixels", max_pixels)):
+        if value > MAX_PIXEL_BUDGET:
+            raise ValueError(
+                f"`{name}` = {value} exceeds the largest supported budget of {MAX_PIXEL_BUDGET} pixels (8192 x 8192)."
+            )
     if min_pixels > max_pixels:
         raise ValueError(
             f"`min_pixels` ({min_pixels}) must not be larger than `max_pixels` ({max_pixels}). When you lower "
@@ -607,8 +620,10 @@ class Siglip2NavitImageProcessor(BaseImageProcessor):
         num_frames, channels, height, width = video.shape
         grid_t, grid_h, grid_w = num_frames // temporal_patch_size, height // patch_size, width // patch_size
         s, p, tp = hidden_stride, patch_size, temporal_patch_size
-        patches = video.reshape(grid_t, tp, channels, grid_h // s, s, p, grid_w // s, s, p)
-        patches = patches.transpose(0, 3, 6, 4, 7, 2, 1, 5, 8)
+        # [t, h, w, C, tp, p, p]: patches in raster order, each flattened as (channel, temporal, row, col)
+        patches = video.reshape(grid_t, tp, channels, grid_h, p, grid_w, p).transpose(0, 3, 5, 2, 1, 4, 6)
+        patches = patches.reshape(grid_t, grid_h * grid_w, channels * tp * p * p)
+        patches = patches[:, block_order_raster_index(grid_h, grid_w, s)]  # raster -> packed (s x s block) order
         patches = patches.reshape(grid_t * grid_h * grid_w, channels * tp * p * p)
         return np.ascontiguousarray(patches, dtype=np.float32), (grid_t, grid_h, grid_w)
 
@@ -675,4 +690,5 @@ __all__ = [
     "smart_resize",
     "to_rgb_uint8",
     "validate_pixel_budget",
+    "MAX_PIXEL_BUDGET",
 ]

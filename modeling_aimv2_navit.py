@@ -12,7 +12,7 @@ unchanged. One forward (N packed patch rows, K kept tokens, K == N unless `keep_
       -> rms_norm            -> last_hidden_state [K, D], input order; attention-pooling head -> [n_images, D]
 """
 
-from typing import Callable, Optional, Sequence, Union
+from typing import TYPE_CHECKING, Callable, Optional, Sequence, Union
 
 import torch
 import torch.nn.functional as F
@@ -32,6 +32,11 @@ from .navit_core import (
     per_image_groups,
     never_specialize,
 )
+
+if TYPE_CHECKING:  # never run: names the core's modules for transformers < 5, which copies a local folder's remote code
+    from .navit_attention import PACKED_ATTENTION_FUNCTIONS  # noqa: F401  (only the files each module imports itself)
+    from .navit_image_utils import block_order_position  # noqa: F401
+    from .navit_layout import MAX_CONFIG_INTS  # noqa: F401
 
 
 RotaryPair = Optional[tuple[torch.Tensor, torch.Tensor]]  # AIMv2 has no RoPE: always None, kept for the core's API

@@ -14,7 +14,7 @@ shared core (`navit_core.py`). One forward (N packed patch rows, K kept tokens, 
 import functools
 import math
 from dataclasses import dataclass
-from typing import Optional, Sequence, Union
+from typing import TYPE_CHECKING, Optional, Sequence, Union
 
 import torch
 import torch.nn.functional as F
@@ -35,6 +35,11 @@ from .navit_core import (
     per_image_groups,
 )
 from .navit_core import build_packed_layout as build_core_layout
+
+if TYPE_CHECKING:  # never run: names the core's modules for transformers < 5, which copies a local folder's remote code
+    from .navit_attention import PACKED_ATTENTION_FUNCTIONS  # noqa: F401  (only the files each module imports itself)
+    from .navit_image_utils import block_order_position  # noqa: F401
+    from .navit_layout import MAX_CONFIG_INTS  # noqa: F401
 
 
 # ----------------------------------------------------------------------------------------------------------------------

@@ -24,7 +24,7 @@ it in `config.json`:
 and `pipeline("image-feature-extraction", model=folder, trust_remote_code=True)` then builds this class.
 """
 
-from typing import Any, Dict, List, Optional, Sequence, Tuple, Union
+from typing import TYPE_CHECKING, Any, Dict, List, Optional, Sequence, Tuple, Union
 
 import torch
 
@@ -34,6 +34,11 @@ from transformers.image_utils import load_image
 from transformers.pipelines import ImageFeatureExtractionPipeline
 
 from .navit_layout import split_per_image
+
+if TYPE_CHECKING:  # never run: names the core's modules for transformers < 5, which copies a local folder's remote code
+    from .navit_attention import PACKED_ATTENTION_FUNCTIONS  # noqa: F401  (only the files each module imports itself)
+    from .navit_image_utils import block_order_position  # noqa: F401
+    from .navit_layout import MAX_CONFIG_INTS  # noqa: F401
 
 
 # Strings that transformers' `load_image` fetches or decodes; everything else goes to the image processor as is.

@@ -70,6 +70,7 @@ from . import convert_siglip2_naflex
 from ..configuration_siglip2_navit import Siglip2NavitConfig
 from ..image_processing_siglip2_navit import Siglip2NavitImageProcessor
 from ..modeling_siglip2_navit import Siglip2NavitModel
+from ..navit_image_utils import block_order_raster_index
 from . import bench_measure, bench_report, bench_stats  # noqa: F401  (bench_report, bench_stats: for tests and users)
 from .bench_measure import (  # noqa: F401  (PeakMemory: part of this module's API, as before the split)
     CLOCKS,
@@ -200,10 +201,10 @@ def raster_index(grids: list[tuple[int, int, int]], stride: int) -> list[torch.T
     indices, offset = [], 0
     for t, h, w in grids:
         assert t == 1, "the naflex baseline handles single-frame images only"
-        r = torch.arange(h)[:, None]
-        c = torch.arange(w)[None, :]
-        block = (r // stride) * (w // stride) + c // stride
-        indices.append((offset + (block * stride + r % stride) * stride + c % stride).flatten())
+        packed_to_raster = torch.from_numpy(block_order_raster_index(h, w, stride))
+        raster_to_packed = torch.empty_like(packed_to_raster)
+        raster_to_packed[packed_to_raster] = torch.arange(h * w)
+        indices.append(offset + raster_to_packed)
         offset += h * w
     return indices
 

@@ -23,6 +23,7 @@ from typing import Any, Callable, Dict, Mapping, Optional
 import torch
 import transformers
 from packaging import version
+from safetensors import SafetensorError
 from safetensors.torch import save_file
 
 # Everything the converters, push and tests use, from the modules this one was cut into (one import for a converter).
@@ -132,7 +133,10 @@ def save_model_folder(
     config.save_pretrained(str(folder))
 
     tensors = {name: t.contiguous() for name, t in state_dict.items()}
-    save_file(tensors, str(folder / WEIGHTS_NAME), metadata={"format": "pt"})
+    try:
+        save_file(tensors, str(folder / WEIGHTS_NAME), metadata={"format": "pt"})
+    except SafetensorError as err:  # e.g. the disk is full: safetensors raises its own error, not an OSError
+        raise ConversionError(f"Writing {folder / WEIGHTS_NAME} failed: {err}") from None
 
     processor = processor_class()(
         **{**family.processor_defaults, **(processor_kwargs or {})},

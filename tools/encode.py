@@ -10,17 +10,23 @@ INPUT: image files (id = the path as given), folders (walked recursively for ima
 relative to the folder), quoted globs (id = each match as written by the glob) and `@list.txt` (one INPUT per
 line; relative paths are relative to the current directory). `--dataset PATH`: a local Hugging Face `datasets`
 dataset (a `save_to_disk` folder, or parquet file(s) / a folder of parquet files) with an image column; id = the
-row index. Ids must be unique (a clash is refused, never renamed).
+row index. Ids must be unique (a clash is refused, never renamed); bytes of a file name that are not UTF-8 appear in
+its id as backslash escapes (`caf\\xe9.png`). A `**` glob does not descend through symlinks to folders.
 
 Without `--out` nothing is written: the images are encoded and a table of what each costs is printed (the demo).
 With `--out DIR`, every `--shard-size` images of a process become one shard `DIR/train-r<rank>-<seq>.<ext>`,
 written to a temporary name, fsynced and renamed: the ids in complete shards are the done set, so rerunning the
 same command after a crash or a kill encodes exactly the rest. `DIR/_manifest.json` fingerprints the settings that
 change the features (model config and weights, processor settings, features, pool, normalize, format, dtype);
-a rerun with other settings is refused (`--overwrite` starts over). Unreadable inputs are recorded in
-`DIR/errors.jsonl` (`{"id", "error", "source"}` per line) and skipped; the run goes on (`--strict`: exit status 1
-when any input has an error record). Under `torchrun` / `accelerate launch` each rank takes the ids whose stable
-hash falls to it and writes its own shards; any world size resumes any other's output.
+a rerun with other settings is refused (`--overwrite` starts over). A safetensors shard holds the sha256 of its
+content in its metadata (`sha256`), a parquet shard page checksums: a rerun verifies every shard first and encodes
+the images of a corrupt one again. Unreadable inputs, inputs that are not regular files (FIFOs, devices: never
+opened) and images whose features come out NaN/Inf (never stored) are recorded in `DIR/errors.jsonl`
+(`{"id", "error", "source"}` per line) and skipped; the run goes on (`--strict`: exit status 1 when any input has
+an error record). A model that gives NaN/Inf for every image of its first batch is broken: the job stops there,
+recording nothing. A failure of the job itself (disk full, a dead worker) is one line with exit status 1; complete
+shards are kept and the same command resumes. Under `torchrun` / `accelerate launch` each rank takes the ids whose
+stable hash falls to it and writes its own shards; any world size resumes any other's output.
 
 Loads the processor and model through the Auto API with `trust_remote_code=True`; a folder without safetensors
 weights runs randomly initialised weights (seeded, announced loudly).
@@ -28,6 +34,7 @@ weights runs randomly initialised weights (seeded, announced loudly).
 
 import argparse
 import dataclasses
+import fnmatch
 import glob
 import hashlib
 import io
@@ -35,6 +42,7 @@ import json
 import os
 import re
 import signal
+import stat
 import sys
 import time
 from pathlib import Path
@@ -52,6 +60,7 @@ MANIFEST = "_manifest.json"
 ERRORS = "errors.jsonl"
 SHOWN_ERRORS = 20  # bad inputs named in the summary (all of them are in DIR/errors.jsonl)
 LOCK = ".lock"
+CHECKSUM_KEY = "sha256"  # safetensors shards: in the header metadata (see with_checksum)
 SHARD_RE = re.compile(r"^train-r(\d{5,})-(\d{6,})\.(safetensors|parquet)$")  # zero-padded, may outgrow the padding
 TMP_PREFIX = ".tmp-"
 MANIFEST_VERSION = 1
@@ -63,6 +72,10 @@ KILL_ENV = "SIGLIP2_NAVIT_ENCODE_KILL_AT"
 
 class UsageError(Exception):
     """A problem with the command line or the output folder: reported as one line, exit status 2."""
+
+
+class JobError(Exception):
+    """The job stopped part-way (a dead worker, a broken model): one line, exit status 1. Complete shards are kept."""
 
 
 # ----------------------------------------------------------------------------------------------------------------------
@@ -173,6 +186,21 @@ class Item:
         return self.path if self.path is not None else f"dataset row {self.row}"
 
 
+def printable_id(name: str) -> str:
+    """A file name as an id that any output can hold: bytes that are not UTF-8 (decoded by Python as lone surrogates)
+    are written as backslash escapes, `caf\\xe9.png`; every other name is unchanged. The same file always gets the
+    same id, so reruns resume it."""
+    try:
+        name.encode("utf-8")
+        return name
+    except UnicodeEncodeError:
+        pass
+    try:
+        return name.encode("utf-8", "surrogateescape").decode("utf-8", "backslashreplace")
+    except UnicodeEncodeError:  # a surrogate that is no escaped byte
+        return name.encode("utf-8", "backslashreplace").decode("utf-8")
+
+
 def is_image_name(name: str) -> bool:
     return os.path.splitext(name)[1].lower() in IMAGE_EXTENSIONS and not name.startswith(".")
 
@@ -185,8 +213,56 @@ def walk_folder(folder: str) -> List[Item]:
         for name in files:
             if is_image_name(name):
                 path = os.path.join(root, name)
-                items.append(Item(Path(os.path.relpath(path, folder)).as_posix(), path=path))
+                items.append(Item(printable_id(Path(os.path.relpath(path, folder)).as_posix()), path=path))
     return sorted(items, key=lambda item: item.id)
+
+
+def glob_matches(pattern: str) -> List[str]:
+    """The paths matching a glob, written as `glob.glob(pattern, recursive=True)` writes them, except that `**` never
+    descends through a symlink to a folder: a link to a parent would make the walk endless."""
+    parts = pattern.split(os.sep)
+    matches: List[str] = []
+
+    def entries(folder: str) -> List[os.DirEntry]:
+        try:
+            with os.scandir(folder or os.curdir) as it:
+                return sorted(it, key=lambda e: e.name)
+        except OSError:
+            return []
+
+    def folders_below(folder: str) -> List[str]:
+        found = []
+        for entry in entries(folder):
+            if not entry.name.startswith(".") and entry.is_dir(follow_symlinks=False):
+                path = os.path.join(folder, entry.name)
+                found += [path, *folders_below(path)]
+        return found
+
+    def walk(prefix: str, i: int) -> None:
+        if i == len(parts):
+            matches.append(prefix)
+            return
+        part, last = parts[i], i == len(parts) - 1
+        if part == "**":  # this folder and every real folder below it: never through a link to a folder
+            if last and prefix:
+                matches.append(os.path.join(prefix, ""))  # the folder itself, written as glob writes it
+            for folder in [prefix, *folders_below(prefix)]:
+                if last:
+                    matches.extend(os.path.join(folder, e.name) for e in entries(folder) if not e.name.startswith("."))
+                else:
+                    walk(folder, i + 1)
+            return
+        for entry in entries(prefix) if glob.has_magic(part) else []:
+            if fnmatch.fnmatch(entry.name, part) and (part.startswith(".") or not entry.name.startswith(".")):
+                if last or entry.is_dir():
+                    walk(os.path.join(prefix, entry.name), i + 1)
+        path = os.path.join(prefix, part)
+        if not glob.has_magic(part) and (os.path.lexists(path) if last else os.path.isdir(path)):
+            walk(path, i + 1)
+
+    absolute = parts[0] == "" and len(parts) > 1
+    walk(os.sep if absolute else "", 1 if absolute else 0)
+    return list(dict.fromkeys(matches))
 
 
 def expand_input(token: str, from_list: bool = False) -> List[Item]:
@@ -195,16 +271,17 @@ def expand_input(token: str, from_list: bool = False) -> List[Item]:
         list_path = token[1:]
         if not os.path.isfile(list_path):
             raise UsageError(f"no such list file: {list_path}")
-        with open(list_path, encoding="utf-8") as f:
+        with open(list_path, encoding="utf-8", errors="surrogateescape") as f:  # paths as bytes, like argv
             lines = [line.strip() for line in f]
         return [item for line in lines if line and not line.startswith("#") for item in expand_input(line, True)]
     if os.path.isdir(token):
         return walk_folder(token)
-    if os.path.isfile(token):
-        return [Item(token, path=token)]
+    if os.path.exists(token):  # a file (one that is not a regular file is recorded as an error, never opened)
+        return [Item(printable_id(token), path=token)]
     if glob.has_magic(token):
-        matches = sorted(glob.glob(token, recursive=True))
-        return [item for m in matches for item in (walk_folder(m) if os.path.isdir(m) else [Item(m, path=m)])]
+        matches = sorted(glob_matches(token))
+        return [item for m in matches
+                for item in (walk_folder(m) if os.path.isdir(m) else [Item(printable_id(m), path=m)])]
     raise UsageError(f"no such file or folder: {token}")
 
 
@@ -276,10 +353,20 @@ def owner_rank(item_id: str, world_size: int) -> int:
 # ----------------------------------------------------------------------------------------------------------------------
 
 
+def regular_file(path: str) -> str:
+    """`path`, checked to be a regular file before anything opens it (opening a FIFO would wait forever)."""
+    mode = os.stat(path).st_mode
+    if not stat.S_ISREG(mode):
+        kind = {stat.S_IFIFO: "a FIFO", stat.S_IFSOCK: "a socket", stat.S_IFCHR: "a character device",
+                stat.S_IFBLK: "a block device", stat.S_IFDIR: "a folder"}.get(stat.S_IFMT(mode), "not a file")
+        raise ValueError(f"not a regular file ({kind}); not opened")
+    return path
+
+
 def open_source(item: Item, dataset: Any) -> Any:
     """A file-like object or path for PIL."""
     if item.path is not None:
-        return item.path
+        return regular_file(item.path)
     value = dataset[item.row][dataset.column_names[0]]
     if isinstance(value, dict):
         if value.get("bytes"):
@@ -288,7 +375,7 @@ def open_source(item: Item, dataset: Any) -> Any:
     if isinstance(value, (bytes, bytearray)):
         return io.BytesIO(value)
     if isinstance(value, str):
-        return value
+        return regular_file(value)
     raise ValueError(f"unsupported image value of type {type(value).__name__}")
 
 
@@ -332,6 +419,13 @@ class EncodeInputs:
         except Exception as error:  # noqa: BLE001 - any failure of one input is recorded, the run goes on
             return {"index": index, "error": f"{type(error).__name__}: {error}"}
         return {"index": index, "pixel_values": batch["pixel_values"], "grid": batch["grid_thws"], "size": size}
+
+
+def quiet_worker_threads(worker_id: int) -> None:
+    """In each DataLoader worker: a background thread's traceback is not printed. When the job stops (another worker
+    died, a kill), a worker's thread that hands tensors to the main process fails mid-transfer; its traceback would
+    follow the job's one-line message. The worker's own errors still reach the main process."""
+    sys.excepthook = lambda *exc_info: None
 
 
 def collate(samples: List[Dict[str, Any]]) -> Dict[str, Any]:
@@ -410,6 +504,8 @@ def write_durable(path: str, write: Any, kill_point: Optional[Tuple[str, int]] =
         if kill_point is not None:
             maybe_kill(*kill_point)
         os.replace(tmp, path)
+    except OSError as error:  # e.g. the disk is full: say which file (a write or fsync error names none)
+        raise OSError(error.errno, error.strerror, path) from None
     finally:
         if os.path.exists(tmp):
             os.remove(tmp)
@@ -436,6 +532,56 @@ def list_shards(out: str) -> List[str]:
     return sorted(os.path.join(out, n) for n in os.listdir(out) if SHARD_RE.match(n))
 
 
+def header_json(header: Dict[str, Any]) -> bytes:
+    return json.dumps(header, separators=(",", ":")).encode("utf-8")
+
+
+def with_checksum(blob: bytes) -> Tuple[bytes, memoryview]:
+    """A serialized safetensors shard -> (its header with CHECKSUM_KEY added to the metadata, its data section). The
+    checksum is the sha256 of the header as `header_json` writes it without that key, then the data."""
+    size = int.from_bytes(blob[:8], "little")
+    header, data = json.loads(blob[8 : 8 + size]), memoryview(blob)[8 + size :]
+    digest = hashlib.sha256(header_json(header))
+    digest.update(data)
+    header["__metadata__"][CHECKSUM_KEY] = digest.hexdigest()
+    text = header_json(header)
+    text += b" " * (-len(text) % 8)  # the data section starts 8-byte aligned, as safetensors writes it
+    return len(text).to_bytes(8, "little") + text, data
+
+
+def shard_problem(path: str) -> Optional[str]:
+    """Why a shard is not what was written (reads all of it), or None. safetensors: the checksum in its header
+    (shards written before there was one pass); parquet: its page checksums. An OSError (e.g. a permission) is
+    raised, never taken for corruption."""
+    with open(path, "rb") as f:
+        if not path.endswith(".safetensors"):
+            import pyarrow.parquet as pq
+
+            try:
+                pq.read_table(f, page_checksum_verification=True)
+            except Exception as error:  # noqa: BLE001 - any decoding failure: the content is damaged
+                return f"unreadable: {str(error).splitlines()[0] if str(error) else type(error).__name__}"
+            return None
+        try:
+            header = json.loads(f.read(int.from_bytes(f.read(8), "little")))
+            expected = header["__metadata__"].pop(CHECKSUM_KEY, None)
+        except (ValueError, KeyError, TypeError, AttributeError, MemoryError):
+            return "its header is unreadable"
+        digest = hashlib.sha256(header_json(header))
+        for block in iter(lambda: f.read(1 << 24), b""):
+            digest.update(block)
+    return None if expected in (None, digest.hexdigest()) else "its checksum does not match its content"
+
+
+def remove_corrupt_shards(out: str) -> None:
+    """Every shard checked against its checksum; a corrupt one is deleted, so that its images are encoded again."""
+    for path in list_shards(out):
+        problem = shard_problem(path)
+        if problem is not None:
+            os.remove(path)
+            print(f"warning: {path} is corrupt ({problem}): deleted, its images are encoded again", file=sys.stderr)
+
+
 def read_errors(out: str) -> Tuple[Dict[str, Dict[str, Any]], bool]:
     """Records of DIR/errors.jsonl by id (first wins), and whether the file needs repair (a torn or bad line)."""
     path = os.path.join(out, ERRORS)
@@ -459,13 +605,14 @@ def read_errors(out: str) -> Tuple[Dict[str, Dict[str, Any]], bool]:
 
 
 def error_line(record: Dict[str, Any]) -> bytes:
-    return (json.dumps(record, ensure_ascii=False) + "\n").encode("utf-8")
+    """One JSON line, UTF-8: a path or message with bytes that are not UTF-8 keeps them as backslash escapes."""
+    return (json.dumps(record, ensure_ascii=False) + "\n").encode("utf-8", "backslashreplace")
 
 
 def append_error(out: str, record: Dict[str, Any], count: int) -> None:
     """One O_APPEND write per record (ranks may share the file), fsynced. The kill hook can tear the line."""
-    line = error_line(record)
-    fd = os.open(os.path.join(out, ERRORS), os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o666)
+    line, path = error_line(record), os.path.join(out, ERRORS)
+    fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o666)
     try:
         if os.environ.get(KILL_ENV) == f"mid_error:{count}":
             os.write(fd, line[: len(line) // 2])
@@ -473,6 +620,8 @@ def append_error(out: str, record: Dict[str, Any], count: int) -> None:
             maybe_kill("mid_error", count)
         os.write(fd, line)
         os.fsync(fd)
+    except OSError as error:  # e.g. the disk is full: say which file
+        raise OSError(error.errno, error.strerror, path) from None
     finally:
         os.close(fd)
 
@@ -486,17 +635,23 @@ _HELD_LOCKS: List[int] = []
 
 
 def lock_output(out: str) -> None:
-    """Hold an exclusive advisory lock on DIR/.lock for the life of this process (rank 0 of a job), so that a
-    second job writing into the same folder at the same time is refused. The kernel drops it when the process
-    ends, even by SIGKILL (local filesystems; NFS may not honour it)."""
+    """Hold an exclusive lock on DIR/.lock for the life of this process (rank 0 of a job), so that a second job
+    writing into the same folder at the same time is refused. A POSIX record lock (`lockf`): it belongs to this
+    process alone, so the DataLoader workers forked from it never hold it, and the kernel drops it when the process
+    ends, even by SIGKILL while its orphaned workers are still exiting. The file holds the pid of the holder."""
     import fcntl
 
-    fd = os.open(os.path.join(out, LOCK), os.O_RDWR | os.O_CREAT, 0o666)
+    fd = os.open(os.path.join(out, LOCK), os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o666)
     try:
-        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        fcntl.lockf(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
     except OSError:
+        holder = os.read(fd, 20).decode("ascii", "replace").strip()
         os.close(fd)
-        raise UsageError(f"another encode.py job is writing into {out}; wait for it or use another --out") from None
+        pid = f" (pid {holder})" if holder.isdigit() else ""
+        raise UsageError(f"another encode.py job{pid} is writing into {out}; wait for it or use another --out"
+                         ) from None
+    os.ftruncate(fd, 0)
+    os.write(fd, f"{os.getpid()}\n".encode("ascii"))
     _HELD_LOCKS.append(fd)
 
 
@@ -509,6 +664,11 @@ def prepare_output(out: str, fingerprint: Dict[str, Any], overwrite: bool, retry
     """Rank 0, before any other rank touches the folder: take the folder's lock, start over if asked, check or
     write the manifest, remove temporary files of killed runs, repair errors.jsonl."""
     os.makedirs(out, exist_ok=True)
+    for name in (LOCK, MANIFEST, ERRORS):
+        path = os.path.join(out, name)
+        if os.path.lexists(path) and not os.path.isfile(path):
+            raise UsageError(f"{path} is not a regular file (this tool writes it there): remove it, or use another "
+                             "--out")
     lock_output(out)
     ours = [n for n in os.listdir(out) if SHARD_RE.match(n) or n.startswith(TMP_PREFIX) or n in (MANIFEST, ERRORS)]
     if overwrite:  # the manifest goes last: a kill half-way leaves a folder that still describes itself
@@ -530,6 +690,7 @@ def prepare_output(out: str, fingerprint: Dict[str, Any], overwrite: bool, retry
     for name in os.listdir(out):
         if name.startswith(TMP_PREFIX):
             os.remove(os.path.join(out, name))
+    remove_corrupt_shards(out)
     records, damaged = read_errors(out)
     if retry_errors and records:
         records, damaged = {}, True
@@ -565,7 +726,13 @@ def safetensors_writer(records: List[Dict[str, Any]], meta: Dict[str, str]):
     tensors = {r["id"]: r["feature"].contiguous() for r in records}
     metadata = dict(meta, ids=json.dumps([r["id"] for r in records]),
                     grid_thws=json.dumps([r["grid"] for r in records]), sizes=json.dumps([r["size"] for r in records]))
-    return lambda f: f.write(save(tensors, metadata=metadata))
+    header, data = with_checksum(save(tensors, metadata=metadata))
+
+    def write(f: Any) -> None:
+        f.write(header)
+        f.write(data)
+
+    return write
 
 
 def parquet_writer(records: List[Dict[str, Any]], meta: Dict[str, str]):
@@ -589,7 +756,7 @@ def parquet_writer(records: List[Dict[str, Any]], meta: Dict[str, str]):
         "width": pa.array([r["size"][0] for r in records], type=pa.int32()),
         "height": pa.array([r["size"][1] for r in records], type=pa.int32()),
     }).replace_schema_metadata({k.encode(): v.encode() for k, v in meta.items()})
-    return lambda f: pq.write_table(table, f)
+    return lambda f: pq.write_table(table, f, write_page_checksum=True)  # verified on resume (shard_problem)
 
 
 class ShardSink:
@@ -657,8 +824,14 @@ def load_model(args: argparse.Namespace, config: Any, device: str, announce: boo
     dtype_kw = "dtype" if (major, minor) >= (4, 56) else "torch_dtype"  # renamed in transformers 4.56
     if has_weights(args.model):
         transformers.utils.logging.disable_progress_bar()  # this job shows its own progress; errors stay one line
-        model = AutoModel.from_pretrained(args.model, trust_remote_code=True, attn_implementation=args.attn,
-                                          use_safetensors=True, **{dtype_kw: dtype})
+        verbosity = transformers.utils.logging.get_verbosity()
+        transformers.utils.logging.set_verbosity_error()  # its load report: check_loading_info says it in one line
+        try:
+            model, info = AutoModel.from_pretrained(args.model, trust_remote_code=True, attn_implementation=args.attn,
+                                                    use_safetensors=True, output_loading_info=True, **{dtype_kw: dtype})
+        finally:
+            transformers.utils.logging.set_verbosity(verbosity)
+        check_loading_info(info, args.model)
         source = "pretrained weights"
     else:
         if announce:
@@ -671,6 +844,17 @@ def load_model(args: argparse.Namespace, config: Any, device: str, announce: boo
         model = AutoModel.from_config(config, trust_remote_code=True, attn_implementation=args.attn).to(dtype)
         source = f"random init (seed {args.seed})"
     return model.to(device).eval(), source
+
+
+def check_loading_info(info: Dict[str, Any], model_dir: str) -> None:
+    """Weights missing from the files (they would run randomly initialised), left over (dropped) or of another shape
+    than config.json says: the folder is damaged or its config was edited; refused before anything is encoded."""
+    problems = [f"{len(info[key])} {what} (e.g. {sorted(map(str, info[key]))[0]})"
+                for key, what in (("missing_keys", "missing"), ("unexpected_keys", "unexpected"),
+                                  ("mismatched_keys", "of another shape")) if info.get(key)]
+    if problems:
+        raise UsageError(f"the weights in {model_dir} do not match its config.json: {', '.join(problems)}; "
+                         "reconvert the model or restore its config.json")
 
 
 def sha256_json(value: Any) -> str:
@@ -888,6 +1072,7 @@ class Stats:
     patches: int = 0
     tokens: int = 0
     errors: int = 0
+    nonfinite: int = 0  # images whose features hold NaN/Inf (also counted in errors)
     seconds: float = 0.0
     failed: List[Tuple[str, str]] = dataclasses.field(default_factory=list)  # the first (id, error) of this run
 
@@ -944,7 +1129,7 @@ class EncodeJob:
             batch_sampler=TokenBudgetBatches(pending, self.dataset, self.processor, budget, self.args.max_tokens,
                                              self.args.shard_size),
             num_workers=self.args.workers, collate_fn=collate, pin_memory=self.device.startswith("cuda"),
-            prefetch_factor=4 if self.args.workers else None,
+            prefetch_factor=4 if self.args.workers else None, worker_init_fn=quiet_worker_threads,
         )
 
     def run(self, pending: List[Item], show_progress: bool) -> None:
@@ -953,7 +1138,24 @@ class EncodeJob:
 
         progress = tqdm(total=len(pending), unit="img", file=sys.stderr, disable=not show_progress,
                         mininterval=1.0, desc="encoding")
-        start, chunk = time.perf_counter(), 0
+        start = time.perf_counter()
+        try:
+            self.encode_all(pending, progress, start)
+        except (RuntimeError, ConnectionError) as error:  # a worker process died: the DataLoader says so, or the
+            # connection that hands a batch over from that worker is reset first
+            if isinstance(error, RuntimeError) and not str(error).startswith("DataLoader worker"):
+                raise
+            raise JobError(f"a DataLoader worker process died ({str(error).strip()}; e.g. out of memory: fewer "
+                           "--workers may help); complete shards are kept: rerun the same command to resume") from None
+        if self.device.startswith("cuda"):
+            torch.cuda.synchronize()
+        progress.close()
+        self.stats.seconds = time.perf_counter() - start
+
+    def encode_all(self, pending: List[Item], progress: Any, start: float) -> None:
+        import torch
+
+        chunk = 0
         with torch.inference_mode():
             for step, batch in enumerate(self.loader(pending), 1):
                 first = (batch["indices"] or [i for i, _ in batch["errors"]])[0]
@@ -970,27 +1172,35 @@ class EncodeJob:
                                          f"{self.stats.patches / elapsed:.0f} tok/s, errors {self.stats.errors}",
                                          refresh=False)
             self.sink.flush()
-        if self.device.startswith("cuda"):
-            torch.cuda.synchronize()
-        progress.close()
-        self.stats.seconds = time.perf_counter() - start
 
     def record_errors(self, batch: Dict[str, Any], pending: List[Item]) -> None:
         for index, message in batch["errors"]:
-            self.stats.errors += 1
-            item = pending[index]
-            self.sink.error({"id": item.id, "error": message, "source": item.source})
-            if len(self.stats.failed) < SHOWN_ERRORS:
-                self.stats.failed.append((item.id, message))
+            self.record_error(pending[index], message)
+
+    def record_error(self, item: Item, message: str) -> None:
+        self.stats.errors += 1
+        self.sink.error({"id": item.id, "error": message, "source": item.source})
+        if len(self.stats.failed) < SHOWN_ERRORS:
+            self.stats.failed.append((item.id, message))
 
     def encode_batch(self, batch: Dict[str, Any], pending: List[Item]) -> None:
+        import torch
+
         grids = batch["grid_thws"]
         pixels = batch["pixel_values"].to(self.device, self.model.dtype, non_blocking=True)
         output = self.model(pixels, grids)
         feats = per_image_features(output, grids, self.args.features, self.pool, self.args.normalize)
         feats = [f.to("cpu", copy=True) for f in feats]  # own storage: shards never hold views of the batch
+        finite = [bool(torch.isfinite(f).all()) for f in feats]
+        if not any(finite) and self.stats.images == self.stats.nonfinite == 0:
+            raise JobError(f"the model gives NaN/Inf features for all {len(feats)} images of its first batch: its "
+                           "config or weights are broken (e.g. rope_theta, layer_norm_eps); nothing was stored")
         budget = budget_of(self.args)
-        for index, feature, grid, size in zip(batch["indices"], feats, grids.tolist(), batch["sizes"]):
+        for index, feature, grid, size, ok in zip(batch["indices"], feats, grids.tolist(), batch["sizes"], finite):
+            if not ok:
+                self.stats.nonfinite += 1
+                self.record_error(pending[index], "non-finite features (NaN/Inf) from the model: not stored")
+                continue
             item_id = pending[index].id
             self.sink.add({"id": item_id, "feature": feature, "grid": grid, "size": list(size)})
             row = table_row(item_id, size, grid, self.processor, budget)
@@ -998,7 +1208,7 @@ class EncodeJob:
             self.stats.tokens += row["tokens"]
             if self.keep_rows:
                 self.rows.append(row)
-        self.stats.images += len(batch["indices"])
+        self.stats.images += sum(finite)
 
 
 def run(args: argparse.Namespace, dist: Dist) -> int:
@@ -1015,7 +1225,7 @@ def run(args: argparse.Namespace, dist: Dist) -> int:
         torch.set_num_threads(max(1, (os.cpu_count() or 1) // dist.world_size))
     try:
         model, source = load_model(args, config, device, announce=dist.rank == 0)
-    except ImportError as error:  # e.g. --attn flash_attention_2 without flash-attn
+    except (ImportError, ValueError) as error:  # --attn flash_attention_2 without flash-attn; a refused config value
         raise UsageError(str(error).strip().splitlines()[0]) from None
     pool = resolve_pool(args, model, processor, device)
     if args.out is not None:
@@ -1066,6 +1276,13 @@ def main(argv: Optional[List[str]] = None) -> int:
     except UsageError as error:
         print(f"{parser.prog}: error: {error}", file=sys.stderr)
         return 2
+    except JobError as error:
+        print(f"{parser.prog}: error: {error}", file=sys.stderr)
+        return 1
+    except OSError as error:  # e.g. the disk is full: nothing half-written stays (temporary names), shards are kept
+        print(f"{parser.prog}: error: {error}; complete shards are kept: rerun the same command to resume",
+              file=sys.stderr)
+        return 1
 
 
 if __name__ == "__main__":
