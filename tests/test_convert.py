@@ -658,6 +658,26 @@ def test_non_finite_source_weights_are_refused(tmp_path, capsys, bad):
     assert f"Tensor {name!r} in {shard} holds 1 non-finite value(s)" in err
 
 
+@pytest.mark.parametrize("dtype", [torch.int32, torch.int64, torch.uint8, torch.bool])
+@pytest.mark.parametrize("extra", [[], ["--dtype", "float32"]])
+def test_non_float_source_weights_are_refused(tmp_path, capsys, monkeypatch, dtype, extra):
+    """An integer (or bool) weight would be stored as such and load as garbage, or be silently cast by --dtype:
+    refused from the header, naming it, before any tensor data is read."""
+    src = tmp_path / "ovis"
+    write_fake_ovis(src, dtype=torch.float32)
+    shard = src / "model-00002-of-00002.safetensors"
+    from safetensors.torch import load_file
+
+    tensors = load_file(shard)
+    name = next(k for k in sorted(tensors) if k.startswith("visual_tokenizer.vit.") and k.endswith(".weight"))
+    tensors[name] = (tensors[name] * 100).to(dtype)
+    save_file(tensors, str(shard), metadata={"format": "pt"})
+    monkeypatch.setattr(safetensors_io.SafetensorsCheckpoint, "read", lambda *a, **k: pytest.fail("data read"))
+    err = _cli_error(capsys, src, tmp_path / "vit", *extra)
+    header_dtype = {torch.int32: "I32", torch.int64: "I64", torch.uint8: "U8", torch.bool: "BOOL"}[dtype]
+    assert f"Tensor {name!r} in {shard} is {header_dtype}" in err and "floating-point" in err
+
+
 def test_cast_overflow_is_refused(tmp_path, capsys):
     src = tmp_path / "ovis"
     write_fake_ovis(src, dtype=torch.float32)

@@ -1,8 +1,8 @@
 # Copyright 2026 The siglip2-navit authors. Licensed under the Apache License, Version 2.0.
 """What every converter shares: writing a complete Hub model folder, the conversion steps around it, the command line.
 
-The pieces it builds on are their own modules (`families`: the registry; `pickle_sniff`: pickles recognised by
-content; `safetensors_io`: safetensors-only reading and shape checks; `atomic`: the folder replaced atomically); this
+The pieces it builds on are their own modules (`families`: the registry; `pickle_sniff`: the kind of pickle named in a
+message; `safetensors_io`: safetensors-only reading and shape checks; `atomic`: the folder replaced atomically); this
 module re-exports what a converter needs, so a converter imports only `checkpoint_utils`.
 
 Nothing here unpickles anything: sources must be safetensors, and a folder holding only pickle weights
@@ -58,7 +58,7 @@ from .families import (  # noqa: F401
     model_class,
     processor_class,
 )
-from .pickle_sniff import PICKLE_SUFFIXES, pickle_files, pickle_reason, sniff_pickle  # noqa: F401
+from .pickle_sniff import PICKLE_SUFFIXES, pickle_files, pickle_reason  # noqa: F401
 from .safetensors_io import (  # noqa: F401
     SafetensorsCheckpoint,
     check_finite,

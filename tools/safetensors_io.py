@@ -99,12 +99,25 @@ def check_finite(name: str, tensor: torch.Tensor, where: str, why: str = _CORRUP
             )
 
 
+_FLOAT_DTYPES = ("F", "BF")  # safetensors dtype names of floating-point tensors: F16, BF16, F32, F64, F8_*
+
+
+def check_float(name: str, dtype: str, where: str) -> None:
+    """Refuse a tensor whose safetensors dtype (`dtype`, e.g. "I32") is not floating point: every weight of the
+    models is, and an integer tensor would be stored as such (loading as garbage) or silently cast by --dtype."""
+    if not dtype.startswith(_FLOAT_DTYPES):
+        raise ConversionError(
+            f"Tensor {name!r} {where} is {dtype}, but the model's weights are floating-point: the checkpoint is not "
+            f"a model's float weights (quantised or corrupt?); re-save it with float weights."
+        )
+
+
 class SafetensorsCheckpoint:
     """A local checkpoint folder: one `model.safetensors`, or shards listed by `model.safetensors.index.json`.
 
     Only the index (or the safetensors headers) is read up front; tensors are read on request, shard by shard. Shard
     names must stay inside the folder; a malformed shard is one clear `ConversionError`, and so is a tensor holding
-    NaN or Inf.
+    NaN or Inf or one that is not floating point.
     """
 
     def __init__(self, folder) -> None:
@@ -163,13 +176,15 @@ class SafetensorsCheckpoint:
             )
 
     def shapes(self, keys: Iterable[str]) -> Dict[str, Tuple[int, ...]]:
-        """Shapes of `keys` from the safetensors headers (no tensor data is read)."""
+        """Shapes of `keys` from the safetensors headers (no tensor data is read); a non-float tensor is refused."""
         shapes: Dict[str, Tuple[int, ...]] = {}
         for shard, shard_keys in sorted(self._by_shard(keys).items()):
             with self._shard(shard) as f:
                 self._check_listed(f, shard, shard_keys)
                 for key in shard_keys:
-                    shapes[key] = tuple(f.get_slice(key).get_shape())
+                    header = f.get_slice(key)
+                    check_float(key, header.get_dtype(), f"in {self.folder / shard}")
+                    shapes[key] = tuple(header.get_shape())
         return shapes
 
     def read(self, keys: Iterable[str], desc: str = "Reading tensors") -> Dict[str, torch.Tensor]:
@@ -184,6 +199,7 @@ class SafetensorsCheckpoint:
                 with self._shard(shard) as f:
                     self._check_listed(f, shard, by_shard[shard])
                     for key in by_shard[shard]:
+                        check_float(key, f.get_slice(key).get_dtype(), f"in {self.folder / shard}")
                         tensors[key] = f.get_tensor(key)
                         check_finite(key, tensors[key], f"in {self.folder / shard}")
                         bar.update()
