@@ -175,3 +175,25 @@ def test_center_crop_plan_geometry():
 def test_bad_rule_settings_are_refused(settings, message):
     with pytest.raises(ValueError, match=message):
         Siglip2NavitImageProcessor(**{"patch_size": 16, "hidden_stride": 1, **settings})
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# the rule a conversion writes, from the source's preprocessor_config.json
+# ----------------------------------------------------------------------------------------------------------------------
+
+
+def test_conversion_settings_follow_the_source():
+    from siglip2_navit.tools.resize_settings import fixed_size_settings, naflex_settings
+
+    assert naflex_settings(None, 16) == {"resize_rule": "naflex", "max_num_patches": 256}
+    assert naflex_settings({"max_num_patches": 1024, "patch_size": 16}, 16)["max_num_patches"] == 1024
+    clip = {"size": {"shortest_edge": 256}, "crop_size": {"height": 224, "width": 224}, "do_center_crop": True}
+    assert fixed_size_settings(clip, 224, 14) == {"resize_rule": "center_crop", "shortest_edge": 256,
+                                                  "crop_size": [224, 224]}
+    assert fixed_size_settings(None, 224, 14)["shortest_edge"] == 224
+    with pytest.raises(ValueError, match="patch_size is 16"):
+        naflex_settings({"patch_size": 14}, 16)
+    with pytest.raises(ValueError, match="position table covers"):
+        fixed_size_settings({"crop_size": 336}, 224, 14)
+    with pytest.raises(ValueError, match="shortest-edge"):
+        fixed_size_settings({"size": {"height": 224, "width": 224}, "do_center_crop": False}, 224, 14)

@@ -175,7 +175,9 @@ def _pictures_of(
     attention = None
     if weights is not None:
         per_frame = weights.detach().double()[:, order].reshape(t, h, w, 1)
-        per_frame = per_frame / per_frame.amax(dim=(1, 2, 3), keepdim=True).clamp_min(1e-12)  # each frame peaks at 1
+        low = per_frame.amin(dim=(1, 2, 3), keepdim=True)
+        span = per_frame.amax(dim=(1, 2, 3), keepdim=True) - low
+        per_frame = (per_frame - low) / span.clamp_min(1e-12)  # each frame from 0 (least attended) to 1 (most)
         heat = heat_colours(blocks_to_pixels(per_frame.numpy(), patch_size)[..., 0]).astype(np.float64)
         grey = seen.astype(np.float64).mean(axis=-1, keepdims=True)
         attention = _frames_to_picture(np.rint(0.65 * heat + 0.35 * grey).astype(np.uint8))
