@@ -17,6 +17,7 @@ from siglip2_navit.modeling_aimv2_navit import Aimv2NavitModel
 from siglip2_navit.modeling_dinov3_navit import Dinov3NavitModel
 from siglip2_navit.modeling_siglip2_navit import Siglip2NavitModel
 from siglip2_navit.tools import visualize as viz
+from test_dinov3 import randomize_  # every parameter away from its init
 
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -24,12 +25,8 @@ CHELSEA, ROCKET = ROOT / "examples" / "chelsea.png", ROOT / "examples" / "rocket
 TINY = dict(hidden_size=32, intermediate_size=48, num_hidden_layers=2, num_attention_heads=2)
 
 
-def randomized(model: torch.nn.Module, seed: int = 0) -> torch.nn.Module:
-    generator = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for param in model.parameters():
-            param.copy_(torch.randn(param.shape, generator=generator) * 0.5)
-    return model.eval()
+def randomized(model: torch.nn.Module) -> torch.nn.Module:
+    return randomize_(model).eval()
 
 
 def family_model(family: str, stride: int) -> torch.nn.Module:
