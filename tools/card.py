@@ -266,9 +266,8 @@ def merge_block(config: Any, processor: Any, example_sizes: Sequence[Tuple[int, 
 
 def _front_matter(config: Any, base_model: Optional[str]) -> str:
     tags = {"siglip2_navit": "siglip2", "aimv2_navit": "aimv2", "dinov3_navit": "dinov3"}[config.model_type]
-    lines = ["---", "library_name: transformers", "pipeline_tag: image-feature-extraction", "license: other"]
-    if base_model:
-        lines.append(f"base_model: {base_model}")
+    lines = ["---"] + ([f"base_model: {base_model}"] if base_model else [])
+    lines += ["library_name: transformers", "pipeline_tag: image-feature-extraction", "license: other"]
     lines += ["tags:", f"  - {tags}", "  - navit", "  - vision", "  - image-feature-extraction", "  - native-resolution"]
     return "\n".join(lines + ["---"])
 
