@@ -25,7 +25,7 @@ PHOTOS = ("chelsea.png", "rocket.jpg", "coffee.png")  # 451x300, 640x427, 600x40
 EXTREME_SIZES = ((1, 1), (50, 4000), (4000, 50))  # (width, height) of PIL images
 
 
-def _pil_processor(name: str):
+def pil_processor(name: str):
     """transformers' PIL image processor `name` (5.x: `<name>Pil`; 4.x: `<name>` is the PIL one)."""
     import transformers
 
@@ -74,7 +74,7 @@ def test_naflex_resize_equals_transformers_rule():
 def test_naflex_rule_matches_siglip2_image_processor(max_num_patches):
     """Grid = naflex's `spatial_shapes` and the patch rows = naflex's patches (reordered by `naflex_to_packed`)."""
     images = sample_images()
-    reference = _pil_processor("Siglip2ImageProcessor")(patch_size=16, max_num_patches=max_num_patches)
+    reference = pil_processor("Siglip2ImageProcessor")(patch_size=16, max_num_patches=max_num_patches)
     expected = reference(images, return_tensors="pt")
     processor = Siglip2NavitImageProcessor(resize_rule="naflex", hidden_stride=1, max_num_patches=256)
     ours = processor(images, max_num_patches=max_num_patches, return_tensors="pt")  # per-call budget, as naflex
@@ -142,7 +142,7 @@ def _clip_rows(pixel_values: torch.Tensor, patch_size: int) -> torch.Tensor:
 @pytest.mark.parametrize("shortest_edge, crop", [(28, 28), (40, 28)])
 def test_center_crop_rule_matches_clip_image_processor(shortest_edge, crop):
     images = sample_images()
-    reference = _pil_processor("CLIPImageProcessor")(
+    reference = pil_processor("CLIPImageProcessor")(
         size={"shortest_edge": shortest_edge}, crop_size={"height": crop, "width": crop}, resample=3,
         image_mean=CLIP_MEAN, image_std=CLIP_STD,
     )
