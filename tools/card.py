@@ -273,7 +273,9 @@ def _front_matter(config: Any, base_model: Optional[str]) -> str:
 
 
 def _limitations(config: Any, processor: Any) -> List[str]:
-    notes = ["- Vision tower only: no text tower, so no zero-shot classification or image-text similarity."]
+    notes = []
+    if config.model_type != "dinov3_navit":  # the other two families were trained with a text tower
+        notes.append("- Vision tower only: no text tower, so no zero-shot classification or image-text similarity.")
     if config.model_type == "aimv2_navit" and not config.is_native:
         side = config.image_size // config.patch_size
         notes.append(
