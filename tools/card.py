@@ -83,6 +83,11 @@ def architecture_rows(config: Any) -> List[Tuple[str, str]]:
     ]
     if config.model_type == "dinov3_navit":
         rows.append(("register tokens", str(config.num_register_tokens)))
+    full = getattr(config, "fullatt_block_indexes", None)
+    if config.model_type == "siglip2_navit" and full is not None:
+        rows.append(("attention", f"windows of {config.window_size} px; whole image in layers {full}"))
+    else:
+        rows.append(("attention", "whole image (each frame) in every layer"))
     rows += [
         ("pooling head", _head(config)),
         ("positions", _positions(config)),
