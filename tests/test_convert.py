@@ -23,11 +23,11 @@ from safetensors.torch import save_file
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 ROOT = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(ROOT / "scripts"))
 
-import _checkpoint_utils as utils  # noqa: E402
-import convert_ovis_checkpoint  # noqa: E402
-import convert_siglip2_naflex  # noqa: E402
+from siglip2_navit.tools import checkpoint_utils as utils
+from siglip2_navit.tools import atomic, safetensors_io  # noqa: E402
+from siglip2_navit.tools import convert_ovis as convert_ovis_checkpoint  # noqa: E402
+from siglip2_navit.tools import convert_siglip2_naflex  # noqa: E402
 import transformers  # noqa: E402
 from transformers import AutoConfig, AutoImageProcessor, AutoModel  # noqa: E402
 
@@ -166,8 +166,8 @@ class _RecordingSafeOpen:
 def test_ovis_conversion_round_trip(tmp_path, monkeypatch):
     src, dst = tmp_path / "ovis", tmp_path / "out" / "vit"
     source = write_fake_ovis(src)
-    recorder = _RecordingSafeOpen(utils.safe_open)
-    monkeypatch.setattr(utils, "safe_open", recorder)
+    recorder = _RecordingSafeOpen(safetensors_io.safe_open)
+    monkeypatch.setattr(safetensors_io, "safe_open", recorder)
 
     assert convert_ovis_checkpoint.main([str(src), str(dst)]) == 0
 
@@ -501,8 +501,8 @@ def test_naflex_siglip2model_takes_only_the_vision_tower(tmp_path, monkeypatch):
     source = Siglip2Model(config)
     src, dst = tmp_path / "siglip2", tmp_path / "navit"
     source.save_pretrained(src)
-    recorder = _RecordingSafeOpen(utils.safe_open)
-    monkeypatch.setattr(utils, "safe_open", recorder)
+    recorder = _RecordingSafeOpen(safetensors_io.safe_open)
+    monkeypatch.setattr(safetensors_io, "safe_open", recorder)
     convert_siglip2_naflex.convert(src, dst, hidden_stride=2)
     assert recorder.touched and all(k.startswith("vision_model.") for k in recorder.touched)
 
@@ -622,8 +622,8 @@ def test_index_shards_must_stay_inside_src(tmp_path, capsys, monkeypatch, how):
         _repoint_shard(src, str(outside))
     else:
         (src / "model-00001-of-00002.safetensors").symlink_to(outside)
-    recorder = _RecordingSafeOpen(utils.safe_open)
-    monkeypatch.setattr(utils, "safe_open", recorder)
+    recorder = _RecordingSafeOpen(safetensors_io.safe_open)
+    monkeypatch.setattr(safetensors_io, "safe_open", recorder)
     err = _cli_error(capsys, src, tmp_path / "vit")
     assert "outside" in err and "shards must be inside SRC" in err
     assert not recorder.touched
@@ -753,7 +753,7 @@ def _overwrite_killed_at(dst: Path, kill_at: int, exchange: bool) -> bool:
 
             os.rename = counted(os.rename)
             shutil.rmtree = rmtree
-            utils._exchange = counted(utils._exchange) if exchange else (lambda a, b: False)
+            atomic._exchange = counted(atomic._exchange) if exchange else (lambda a, b: False)
             utils.atomic_write_folder(dst, lambda tmp: _write_folder(tmp, NEW_FOLDER, step), overwrite=True)
             os._exit(0)
         except BaseException:
@@ -769,7 +769,7 @@ def test_overwrite_killed_at_every_step(tmp_path, exchange):
     if exchange:
         a, b = tmp_path / "a", tmp_path / "b"
         a.mkdir(), b.mkdir()
-        if not utils._exchange(a, b):
+        if not atomic._exchange(a, b):
             pytest.skip("renameat2(RENAME_EXCHANGE) is not available here")
         a.rmdir(), b.rmdir()
     kills = 0
@@ -809,7 +809,7 @@ def test_killed_overwrite_is_undone_by_the_next_conversion(tmp_path, monkeypatch
             os.rename = lambda a, b: (  # the second rename (new folder -> DST) never happens
                 os.kill(os.getpid(), signal.SIGKILL) if Path(b) == dst.absolute() else real_rename(a, b)
             )
-            utils._exchange = lambda a, b: False
+            atomic._exchange = lambda a, b: False
             convert_ovis_checkpoint.convert(src, dst, overwrite=True)
         finally:
             os._exit(3)
