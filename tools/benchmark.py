@@ -67,6 +67,7 @@ import torch.nn.functional as F
 
 
 from . import convert_siglip2_naflex
+from .visualize import raster_index as frame_raster_index
 from ..configuration_siglip2_navit import Siglip2NavitConfig
 from ..image_processing_siglip2_navit import Siglip2NavitImageProcessor
 from ..modeling_siglip2_navit import Siglip2NavitModel
@@ -150,7 +151,8 @@ def make_inputs(workload: Workload, seed: int = 0) -> tuple[torch.Tensor, torch.
 
 
 def naflex_to_navit_state_dict(state_dict: dict, num_channels: int, patch_size: int) -> dict:
-    """SPEC §7: prefix `vision_model.`, Linear patch embedding [hidden, p·p·C] -> Conv2d layout [hidden, C, p, p]."""
+    """naflex weights -> this model's: prefix `vision_model.`, Linear patch embedding [hidden, p·p·C] -> Conv2d
+    layout [hidden, C, p, p]."""
     converted = {}
     for name, value in state_dict.items():
         name = name if name.startswith("vision_model.") else "vision_model." + name
@@ -196,14 +198,12 @@ def build_models(size: dict, layers: Optional[int], seed: int, with_ovis: bool):
 
 
 def raster_index(grids: list[tuple[int, int, int]], stride: int) -> list[torch.Tensor]:
-    """Per image: the packed rows (hidden_stride-block order, SPEC §3) of its patches in raster order."""
+    """Per image: the positions in the packed batch of its patches in raster order (each frame is packed in
+    `stride x stride` blocks, see `visualize.raster_index`)."""
     indices, offset = [], 0
     for t, h, w in grids:
         assert t == 1, "the naflex baseline handles single-frame images only"
-        r = torch.arange(h)[:, None]
-        c = torch.arange(w)[None, :]
-        block = (r // stride) * (w // stride) + c // stride
-        indices.append((offset + (block * stride + r % stride) * stride + c % stride).flatten())
+        indices.append(offset + frame_raster_index(h, w, stride))
         offset += h * w
     return indices
 

@@ -13,11 +13,11 @@ from typing import Any, Dict, List, Optional, Sequence, Tuple
 
 import PIL.Image
 
+from .families import MODEL_CARD
 
-CARD_NAME = "README.md"
+
 EXAMPLES = ("examples/chelsea.png", "examples/rocket.jpg")  # the images the card's code opens (shipped in examples/)
 PICTURE_DIR = "pictures"  # where the converter puts the pictures of EXAMPLES[0]
-CONVERT_FAMILY = {"siglip2_navit": None, "aimv2_navit": "aimv2", "dinov3_navit": "dinov3"}  # navit-convert FAMILY
 
 
 # ----------------------------------------------------------------------------------------------------------------------
@@ -34,14 +34,6 @@ def family_name(config: Any) -> str:
     if config.vision_use_head and not config.use_rope:
         return "SigLIP2 naflex"
     return "SigLIP2 (Ovis2.5 vision tower)" if config.use_rope else "SigLIP2"
-
-
-def convert_command(config: Any) -> str:
-    """The `navit-convert FAMILY` family argument that makes such a folder."""
-    family = CONVERT_FAMILY[config.model_type]
-    if family is None:
-        family = "siglip2-naflex" if config.vision_use_head and not config.use_rope else "ovis"
-    return family
 
 
 def _head(config: Any) -> str:
@@ -302,18 +294,23 @@ def model_card(
     example_sizes: Sequence[Tuple[int, int]],
     base_model: Optional[str] = None,
     source: Optional[str] = None,
+    command: Optional[str] = None,
     pictures: Sequence[str] = (),
 ) -> str:
     """The card's markdown. `example_sizes`: `(width, height)` of `EXAMPLES`; `source`: where the weights came
-    from (markdown); `pictures`: folder-relative paths of the pictures of `EXAMPLES[0]`."""
+    from (markdown); `command`: the console command that converted them; `pictures`: folder-relative paths of the
+    pictures of `EXAMPLES[0]`."""
     title = family_name(config)
-    origin = f"[{base_model}](https://huggingface.co/{base_model})" if base_model else (source or "a source checkpoint")
+    origin = f"[{base_model}](https://huggingface.co/{base_model})" if base_model else source
+    if origin and command:
+        made = f"Weights converted from {origin} with `{command}` (the `siglip2-navit` package)."
+    else:
+        made = "Written with the `siglip2-navit` package" + (f" from {origin}." if origin else ".")
     table = "\n".join(f"| {name} | {value} |" for name, value in architecture_rows(config))
     parts = [
         _front_matter(config, base_model),
         f"# {title} — packed (NaViT) vision encoder",
-        f"Weights converted from {origin} with `navit-convert {convert_command(config)}` (the `siglip2-navit` "
-        "package). The encoder takes images of any size and aspect ratio, packs them into one sequence (each image "
+        f"{made} The encoder takes images of any size and aspect ratio, packs them into one sequence (each image "
         "attends only to itself) and returns one feature per patch. Load it with `trust_remote_code=True`; the code "
         "is in this folder.",
     ]
@@ -363,7 +360,12 @@ def draw_pictures(folder: Path, model: Any, processor: Any) -> List[Path]:
 
 
 def write_card(
-    folder: Path, config: Any, processor: Any, base_model: Optional[str] = None, source: Optional[str] = None
+    folder: Path,
+    config: Any,
+    processor: Any,
+    base_model: Optional[str] = None,
+    source: Optional[str] = None,
+    command: Optional[str] = None,
 ) -> Path:
     """Write `folder/README.md` for the converted folder (its `examples/` and `pictures/` already written)."""
     folder = Path(folder)
@@ -375,6 +377,6 @@ def write_card(
         (path.relative_to(folder).as_posix() for path in (folder / PICTURE_DIR).glob("*.png")),
         key=lambda name: (".attention." in name, name),  # features first
     )
-    path = folder / CARD_NAME
-    path.write_text(model_card(config, processor, sizes, base_model, source, pictures), encoding="utf-8")
+    path = folder / MODEL_CARD
+    path.write_text(model_card(config, processor, sizes, base_model, source, command, pictures), encoding="utf-8")
     return path

@@ -23,6 +23,7 @@ from pathlib import Path
 from typing import Any, Dict, Optional
 
 from . import checkpoint_utils as utils
+from . import resize_settings
 
 
 VISION_PREFIX = "vision_model."  # where an Aimv2Model folder keeps its vision tower
@@ -96,7 +97,11 @@ def convert(
         config = utils.config_class(utils.AIMV2)(**navit_config_kwargs(vision, hidden_stride))
     except ValueError as err:
         raise utils.ConversionError(f"Cannot build an Aimv2NavitConfig from {src}: {err}") from None
-    processor_kwargs = utils.source_processor_kwargs(src)  # read (and checked) before any tensor
+    # a learned table for one grid: the source's fixed-size resize and crop, so that the folder encodes any image
+    fixed = None if config.is_native else (
+        lambda source: resize_settings.fixed_size_settings(source, config.image_size, config.patch_size)
+    )
+    processor_kwargs = utils.source_processor_kwargs(src, config, fixed)  # read (and checked) before any tensor
 
     names = vision_tensor_names(checkpoint.keys(), src)
     return utils.convert_renamed_tensors(

@@ -34,6 +34,7 @@ from typing import Any, Dict
 import torch
 
 from . import checkpoint_utils as utils
+from . import resize_settings
 
 
 PATCH_EMBEDDING = "vision_model.embeddings.patch_embedding.weight"
@@ -116,8 +117,8 @@ def patch_embedding_to_conv(weight: torch.Tensor, num_channels: int, patch_size:
 
 
 def inflate_temporal(weight: torch.Tensor, temporal_patch_size: int) -> torch.Tensor:
-    """`[hidden, C, p, p]` image patch embedding -> `[hidden, C·T, p, p]` over T frames, input channels in the SPEC
-    order (channel, temporal): channel c·T + t holds W[:, c] / T, so T equal frames embed as the one image."""
+    """`[hidden, C, p, p]` image patch embedding -> `[hidden, C·T, p, p]` over T frames, input channels in the packed
+    row order (channel, temporal): channel c·T + t holds W[:, c] / T, so T equal frames embed as the one image."""
     if temporal_patch_size == 1:
         return weight
     return (weight.repeat_interleave(temporal_patch_size, dim=1) / temporal_patch_size).contiguous()
@@ -152,13 +153,18 @@ def convert(
         header_shapes[PATCH_EMBEDDING] = (hidden, c * temporal_patch_size, p, p) if flat == c * p * p else (hidden, flat)
     utils.check_shapes(header_shapes, utils.expected_shapes(config), f"Checkpoint {src}")
 
+    # naflex's own resize rule and budget, so that the folder's processor gives naflex's grids
+    processor_kwargs = utils.source_processor_kwargs(
+        src, config, lambda source: resize_settings.naflex_settings(source, config.patch_size)
+    )
     tensors = checkpoint.read(names, desc="Reading the vision tower")
     state_dict = {names[key]: t for key, t in tensors.items()}
     conv = patch_embedding_to_conv(state_dict[PATCH_EMBEDDING], c, p)  # [D, C, p, p]
     state_dict[PATCH_EMBEDDING] = inflate_temporal(conv, temporal_patch_size)  # [D, C·T, p, p]
     state_dict = utils.cast(state_dict, dtype)
     return utils.convert_to_folder(
-        src, dst, state_dict, config, "navit-convert siglip2-naflex", overwrite=overwrite, base_model=base_model
+        src, dst, state_dict, config, "navit-convert siglip2-naflex", overwrite=overwrite, base_model=base_model,
+        processor_kwargs=processor_kwargs,
     )
 
 
