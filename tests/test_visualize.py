@@ -177,3 +177,23 @@ def test_cli_refuses_missing_files_before_loading(tmp_path, capsys):
     assert viz.main(args) == 1
     assert "no such image" in capsys.readouterr().err
     assert not (tmp_path / "out").exists()
+
+
+def test_cli_on_a_converted_folder_matches_the_folder_picture(tmp_path, capsys):
+    """`navit-visualize` loads a folder through the Auto API; its picture of chelsea.png is the one the converter put
+    in the folder (same model, same processor, deterministic), and `--video` lays the frames side by side."""
+    from siglip2_navit.tools import checkpoint_utils as utils
+
+    config = Siglip2NavitConfig(**TINY, patch_size=16, hidden_stride=2, vision_use_head=True)
+    state = randomized(Siglip2NavitModel(config)).state_dict()
+    folder = utils.atomic_write_folder(tmp_path / "tiny", lambda tmp: utils.save_model_folder(tmp, state, config))
+    out = tmp_path / "out"
+    assert viz.main([str(CHELSEA), str(ROCKET), "--model", str(folder), "--out", str(out)]) == 0
+    assert sorted(p.name for p in out.iterdir()) == [
+        "chelsea.attention.png", "chelsea.features.png", "rocket.attention.png", "rocket.features.png"]
+    for kind in ("features", "attention"):
+        ours = np.asarray(PIL.Image.open(out / f"chelsea.{kind}.png"))
+        assert np.array_equal(ours, np.asarray(PIL.Image.open(folder / "pictures" / f"chelsea.{kind}.png")))
+    assert viz.main([str(CHELSEA), str(CHELSEA), "--video", "--model", str(folder), "--out", str(out)]) == 0
+    video = PIL.Image.open(out / "chelsea.video.features.png")
+    assert video.size == (2 * PIL.Image.open(out / "chelsea.features.png").size[0], 384)
