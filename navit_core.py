@@ -48,6 +48,7 @@ from .navit_layout import (
     attention_blocks,
     build_packed_layout,
     is_int,
+    split_per_image,
     validate_inputs,
     validate_packed_config,
 )
@@ -611,6 +612,7 @@ __all__ = [
     "build_packed_layout",
     "is_int",
     "never_specialize",
+    "split_per_image",
     "validate_inputs",
     "validate_packed_config",
     # attention backends (navit_attention.py)

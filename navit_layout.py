@@ -380,6 +380,21 @@ def _grid_to_list(grid_thws: GridLike) -> list[tuple[int, int, int]]:
     return [tuple(int(v) for v in row) for row in grid.tolist()]  # the one host sync for the grid
 
 
+def split_per_image(rows: torch.Tensor, grid_thws: GridLike) -> tuple[torch.Tensor, ...]:
+    """Cut a packed output ([Σ t·h·w, ...], one row per input patch, images in input order) into one tensor per image.
+
+    The one place that knows how packed rows map to images: `last_hidden_state`, the pipeline's per-image features
+    and the encode job's shards all split here.
+    """
+    counts = [t * h * w for t, h, w in _grid_to_list(grid_thws)]
+    if rows.shape[0] != sum(counts):
+        raise ValueError(
+            f"The packed output has {rows.shape[0]} rows, but grid_thws describes {sum(counts)} patches "
+            f"({counts} per image, t·h·w each): splitting per image needs one row per input patch."
+        )
+    return rows.split(counts, dim=0)
+
+
 def _check_grids(grids: Sequence[tuple[int, int, int]], stride: int) -> None:
     for i, (t, h, w) in enumerate(grids):
         if t <= 0 or h <= 0 or w <= 0:

@@ -121,3 +121,15 @@ def test_prefix_sequences_attend_exactly_within_their_frame(backend):
         torch.testing.assert_close(out[layout.prefix_index[frame]], expected[:2])
         torch.testing.assert_close(out[layout.restore_index[position : position + n]], expected[2:])
         position += n
+
+
+def test_split_per_image_follows_grid_thws_and_refuses_other_row_counts():
+    """Rows of a packed output go to images in input order, t·h·w rows each (a video: all its frames)."""
+    grids = torch.tensor([[1, 2, 4], [2, 2, 2], [1, 6, 2]])  # 8, 8 and 12 rows
+    rows = torch.arange(28 * 3, dtype=torch.float32).view(28, 3)
+    pieces = core.split_per_image(rows, grids)
+    assert [p.shape[0] for p in pieces] == [8, 8, 12]
+    torch.testing.assert_close(pieces[1], rows[8:16], rtol=0, atol=0)
+    torch.testing.assert_close(pieces[2], rows[16:], rtol=0, atol=0)
+    with pytest.raises(ValueError, match="27 rows.*28 patches"):
+        core.split_per_image(rows[:27], grids)
