@@ -8,7 +8,10 @@ parameter names and layouts (the patch embedding stays a Conv2d weight, applied 
 
 The written config carries transformers' `Aimv2VisionConfig` fields (defaults filled in for fields the source
 omits). Native-resolution checkpoints (`is_native: true`) encode any image size; the others have a learned position
-table for their trained grid and accept only that grid (`image_size // patch_size` patches per side).
+table for their trained grid and accept only that grid (`image_size // patch_size` patches per side), so their
+folder's processor resizes and crops as the source's CLIP processor does (`resize_rule="center_crop"`: short side to
+`size.shortest_edge`, centred `crop_size` window, both `image_size` by default) and encodes any image; a source crop
+that is not the table's grid is refused.
 `--hidden-stride` sets the token order: 1 (default) is raster order, 2 orders tokens in 2x2 blocks, ready for an
 LLM-side merger. The converted processor takes the source's `preprocessor_config.json` normalisation (`image_mean`,
 `image_std`, `resample`), else AIMv2's defaults (CLIP mean/std, bicubic).

@@ -17,9 +17,14 @@ patch embedding is inflated to T frames by repeating it over time and dividing b
 `[hidden, C·T, p, p]` Conv2d gets W[:, c] / T). A patch whose T frames are equal, which is what the image processor
 makes of a still image, therefore embeds exactly as the naflex model embeds that image.
 
+The folder's processor resizes as naflex does (`resize_rule="naflex"`: the largest grid of at most `max_num_patches`
+patches, the source processor's budget, 256 when it has none; its resampling and normalisation), so the folder's
+`AutoImageProcessor` + `AutoModel` give naflex's grids and features. With `--hidden-stride 2` the rule runs on 2x2
+blocks of patches (even grids, within the same patch budget), since naflex's own grids are often odd.
+
 Feeding naflex-processed inputs: `naflex_to_packed(pixel_values, pixel_attention_mask, spatial_shapes)` (in
-`image_processing_siglip2_navit.py`, re-exported here) turns the output of transformers' `Siglip2ImageProcessor` into this model's packed `pixel_values`
-and `grid_thws`.
+`navit_batching.py`, re-exported here) turns the output of transformers' `Siglip2ImageProcessor` into this model's
+packed `pixel_values` and `grid_thws`.
 
 Example:
     navit-convert siglip2-naflex ~/models/siglip2-so400m-patch16-naflex ./siglip2-navit-so400m-naflex \\
