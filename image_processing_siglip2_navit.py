@@ -57,6 +57,7 @@ from .navit_image_utils import (
     _make_image_list,
     _make_video_list,
     _positive_int,
+    block_order_raster_index,
     open_image,
     to_rgb_uint8,
 )
@@ -821,8 +822,10 @@ class Siglip2NavitImageProcessor(BaseImageProcessor):
         num_frames, channels, height, width = video.shape
         grid_t, grid_h, grid_w = num_frames // temporal_patch_size, height // patch_size, width // patch_size
         s, p, tp = hidden_stride, patch_size, temporal_patch_size
-        patches = video.reshape(grid_t, tp, channels, grid_h // s, s, p, grid_w // s, s, p)
-        patches = patches.transpose(0, 3, 6, 4, 7, 2, 1, 5, 8)
+        # [t, h, w, C, tp, p, p]: patches in raster order, each flattened as (channel, temporal, row, col)
+        patches = video.reshape(grid_t, tp, channels, grid_h, p, grid_w, p).transpose(0, 3, 5, 2, 1, 4, 6)
+        patches = patches.reshape(grid_t, grid_h * grid_w, channels * tp * p * p)
+        patches = patches[:, block_order_raster_index(grid_h, grid_w, s)]  # raster -> packed (s x s block) order
         patches = patches.reshape(grid_t * grid_h * grid_w, channels * tp * p * p)
         return np.ascontiguousarray(patches, dtype=np.float32), (grid_t, grid_h, grid_w)
 

@@ -14,6 +14,8 @@ from typing import Any, Optional, Sequence, Union
 
 import torch
 
+from .navit_image_utils import block_order_position
+
 
 GridLike = Union[torch.Tensor, Sequence[Sequence[int]]]
 
@@ -212,14 +214,9 @@ def _token_coordinates(grids: Sequence[tuple[int, int, int]], stride: int, windo
     frame_start = torch.cumsum(frame_sizes, 0) - frame_sizes
     within = torch.arange(int(frame_sizes.sum())) - frame_start[frame_ids]
 
-    # within-frame index -> (block row, block col, row in block, col in block): blocks of stride×stride patches
-    blocks_w = (frame_w_t // stride)[frame_ids]
-    col_in_block = within % stride
-    row_in_block = (within // stride) % stride
-    block = within // (stride * stride)
-    block_row, block_col = block // blocks_w, block % blocks_w
-    rows = block_row * stride + row_in_block
-    cols = block_col * stride + col_in_block
+    # within-frame packed index -> (row, col) in the frame: stride x stride blocks
+    rows, cols = block_order_position(within, frame_w_t[frame_ids], stride)
+    block_row, block_col = rows // stride, cols // stride
 
     # windows of window_blocks × window_blocks blocks, tiled from the top-left of each frame
     windows_w = (frame_w_t // stride + window_blocks - 1) // window_blocks

@@ -67,10 +67,10 @@ import torch.nn.functional as F
 
 
 from . import convert_siglip2_naflex
-from .visualize import raster_index as frame_raster_index
 from ..configuration_siglip2_navit import Siglip2NavitConfig
 from ..image_processing_siglip2_navit import Siglip2NavitImageProcessor
 from ..modeling_siglip2_navit import Siglip2NavitModel
+from ..navit_image_utils import block_order_raster_index
 from . import bench_measure, bench_report, bench_stats  # noqa: F401  (bench_report, bench_stats: for tests and users)
 from .bench_measure import (  # noqa: F401  (PeakMemory: part of this module's API, as before the split)
     CLOCKS,
@@ -198,12 +198,15 @@ def build_models(size: dict, layers: Optional[int], seed: int, with_ovis: bool):
 
 
 def raster_index(grids: list[tuple[int, int, int]], stride: int) -> list[torch.Tensor]:
-    """Per image: the positions in the packed batch of its patches in raster order (each frame is packed in
-    `stride x stride` blocks, see `visualize.raster_index`)."""
+    """Per image: the packed rows of its patches in raster order (each frame is packed in `stride x stride` blocks,
+    see `navit_image_utils.block_order_position`)."""
     indices, offset = [], 0
     for t, h, w in grids:
         assert t == 1, "the naflex baseline handles single-frame images only"
-        indices.append(offset + frame_raster_index(h, w, stride))
+        packed_to_raster = torch.from_numpy(block_order_raster_index(h, w, stride))
+        raster_to_packed = torch.empty_like(packed_to_raster)
+        raster_to_packed[packed_to_raster] = torch.arange(h * w)
+        indices.append(offset + raster_to_packed)
         offset += h * w
     return indices
 

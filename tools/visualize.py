@@ -25,6 +25,8 @@ import numpy as np
 import PIL.Image
 import torch
 
+from ..navit_image_utils import block_order_raster_index
+
 
 # ----------------------------------------------------------------------------------------------------------------------
 # token order and principal components
@@ -32,14 +34,12 @@ import torch
 
 
 def raster_index(grid_h: int, grid_w: int, stride: int) -> torch.Tensor:
-    """`[h·w]` positions, in a frame's packed rows (s×s blocks in raster order, each block's patches in raster
-    order), of its patches in plain raster order."""
+    """`[h·w]` positions, in a frame's packed rows (`navit_image_utils.block_order_position`: s×s blocks in raster
+    order, each block's patches in raster order), of its patches in plain raster order."""
     if grid_h % stride or grid_w % stride:
         raise ValueError(f"A {grid_h}x{grid_w} patch grid is not made of {stride}x{stride} blocks.")
-    row = torch.arange(grid_h)[:, None]
-    col = torch.arange(grid_w)[None, :]
-    block = (row // stride) * (grid_w // stride) + col // stride
-    return (block * stride * stride + (row % stride) * stride + col % stride).flatten()
+    packed_to_raster = block_order_raster_index(grid_h, grid_w, stride)  # [h·w]
+    return torch.from_numpy(np.argsort(packed_to_raster, kind="stable"))
 
 
 def principal_colours(features: torch.Tensor) -> torch.Tensor:
