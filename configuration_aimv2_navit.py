@@ -5,9 +5,8 @@ packed-input fields (`hidden_stride`, `temporal_patch_size`, `cpu_block_tokens`)
 from typing import Optional
 
 from transformers import PretrainedConfig
-from transformers.activations import ACT2FN
 
-from .navit_core import validate_packed_config
+from .navit_core import check_dtype_settings, validate_packed_config
 
 
 _BOOLS = ("qkv_bias", "mlp_bias", "use_head", "is_native")
@@ -69,6 +68,7 @@ class Aimv2NavitConfig(PretrainedConfig):
         cpu_block_tokens: Optional[int] = 4096,
         **kwargs,
     ):
+        check_dtype_settings(kwargs)  # before transformers resolves a dtype name to a torch attribute
         super().__init__(**kwargs)
         self.hidden_size = hidden_size
         self.intermediate_size = intermediate_size
@@ -98,12 +98,9 @@ class Aimv2NavitConfig(PretrainedConfig):
     def _validate(self) -> None:
         """Check every field (at init, and again when a model is built: `from_pretrained` overrides and direct
         assignments bypass `__init__`)."""
-        validate_packed_config(self, frames_per_patch=1)
-        for name in _BOOLS:
-            if not isinstance(getattr(self, name), bool):
-                raise ValueError(f"`{name}` must be True or False, got {getattr(self, name)!r}.")
-        if self.hidden_act not in ACT2FN:
-            raise ValueError(f"`hidden_act` must be one of transformers' activations (e.g. 'silu'), got {self.hidden_act!r}.")
+        validate_packed_config(
+            self, frames_per_patch=1, positive_floats=("rms_norm_eps",), fractions=("attention_dropout",), bools=_BOOLS
+        )
         if self.is_native and self.hidden_size % 4:
             raise ValueError(
                 f"The 2D sin-cos position embedding of native checkpoints needs `hidden_size` divisible by 4, got "
@@ -111,10 +108,6 @@ class Aimv2NavitConfig(PretrainedConfig):
             )
         if not self.is_native and self.image_size < self.patch_size:
             raise ValueError(f"`image_size` ({self.image_size}) must be at least `patch_size` ({self.patch_size}).")
-        if not self.rms_norm_eps > 0:
-            raise ValueError(f"`rms_norm_eps` must be positive, got {self.rms_norm_eps!r}.")
-        if not 0.0 <= self.attention_dropout < 1.0:
-            raise ValueError(f"`attention_dropout` must be in [0, 1), got {self.attention_dropout!r}.")
 
 
 Aimv2NavitConfig.register_for_auto_class()  # save_pretrained then writes auto_map for AutoConfig

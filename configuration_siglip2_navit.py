@@ -5,7 +5,7 @@ from typing import Optional, Union
 
 from transformers import PretrainedConfig
 
-from .navit_core import validate_packed_config
+from .navit_core import check_dtype_settings, validate_packed_config
 
 
 _PE_INTERPOLATIONS = ("bicubic", "bilinear")
@@ -105,6 +105,7 @@ class Siglip2NavitConfig(PretrainedConfig):
         cpu_block_tokens: Optional[int] = 4096,
         **kwargs,
     ):
+        check_dtype_settings(kwargs)  # before transformers resolves a dtype name to a torch attribute
         super().__init__(**kwargs)
         self.hidden_size = hidden_size
         self.intermediate_size = intermediate_size
@@ -141,7 +142,13 @@ class Siglip2NavitConfig(PretrainedConfig):
     def _validate(self) -> None:
         """Check field values and their consistency (at init and again when a model is built from the config, since
         `from_pretrained` overrides and direct assignments bypass `__init__`)."""
-        validate_packed_config(self, extra_ints=("window_size",))
+        validate_packed_config(
+            self,
+            extra_ints=("window_size",),
+            positive_floats=("layer_norm_eps", "rope_theta"),
+            fractions=("attention_dropout",),
+            bools=("preserve_original_pe", "use_rope", "pe_antialias", "vision_use_head"),
+        )
         head_dim = self.hidden_size // self.num_attention_heads
         if self.use_rope and head_dim % 4 != 0:
             raise ValueError(f"2D RoPE needs head_dim divisible by 4, got head_dim={head_dim}.")

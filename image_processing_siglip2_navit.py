@@ -103,15 +103,27 @@ class TokenCount(NamedTuple):
 
 
 
+# The largest pixel budget a processor accepts: 8192 x 8192 pixels (21x Ovis2.5's 1792^2 default; 262,144 patches of
+# 16 px). A larger budget would make one image's float32 patches alone outgrow a machine's memory (1e11 pixels:
+# 1.2 TB), so it is refused at load and at call instead of being found by the OOM killer.
+MAX_PIXEL_BUDGET = 8192 * 8192
+
+
 def validate_pixel_budget(min_pixels: Any, max_pixels: Any, factor: int) -> Tuple[int, int]:
     """Check a `(min_pixels, max_pixels)` budget for a resize factor and return it as Python ints.
 
     Raises:
-        ValueError: if a budget is not a positive integer, if `min_pixels > max_pixels`, or if `max_pixels` is
-            smaller than one `factor x factor` tile (no image could then be resized into the budget).
+        ValueError: if a budget is not a positive integer, if it exceeds `MAX_PIXEL_BUDGET` (8192 x 8192), if
+            `min_pixels > max_pixels`, or if `max_pixels` is smaller than one `factor x factor` tile (no image could
+            then be resized into the budget).
     """
     min_pixels = _positive_int(min_pixels, "min_pixels")
     max_pixels = _positive_int(max_pixels, "max_pixels")
+    for name, value in (("min_pixels", min_pixels), ("max_pixels", max_pixels)):
+        if value > MAX_PIXEL_BUDGET:
+            raise ValueError(
+                f"`{name}` = {value} exceeds the largest supported budget of {MAX_PIXEL_BUDGET} pixels (8192 x 8192)."
+            )
     if min_pixels > max_pixels:
         raise ValueError(
             f"`min_pixels` ({min_pixels}) must not be larger than `max_pixels` ({max_pixels}). When you lower "
@@ -896,4 +908,5 @@ __all__ = [
     "RESIZE_RULES",
     "to_rgb_uint8",
     "validate_pixel_budget",
+    "MAX_PIXEL_BUDGET",
 ]

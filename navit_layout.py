@@ -9,6 +9,7 @@
 Also the configuration checks every family shares (`validate_packed_config`).
 """
 
+import math
 from dataclasses import dataclass
 from typing import Any, Optional, Sequence, Union
 
@@ -326,20 +327,71 @@ PACKED_CONFIG_INTS = (
     "image_size",
     "hidden_stride",
 )
+# Upper bounds of the sizes, far above any released encoder (so400m: width 1152, 27 layers; the largest ViTs: width
+# 6144-8192, 48-64 layers): a config beyond them is a typo or an attack (a 1e5-layer model would hang the machine while
+# it is built), refused before any weight is allocated.
+MAX_CONFIG_INTS = {
+    "hidden_size": 32768,
+    "intermediate_size": 131072,
+    "num_hidden_layers": 512,
+    "num_attention_heads": 512,
+    "num_channels": 16,
+    "patch_size": 256,
+    "temporal_patch_size": 16,
+    "image_size": 16384,
+    "hidden_stride": 16,
+}
+MAX_CONFIG_INT = 1 << 20  # any other integer size (e.g. window_size in pixels)
+# dtypes a model may be loaded in (config `dtype` / `torch_dtype`); float8 has no kernels for this encoder
+ALLOWED_DTYPES = ("float32", "float16", "bfloat16", "auto")
 
 
 def is_int(value: Any) -> bool:
     return isinstance(value, int) and not isinstance(value, bool)
 
 
-def validate_packed_config(config, extra_ints: Sequence[str] = (), frames_per_patch: Optional[int] = None) -> None:
+def is_real(value: Any) -> bool:
+    """A finite real number (an int or a float; a bool or a string is not one)."""
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+
+
+def validate_packed_config(
+    config,
+    extra_ints: Sequence[str] = (),
+    frames_per_patch: Optional[int] = None,
+    positive_floats: Sequence[str] = (),
+    fractions: Sequence[str] = (),
+    bools: Sequence[str] = (),
+) -> None:
     """ValueError unless the fields every packed encoder has are consistent: positive integer sizes (plus
-    `extra_ints`), `hidden_size` divisible by the heads, `cpu_block_tokens` a positive integer or None, and
-    `temporal_patch_size == frames_per_patch` for families that embed single frames."""
+    `extra_ints`) within `MAX_CONFIG_INTS`, `hidden_size` divisible by the heads, `cpu_block_tokens` a positive
+    integer or None, `temporal_patch_size == frames_per_patch` for families that embed single frames, a known
+    `hidden_act`, a loadable `dtype`; and the family's `positive_floats` (eps, RoPE base: finite numbers > 0),
+    `fractions` (dropout rates: numbers in [0, 1)) and `bools` (True or False; a string such as "no" is refused)."""
+    from transformers.activations import ACT2FN
+
     for name in (*PACKED_CONFIG_INTS, *extra_ints):
         value = getattr(config, name)
         if not is_int(value) or value <= 0:
             raise ValueError(f"`{name}` must be a positive integer, got {value!r}.")
+        limit = MAX_CONFIG_INTS.get(name, MAX_CONFIG_INT)
+        if value > limit:
+            raise ValueError(f"`{name}` = {value} is larger than this encoder supports (at most {limit}).")
+    for name in positive_floats:
+        value = getattr(config, name)
+        if not is_real(value) or value <= 0:
+            raise ValueError(f"`{name}` must be a finite number > 0, got {value!r}.")
+    for name in fractions:
+        value = getattr(config, name)
+        if not is_real(value) or not 0.0 <= value < 1.0:
+            raise ValueError(f"`{name}` must be a number in [0, 1), got {value!r}.")
+    for name in bools:
+        value = getattr(config, name)
+        if not isinstance(value, bool):
+            raise ValueError(f"`{name}` must be true or false, got {value!r} of type {type(value).__name__}.")
+    if not isinstance(config.hidden_act, str) or config.hidden_act not in ACT2FN:
+        raise ValueError(f"`hidden_act` must be one of transformers' activations (e.g. 'gelu'), got {config.hidden_act!r}.")
+    _validate_dtype(config)
     if frames_per_patch is not None and config.temporal_patch_size != frames_per_patch:
         raise ValueError(
             f"`temporal_patch_size` must be {frames_per_patch} ({type(config).__name__} embeds single frames), got "
@@ -350,9 +402,29 @@ def validate_packed_config(config, extra_ints: Sequence[str] = (), frames_per_pa
             f"`hidden_size` ({config.hidden_size}) must be divisible by `num_attention_heads` "
             f"({config.num_attention_heads})."
         )
+    auto_map = getattr(config, "auto_map", None)
+    if auto_map is not None and not isinstance(auto_map, dict):
+        raise ValueError(f"`auto_map` must be a mapping such as {{'AutoModel': 'module.Class'}}, got {auto_map!r}.")
     block = config.cpu_block_tokens
     if block is not None and (not is_int(block) or block <= 0):
         raise ValueError(f"`cpu_block_tokens` must be a positive integer or None, got {block!r}.")
+
+
+def _validate_dtype(config) -> None:
+    check_dtype_settings(config.__dict__)
+
+
+def check_dtype_settings(settings: dict) -> None:
+    """ValueError unless the `dtype` / `torch_dtype` entries of `settings` (a config's kwargs or attributes) name a
+    dtype this encoder runs in. Configs call it on their kwargs before transformers turns a string into a
+    `torch` attribute (an AttributeError for a name such as "evil")."""
+    for name in ("dtype", "torch_dtype"):  # transformers >= 4.56 names it `dtype`
+        value = settings.get(name)
+        if value is None:
+            continue
+        text = str(value).replace("torch.", "")
+        if text not in ALLOWED_DTYPES:
+            raise ValueError(f"`{name}` must be one of {ALLOWED_DTYPES} (or None), got {value!r}.")
 
 
 # ----------------------------------------------------------------------------------------------------------------------
@@ -403,6 +475,11 @@ def _check_grids(grids: Sequence[tuple[int, int, int]], stride: int) -> None:
             )
 
 
+# Normalised pixels (mean/std normalisation of [0, 1] values) lie within a few units; a pixel value beyond this is not
+# an image and overflows the patch embedding (fp16: at 1e5 already) into NaN features.
+MAX_ABS_PIXEL_VALUE = 1e3
+
+
 @torch.compiler.disable  # host-side checks, like build_packed_layout
 def validate_inputs(
     pixel_values: torch.Tensor,
@@ -440,8 +517,18 @@ def validate_inputs(
         )
     if keep_indices is not None:
         _validate_keep_indices(keep_indices, total, stride)  # on the host copy made by the caller
-    if not torch.compiler.is_compiling() and not bool(torch.isfinite(pixel_values).all()):
-        raise ValueError("`pixel_values` contains NaN or infinite values.")
+    if pixel_values.device.type == "meta":
+        raise ValueError("`pixel_values` is on the meta device (shapes only, no data): pass real values.")
+    if not torch.compiler.is_compiling():
+        largest = float(pixel_values.detach().abs().amax())  # the one host sync for the values
+        if not math.isfinite(largest):
+            raise ValueError("`pixel_values` contains NaN or infinite values.")
+        if largest > MAX_ABS_PIXEL_VALUE:
+            raise ValueError(
+                f"`pixel_values` holds a value of magnitude {largest:.3g}; normalised pixels lie within a few units "
+                f"(at most {MAX_ABS_PIXEL_VALUE:g} accepted), and such values overflow the model into NaN. Pass the "
+                "image processor's output."
+            )
     return grids
 
 
