@@ -260,6 +260,17 @@ def sample_max_pixels(
 # ----------------------------------------------------------------------------------------------------------------------
 
 
+def naflex_patch_order(num_channels: int, patch_size: int) -> "torch.Tensor":
+    """`[C·p·p]`: for each value of a packed patch row, flattened (channel, row-in-patch, col-in-patch), its position in
+    the same patch flattened the SigLIP2 naflex way (row-in-patch, col-in-patch, channel).
+
+    The one statement of that permutation: `packed = naflex[..., order]`, `naflex = packed[..., order.argsort()]`; it
+    also maps a naflex patch-embedding Linear weight's input columns to this model's Conv2d weight.
+    """
+    c, p = int(num_channels), int(patch_size)
+    return torch.arange(p * p * c).view(p, p, c).permute(2, 0, 1).reshape(-1)  # [C·p·p]
+
+
 def naflex_to_packed(
     pixel_values, pixel_attention_mask, spatial_shapes, hidden_stride: int = 1, num_channels: int = 3
 ) -> Tuple["torch.Tensor", "torch.Tensor"]:
@@ -291,6 +302,7 @@ def naflex_to_packed(
     if patch_size * patch_size * num_channels != dim:
         raise ValueError(f"Patch rows of length {dim} are not p·p·{num_channels} for any integer patch size p.")
     s = int(hidden_stride)
+    order = naflex_patch_order(num_channels, patch_size)  # [C·p·p]
     rows, grids = [], []
     for i, (h, w) in enumerate(shapes.tolist()):
         n = h * w
@@ -306,10 +318,9 @@ def naflex_to_packed(
                 f"Image {i} has a {h}x{w} patch grid, not divisible by hidden_stride={s}: use a hidden_stride=1 "
                 f"model, or preprocess with this repo's Siglip2NavitImageProcessor."
             )
-        # naflex rows are raster-ordered patches flattened as (row-in-patch, col-in-patch, channel); packed rows are
-        # in s x s block order, flattened as (channel, row-in-patch, col-in-patch)
-        raster = pixel_values[i, :n].reshape(n, patch_size, patch_size, num_channels).permute(0, 3, 1, 2)
-        patches = raster.reshape(n, dim)[torch.from_numpy(block_order_raster_index(h, w, s))]
+        # naflex rows are raster-ordered patches; packed rows are in s x s block order
+        raster = pixel_values[i, :n][:, order]  # [h·w, C·p·p]
+        patches = raster[torch.from_numpy(block_order_raster_index(h, w, s))]
         rows.append(patches)
         grids.append((1, h, w))
     return torch.cat(rows, dim=0), torch.tensor(grids, dtype=torch.long)

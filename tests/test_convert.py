@@ -540,6 +540,18 @@ def test_naflex_to_packed_layout():
         assert rows[k].tolist() == expected
 
 
+def test_naflex_patch_order_both_ways():
+    """Inside one patch: naflex flattens (row, col, channel), packed rows (channel, row, col); C != p here."""
+    from siglip2_navit.navit_batching import naflex_patch_order
+
+    p, c = 3, 2
+    naflex = torch.tensor([r * 100 + q * 10 + ch for r in range(p) for q in range(p) for ch in range(c)])
+    packed = torch.tensor([r * 100 + q * 10 + ch for ch in range(c) for r in range(p) for q in range(p)])
+    order = naflex_patch_order(c, p)
+    assert torch.equal(naflex[order], packed)
+    assert torch.equal(packed[order.argsort()], naflex)
+
+
 def test_naflex_to_packed_rejects_bad_inputs():
     pixels = torch.zeros(1, 6, 12)
     with pytest.raises(ValueError, match="not divisible by hidden_stride=2"):

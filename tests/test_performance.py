@@ -527,6 +527,20 @@ def _assert_spread(figure, rounds):
     assert figure["min"] <= figure["median"] <= figure["max"] and figure["rounds"] == rounds, figure
 
 
+@pytest.mark.parametrize("stride", [1, 2])
+def test_benchmark_naflex_inputs_are_what_naflex_to_packed_reads_back(stride):
+    """The naflex baseline sees the packed images themselves: its padded batch maps back to the packed rows."""
+    from siglip2_navit.navit_batching import naflex_to_packed
+
+    benchmark = _load_benchmark()
+    grids = [(1, 4, 6), (1, 2, 2), (1, 6, 4)]
+    pixel_values = torch.randn(sum(t * h * w for t, h, w in grids), 3 * 2 * 2)  # [Σ h·w, C·p·p], p = 2
+    padded, mask, shapes, _ = benchmark.naflex_inputs(pixel_values, grids, 3, 2, stride)
+    assert padded.shape == (3, 24, 12) and mask.sum(1).tolist() == [24, 4, 24]
+    rows, grid_thws = naflex_to_packed(padded, mask, shapes, hidden_stride=stride)
+    assert torch.equal(rows, pixel_values) and grid_thws.tolist() == [list(g) for g in grids]
+
+
 def test_benchmark_smoke(tmp_path, monkeypatch):
     """Every contender, every figure with its spread over the rounds, a verdict on every ratio, the targets judged."""
     benchmark = _tiny_benchmark(monkeypatch)

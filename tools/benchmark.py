@@ -66,11 +66,11 @@ import torch
 import torch.nn.functional as F
 
 
-from . import convert_siglip2_naflex
+from . import convert_siglip2_naflex, visualize
 from ..configuration_siglip2_navit import Siglip2NavitConfig
 from ..image_processing_siglip2_navit import Siglip2NavitImageProcessor
 from ..modeling_siglip2_navit import Siglip2NavitModel
-from ..navit_image_utils import block_order_raster_index
+from ..navit_batching import naflex_patch_order
 from . import bench_measure, bench_report, bench_stats  # noqa: F401  (bench_report, bench_stats: for tests and users)
 from .bench_measure import (  # noqa: F401  (PeakMemory: part of this module's API, as before the split)
     CLOCKS,
@@ -203,10 +203,7 @@ def raster_index(grids: list[tuple[int, int, int]], stride: int) -> list[torch.T
     indices, offset = [], 0
     for t, h, w in grids:
         assert t == 1, "the naflex baseline handles single-frame images only"
-        packed_to_raster = torch.from_numpy(block_order_raster_index(h, w, stride))
-        raster_to_packed = torch.empty_like(packed_to_raster)
-        raster_to_packed[packed_to_raster] = torch.arange(h * w)
-        indices.append(offset + raster_to_packed)
+        indices.append(offset + visualize.raster_index(h, w, stride))
         offset += h * w
     return indices
 
@@ -216,11 +213,11 @@ def naflex_inputs(pixel_values: torch.Tensor, grids: list, num_channels: int, pa
     indices = raster_index(grids, stride)
     max_patches = max(len(i) for i in indices)
     width = num_channels * patch_size * patch_size
+    to_naflex = naflex_patch_order(num_channels, patch_size).argsort()  # [C·p·p]
     padded = pixel_values.new_zeros(len(indices), max_patches, width)
     mask = torch.zeros(len(indices), max_patches, dtype=torch.long)
     for b, index in enumerate(indices):
-        rows = pixel_values[index].view(-1, num_channels, patch_size, patch_size).permute(0, 2, 3, 1)
-        padded[b, : len(index)] = rows.reshape(len(index), width)
+        padded[b, : len(index)] = pixel_values[index][:, to_naflex]
         mask[b, : len(index)] = 1
     spatial_shapes = torch.tensor([[h, w] for _, h, w in grids], dtype=torch.long)
     return padded, mask, spatial_shapes, indices

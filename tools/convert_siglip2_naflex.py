@@ -40,6 +40,7 @@ import torch
 
 from . import checkpoint_utils as utils
 from . import resize_settings
+from ..navit_batching import naflex_patch_order
 
 
 PATCH_EMBEDDING = "vision_model.embeddings.patch_embedding.weight"
@@ -117,8 +118,8 @@ def navit_config_kwargs(vision: Dict[str, Any], hidden_stride: int, temporal_pat
 
 def patch_embedding_to_conv(weight: torch.Tensor, num_channels: int, patch_size: int) -> torch.Tensor:
     """`[hidden, p·p·C]` Linear weight (row, col, channel) -> `[hidden, C, p, p]` Conv2d weight."""
-    hidden = weight.shape[0]
-    return weight.reshape(hidden, patch_size, patch_size, num_channels).permute(0, 3, 1, 2).contiguous()
+    order = naflex_patch_order(num_channels, patch_size)  # [C·p·p]
+    return weight[:, order].reshape(weight.shape[0], num_channels, patch_size, patch_size).contiguous()
 
 
 def inflate_temporal(weight: torch.Tensor, temporal_patch_size: int) -> torch.Tensor:

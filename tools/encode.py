@@ -394,11 +394,11 @@ def per_image_features(output: Any, grids: Any, features: str, pool: Optional[st
     when the model pools per frame and an image has t > 1 frames)."""
     import torch
 
+    from ..navit_layout import split_per_image
+
     counts = grids.prod(-1).tolist()
     hidden = output.last_hidden_state
-    if hidden.shape[0] != sum(counts):
-        raise RuntimeError(f"last_hidden_state has {hidden.shape[0]} rows for {sum(counts)} patches")
-    tokens = torch.split(hidden, counts)
+    tokens = split_per_image(hidden, grids)
     if features == "tokens":
         return list(tokens)
     if pool == "mean":
