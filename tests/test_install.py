@@ -2,7 +2,8 @@
 
 The package is installed into a temporary target; every command then runs from a folder outside the checkout with
 only that target on PYTHONPATH: each `--help`, one real `navit-convert` (a tiny transformers SigLIP2 naflex
-checkpoint saved here) and one real `navit-encode` with the converted folder.
+checkpoint saved here, whose folder loads with AutoModel and passes `navit-push --dry-run`) and one real
+`navit-encode` with the converted folder.
 """
 
 import importlib.util
@@ -92,6 +93,16 @@ def test_convert_then_encode_from_outside_the_checkout(installed):
     for name in json.loads((converted / "config.json").read_text())["auto_map"].values():
         module = name.split(".")[0] + ".py"
         assert (converted / module).read_bytes() == (package / module).read_bytes()  # the installed package's code
+    assert not (converted / "tools").exists() and not list(converted.glob("bench*.py"))  # the tools never ship
+    load = ("import sys; from transformers import AutoModel; m = AutoModel.from_pretrained(sys.argv[1], "
+            "trust_remote_code=True); print(type(m).__name__, sum(p.numel() for p in m.parameters()))")
+    done = subprocess.run([sys.executable, "-c", load, str(converted)], cwd=work, env=env, capture_output=True,
+                          text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert done.stdout.split()[0] == "Siglip2NavitModel"
+    done = _run(installed, "navit-push", str(converted), "--repo-id", "someone/tiny-navit", "--dry-run")
+    assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-3000:]
+    assert "Dry run: nothing was uploaded." in done.stdout
 
     images = work / "images"
     images.mkdir()
