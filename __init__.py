@@ -1,7 +1,7 @@
 """siglip2-navit: the repo root is both a Hugging Face model folder and the installable package `siglip2_navit`."""
 
-# Only as the package `siglip2_navit` (pip install -e .): tools that import this folder by its directory name (pytest
-# collecting the checkout, whatever the clone is called) must not fail on the relative imports.
+# Only as the package `siglip2_navit` (installed, editable or not): tools that import this folder by its directory
+# name (pytest collecting the checkout, whatever the clone is called) must not fail on the relative imports.
 if __package__:
     from .configuration_aimv2_navit import Aimv2NavitConfig
     from .configuration_dinov3_navit import Dinov3NavitConfig
