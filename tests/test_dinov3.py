@@ -528,11 +528,11 @@ def test_drop_path_drops_each_branch_per_frame():
     inputs = _random_inputs(model.config, GRIDS * 3)
     layout = model.plan(*inputs)
     hidden = model.embeddings(inputs[0], layout)
-    args = (model.encoder.rotary_embeddings(layout), layout.full, core.sdpa_packed_attention)
+    context = core.AttentionContext(model.encoder.rotary_embeddings(layout), layout.full, core.sdpa_packed_attention)
     with torch.no_grad():
         torch.manual_seed(3)
-        dropped, _ = layer.train()(hidden, *args)
-        attention, _ = layer.eval().attention_branch(hidden, *args)
+        dropped, _ = layer.train()(hidden, context)
+        attention, _ = layer.eval().attention_branch(hidden, context)
         candidates = {}  # (attention kept, mlp kept) -> output of every row
         for keep_attention in (0, 1):
             after_attention = hidden + 2 * keep_attention * attention

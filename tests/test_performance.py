@@ -79,7 +79,7 @@ def test_sync_counter_sees_a_per_layer_sync(monkeypatch):
     model = tiny_model(num_hidden_layers=3, cpu_block_tokens=None)  # hooks turn the block schedule off anyway
     pixel_values, grid = packed_inputs(model.config, GRIDS)
     for layer in model.vision_model.encoder.layers:
-        layer.register_forward_pre_hook(lambda module, args: [args[2].cu_seqlens.diff().max().item()] and None)
+        layer.register_forward_pre_hook(lambda module, args: [args[1].partition.cu_seqlens.diff().max().item()] and None)
     with torch.no_grad():
         base = count_syncs(monkeypatch, 3, "sdpa", cpu_block_tokens=None)
         with monkeypatch.context() as patch:
@@ -94,9 +94,7 @@ def test_no_sync_inside_the_layer_loop_on_cuda():
     """On CUDA: with the layout planned, running the encoder layers never synchronizes."""
     model = tiny_model().cuda()
     pixel_values, grid = packed_inputs(model.config, GRIDS)
-    from siglip2_navit.modeling_siglip2_navit import build_packed_layout
-
-    layout = build_packed_layout([tuple(g) for g in grid.tolist()], model.config, torch.device("cuda"))
+    layout = model.plan(pixel_values, grid)  # on the model's device
     with torch.no_grad():
         hidden = model.vision_model.embeddings(pixel_values.cuda(), layout)
         torch.cuda.synchronize()
@@ -113,15 +111,20 @@ def test_no_sync_inside_the_layer_loop_on_cuda():
 
 
 def _layer_inputs(model, grids):
-    from siglip2_navit.modeling_siglip2_navit import build_packed_layout, rope_cos_sin
-    from siglip2_navit.navit_core import get_packed_attention_interface
+    """The embeddings of a packed batch, its layout and each layer kind's attention context (full: True)."""
+    from siglip2_navit.modeling_siglip2_navit import rope_cos_sin
+    from siglip2_navit.navit_core import AttentionContext, get_packed_attention_interface
 
     pixel_values, grid = packed_inputs(model.config, grids)
-    layout = build_packed_layout(grids, model.config, torch.device("cpu"))
+    layout = model.plan(pixel_values, grid)
     hidden = model.vision_model.embeddings(pixel_values, layout)
     head_dim = model.config.hidden_size // model.config.num_attention_heads
     rope = rope_cos_sin(layout.positions, head_dim, model.config.rope_theta)
-    return hidden, rope, layout, get_packed_attention_interface(model.config._attn_implementation)
+    attention = get_packed_attention_interface(model.config._attn_implementation)
+    contexts = {True: AttentionContext(rope, layout.full, attention)}
+    if layout.window is not None:
+        contexts[False] = AttentionContext(rope, layout.window, attention)
+    return hidden, layout, contexts
 
 
 @pytest.mark.parametrize("config", [dict(), WINDOWED], ids=["full", "windowed"])
@@ -130,12 +133,12 @@ def test_encoder_layer_compiles_without_graph_breaks(config):
     torch._dynamo.reset()
     model = tiny_model(**config)
     with torch.no_grad():
-        hidden, rope, layout, attention = _layer_inputs(model, GRIDS)
+        hidden, layout, contexts = _layer_inputs(model, GRIDS)
         for layer in model.vision_model.encoder.layers:
-            partition = layout.full if layer.full_attention else layout.window
+            context = contexts[layer.full_attention]
             compiled = torch.compile(layer, fullgraph=True, dynamic=True, backend="aot_eager")
-            expected, _ = layer(hidden, rope, partition, attention)
-            actual, _ = compiled(hidden, rope, partition, attention)
+            expected, _ = layer(hidden, context)
+            actual, _ = compiled(hidden, context)
             torch.testing.assert_close(actual, expected, atol=1e-5, rtol=1e-5)
 
 
@@ -158,7 +161,7 @@ def test_compiled_model_matches_eager_and_encoder_is_one_graph():
     runs everything inductor sees (dynamo capture + AOT autograd) without C++ code generation, so it stays fast."""
     _check_compiled_model("aot_eager")
     model = tiny_model(**WINDOWED)
-    hidden, rope, layout, _ = _layer_inputs(model, GRIDS)
+    hidden, layout, _ = _layer_inputs(model, GRIDS)
     with torch.no_grad():
         explanation = torch._dynamo.explain(model.vision_model.encoder)(hidden, layout)
     assert explanation.graph_break_count == 0, explanation.break_reasons
@@ -367,9 +370,9 @@ def _blocked_calls(monkeypatch) -> list:
 
     calls, original = [], Siglip2NavitEncoderLayer.forward_blocked
 
-    def spy(self, hidden_states, position_embeddings, blocks, *args):
-        calls.append([block.end - block.start for block in blocks])
-        return original(self, hidden_states, position_embeddings, blocks, *args)
+    def spy(self, hidden_states, blocks, out):
+        calls.append([block.end - block.start for block, _ in blocks])
+        return original(self, hidden_states, blocks, out)
 
     monkeypatch.setattr(Siglip2NavitEncoderLayer, "forward_blocked", spy)
     return calls
@@ -411,7 +414,7 @@ def test_cpu_block_schedule_matches_one_op_over_all_tokens(monkeypatch, backend,
 
 def test_cpu_block_schedule_never_overwrites_the_encoders_input():
     model = tiny_model(num_hidden_layers=4, cpu_block_tokens=BLOCK_TOKENS)
-    hidden, _, layout, _ = _layer_inputs(model, GRIDS)
+    hidden, layout, _ = _layer_inputs(model, GRIDS)
     before = hidden.clone()
     with torch.no_grad():
         model.vision_model.encoder(hidden, layout)
