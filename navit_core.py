@@ -426,30 +426,45 @@ def segment_mean(rows: torch.Tensor, counts: Sequence[int]) -> torch.Tensor:
 
 class PackedPreTrainedModel(PreTrainedModel):
     """What every packed family's PreTrainedModel shares: validation, planning, the forward, attention switching,
-    token dropping and per-image features. The family contract, everything a family file provides:
+    token dropping and per-image features.
 
-    Class attributes: `config_class`, `base_model_prefix`, `_no_split_modules`.
+    The family contract, the one list of what a family file implements or overrides (the core's default in brackets;
+    no default: required). Nothing else of the core is overridden; tests/test_family_contract.py checks both ways.
 
-    Model methods (this class's defaults in brackets):
-      - `_init_weights(module)`: transformers' init of the family's modules (required).
-      - `get_input_embeddings()`: the patch embedding (required).
-      - `encode(pixel_values, layout, output_attentions, output_hidden_states, **family_inputs)`: embeddings, the
-        encoder stack and its final norm, in input order: a `BaseModelOutput` (required; the compiled part).
-      - `wrap_outputs(encoded, layout, return_dict)`: pooling and the family's output fields from `encode`'s result
-        (required; eager). `_wrap_outputs` is the base's dispatch to it, never overridden.
-      - `_layout_options()`: extra `build_packed_layout` arguments, e.g. prefix tokens per frame [none].
-      - `_plan_family(layout, grids)`: the family's host-side plan stored as `layout.family` [None].
-      - `_family_inputs(pixel_values, kwargs)`: forward kwargs the family accepts (e.g. `bool_masked_pos`) [none].
-      - `_has_pooler()`: whether `pooler_output` exists [False]; `_pools_per_image()`: one pooled row per image
-        rather than per frame [True].
+    The model (a subclass of this class):
+      - `PackedPreTrainedModel.config_class`, `PackedPreTrainedModel.base_model_prefix`,
+        `PackedPreTrainedModel._no_split_modules`: transformers' class attributes.
+      - `PackedPreTrainedModel._init_weights(module)`: transformers' init of the family's modules.
+      - `PackedPreTrainedModel.get_input_embeddings()`: the `PackedPatchEmbedding`.
+      - `PackedPreTrainedModel.encode(pixel_values, layout, output_attentions, output_hidden_states, **inputs)`:
+        embeddings, the encoder (its `encode_and_restore`) and its final norm, in input order: a
+        `BaseModelOutput` (tensors only: the part torch.compile traces).
+      - `PackedPreTrainedModel.build_outputs(encoded, layout, return_dict)`: the model output from `encode`'s
+        result: pooling and the family's extra fields. `forward` runs it outside torch.compile through
+        `_build_outputs_eagerly`, which is never overridden.
+      - `PackedPreTrainedModel._layout_options()`: extra `build_packed_layout` arguments (`window_blocks`,
+        `num_prefix_tokens`) [none].
+      - `PackedPreTrainedModel._plan_family(layout, grids)`: the family's `FamilyPlan` subclass for this batch,
+        stored as `layout.family` (host side, before any compute; may raise ValueError) [an empty `FamilyPlan`].
+      - `PackedPreTrainedModel._family_inputs(pixel_values, kwargs)`: the checked extra `forward` inputs, passed to
+        `encode` as keywords (DINOv3's `bool_masked_pos`) [none: any keyword is a ValueError].
+      - `PackedPreTrainedModel._pools_per_image()`: a pooling head over every image, so no frame may lose all its
+        tokens [False]. `PackedPreTrainedModel._has_pooler()`: `pooler_output` exists [`_pools_per_image()`].
 
-    Module hooks of the shared building blocks:
-      - `PackedSelfAttention.project_output(attn_output)`: the output projection.
-      - `PackedEncoderLayer.attention_branch(...)` and `.mlp_branch(hidden_states)`: the two residual branches
-        (norms, layer scale) around the shared attention and MLP.
-      - `PackedEncoder.rotary_embeddings(layout)`: cos/sin per token, or None without RoPE.
+    The building blocks (subclasses of the core's modules):
+      - `PackedSelfAttention.project_output(attn_output)`: the output projection, under the family's parameter name.
+      - `PackedEncoderLayer.attention_branch(hidden_states, context)`: norm, `PackedSelfAttention(·, context)`,
+        layer scale; hands the `AttentionContext` on unchanged and returns the attention maps it got.
+      - `PackedEncoderLayer.mlp_branch(hidden_states)`: norm, MLP, layer scale (token-wise).
+      - `PackedEncoderLayer.forward(hidden_states, context)`: only to change the residual sum (DINOv3's per-frame
+        drop path in training) [`x + attention_branch(x)`, then `+ mlp_branch`].
+      - `PackedEncoderLayer.full_attention`: attends per frame (False: per window) [True].
+        `PackedEncoderLayer.mlp_width`: widest per-token MLP activation, which sizes the CPU block schedule's MLP
+        pieces [1].
+      - `PackedEncoder.rotary_embeddings(layout)`: cos/sin [S, head_dim] per token, or None without RoPE [None].
 
-    A family module imports only the names in `navit_core.__all__`.
+    A family module imports only the names in `navit_core.__all__`, and defines no module-level name of the core's
+    modules (no `build_packed_layout` of another signature).
     """
 
     main_input_name = "pixel_values"

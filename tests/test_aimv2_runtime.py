@@ -23,7 +23,7 @@ ROOT = Path(__file__).resolve().parent.parent
 from siglip2_navit.tools import checkpoint_utils as utils  # noqa: E402
 from conftest import cpu_flash_varlen, enable_checkpointing, packed_inputs  # noqa: E402
 from test_aimv2 import randomize_  # noqa: E402
-from test_performance import GraphCounter  # noqa: E402
+from conftest import GraphCounter  # noqa: E402
 from transformers import AutoModel  # noqa: E402
 
 from siglip2_navit import navit_attention  # noqa: E402

@@ -23,7 +23,7 @@ import transformers
 from conftest import cpu_flash_varlen, enable_checkpointing
 from PIL import Image
 from safetensors.torch import load_file, save_file
-from test_performance import GraphCounter  # counts compiled graphs (SigLIP2's recompile checks)
+from conftest import GraphCounter  # counts compiled graphs (SigLIP2's recompile checks)
 
 from siglip2_navit import modeling_dinov3_navit as modeling
 from siglip2_navit import navit_core as core

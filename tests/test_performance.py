@@ -14,7 +14,7 @@ import pytest
 import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 
-from conftest import cpu_flash_varlen, packed_inputs, tiny_model
+from conftest import GraphCounter, cpu_flash_varlen, packed_inputs, tiny_model
 
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
@@ -178,19 +178,6 @@ NEW_BATCHES = [
     [(1, 12, 10)],
     [(1, 2, 2), (1, 4, 4), (1, 2, 2), (1, 10, 2), (1, 4, 4), (1, 2, 2)],
 ]
-
-
-class GraphCounter:
-    """A torch.compile backend that counts the graphs it is handed and runs them as traced (no codegen)."""
-
-    def __init__(self):
-        self.graphs = 0
-        self.code = ""
-
-    def __call__(self, graph_module, example_inputs):
-        self.graphs += 1
-        self.code += graph_module.code
-        return graph_module.forward
 
 
 @pytest.mark.parametrize(
