@@ -88,6 +88,30 @@ def cpu_flash_varlen(q, k, v, cu_q, cu_k, max_q, max_k, dropout_p=0.0, softmax_s
     return out
 
 
+# Batches of every shape the planner distinguishes: image counts, lengths appearing in one run or in several (regroup),
+# one window per frame (window count == frame count), video frames (t = 2), a single image.
+NEW_BATCHES = [
+    [(1, 6, 8), (1, 2, 4)],
+    [(1, 2, 6), (1, 6, 4), (1, 2, 2), (1, 4, 4)],
+    [(1, 4, 4)] * 5,
+    [(2, 4, 6), (1, 8, 8), (1, 4, 6)],
+    [(1, 12, 10)],
+    [(1, 2, 2), (1, 4, 4), (1, 2, 2), (1, 10, 2), (1, 4, 4), (1, 2, 2)],
+]
+
+
+def record_blocked_calls(monkeypatch, layer_class) -> list:
+    """Record every `forward_blocked` call (a layer's block schedule) with the sizes of its blocks."""
+    calls, original = [], layer_class.forward_blocked
+
+    def spy(self, hidden_states, blocks, out):
+        calls.append([block.end - block.start for block, _ in blocks])
+        return original(self, hidden_states, blocks, out)
+
+    monkeypatch.setattr(layer_class, "forward_blocked", spy)
+    return calls
+
+
 class GraphCounter:
     """A torch.compile backend that counts the graphs it is handed and runs them as traced (no codegen)."""
 
