@@ -12,7 +12,8 @@ unchanged. One forward (N packed patch rows, K kept tokens, K == N unless `keep_
       -> rms_norm            -> last_hidden_state [K, D], input order; attention-pooling head -> [n_images, D]
 """
 
-from typing import TYPE_CHECKING, Callable, Optional, Sequence, Union
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Optional, Sequence, Union
 
 import torch
 import torch.nn.functional as F
@@ -22,7 +23,8 @@ from transformers.modeling_outputs import BaseModelOutput, BaseModelOutputWithPo
 
 from .configuration_aimv2_navit import Aimv2NavitConfig
 from .navit_core import (
-    AttentionPartition,
+    AttentionContext,
+    FamilyPlan,
     PackedEncoder,
     PackedEncoderLayer,
     PackedLayout,
@@ -39,7 +41,14 @@ if TYPE_CHECKING:  # never run: names the core's modules for transformers < 5, w
     from .navit_layout import MAX_CONFIG_INTS  # noqa: F401
 
 
-RotaryPair = Optional[tuple[torch.Tensor, torch.Tensor]]  # AIMv2 has no RoPE: always None, kept for the core's API
+@dataclass
+class Aimv2Plan(FamilyPlan):
+    """AIMv2's plan (`layout.family`): the sin-cos table of a native checkpoint for this batch."""
+
+    sincos: Optional[torch.Tensor] = None  # `sincos_table` [longest side, D/2] (native); None with a learned table
+
+
+Aimv2Layout = PackedLayout[Aimv2Plan]  # a layout planned by Aimv2NavitModel.plan
 
 
 # ----------------------------------------------------------------------------------------------------------------------
@@ -123,11 +132,11 @@ class Aimv2NavitEmbeddings(nn.Module):
         if not config.is_native:
             self.position_embedding = nn.Embedding(config.position_grid**2, config.hidden_size)
 
-    def forward(self, pixel_values: torch.Tensor, layout: PackedLayout) -> torch.Tensor:
+    def forward(self, pixel_values: torch.Tensor, layout: Aimv2Layout) -> torch.Tensor:
         patches = self.patch_embed.patch_rows(pixel_values, layout)  # [K, C·p·p], working order
         hidden_states = self.rms_norm(self.patch_embed(patches))  # [K, D]
         if self.config.is_native:
-            table = layout.family.to(hidden_states.dtype)  # the batch's sincos_table [longest side, D/2]
+            table = layout.family.sincos.to(hidden_states.dtype)  # the batch's sincos_table [longest side, D/2]
             position = sincos_position_embeddings(layout.positions, table)  # [K, D]
         else:
             position = self.position_embedding(learned_table_rows(layout.positions, self.config.position_grid))
@@ -174,15 +183,9 @@ class Aimv2NavitEncoderLayer(PackedEncoderLayer):
         self.rms_norm2 = Aimv2NavitRMSNorm(config.hidden_size, config.rms_norm_eps)
 
     def attention_branch(
-        self,
-        hidden_states: torch.Tensor,
-        position_embeddings: RotaryPair,
-        partition: AttentionPartition,
-        attention_interface: Callable,
-        output_attentions: bool = False,
+        self, hidden_states: torch.Tensor, context: AttentionContext
     ) -> tuple[torch.Tensor, Optional[tuple[torch.Tensor, ...]]]:
-        normed = self.rms_norm1(hidden_states)
-        return self.attention(normed, None, partition, attention_interface, output_attentions)
+        return self.attention(self.rms_norm1(hidden_states), context)  # no RoPE: the encoder's context has none
 
     def mlp_branch(self, hidden_states: torch.Tensor) -> torch.Tensor:
         return self.ffn(self.rms_norm2(hidden_states))
@@ -274,16 +277,16 @@ class Aimv2NavitModel(Aimv2NavitPreTrainedModel):
         return self.embeddings.patch_embed
 
     # -- planning hooks of the shared core --
-    def _plan_family(self, layout: PackedLayout, grids: Sequence[tuple[int, int, int]]) -> Optional[torch.Tensor]:
-        """Native checkpoints: the sin-cos table up to the batch's longest side (`layout.family`). Learned tables:
-        every grid checked against the trained one (a ValueError before any compute)."""
+    def _plan_family(self, layout: PackedLayout, grids: Sequence[tuple[int, int, int]]) -> Aimv2Plan:
+        """Native checkpoints: the sin-cos table up to the batch's longest side. Learned tables: every grid checked
+        against the trained one (a ValueError before any compute)."""
         if not self.config.is_native:
             check_learned_table_grids(layout.frame_grids, self.config.position_grid, self.config.patch_size)
-            return None
+            return Aimv2Plan()
         longest = max(max(grid) for grid in layout.frame_grids)
         table = sincos_table(longest, self.config.hidden_size, layout.positions.device)  # [longest, D/2]
         never_specialize(table)  # its length varies per batch: never a guard of a compiled graph
-        return table
+        return Aimv2Plan(sincos=table)
 
     def _pools_per_image(self) -> bool:
         return self.config.use_head
@@ -298,7 +301,7 @@ class Aimv2NavitModel(Aimv2NavitPreTrainedModel):
         )
         return encoded
 
-    def wrap_outputs(
+    def build_outputs(
         self, encoded: BaseModelOutput, layout: PackedLayout, return_dict: bool
     ) -> Union[BaseModelOutputWithPooling, tuple]:
         """`encoded` plus the attention-pooling head over each image's tokens (all its frames, kept tokens only)."""

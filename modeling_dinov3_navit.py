@@ -27,7 +27,9 @@ from transformers.modeling_outputs import BaseModelOutput, BaseModelOutputWithPo
 
 from .configuration_dinov3_navit import Dinov3NavitConfig
 from .navit_core import (
+    AttentionContext,
     AttentionPartition,
+    FamilyPlan,
     PackedEncoder,
     PackedEncoderLayer,
     PackedLayout,
@@ -71,11 +73,14 @@ class Dinov3NavitEncoderOutput(BaseModelOutput):
 
 
 @dataclass
-class Dinov3Plan:
-    """What DINOv3 plans once per batch on top of the layout (for the training-time RoPE augmentation)."""
+class Dinov3Plan(FamilyPlan):
+    """DINOv3's plan (`layout.family`): the image of every patch, for the training-time RoPE augmentation per image."""
 
     image_ids: torch.Tensor  # [K] image of every patch, working order, on device
     num_images: int
+
+
+Dinov3Layout = PackedLayout[Dinov3Plan]  # a layout planned by Dinov3NavitModel.plan
 
 
 def patch_coordinates(positions: torch.Tensor, grid_sizes: torch.Tensor) -> torch.Tensor:
@@ -225,24 +230,22 @@ class Dinov3NavitLayer(PackedEncoderLayer):
         self.mlp_width = config.intermediate_size * (2 if config.use_gated_mlp else 1)
 
     def attention_branch(
-        self, hidden_states: torch.Tensor, *attention_args
+        self, hidden_states: torch.Tensor, context: AttentionContext
     ) -> tuple[torch.Tensor, Optional[tuple[torch.Tensor, ...]]]:
-        """`attention_args`: (position_embeddings, partition, attention_interface[, output_attentions]), as the core
-        passes them (see `PackedEncoderLayer.attention_branch`)."""
-        attended, weights = self.attention(self.norm1(hidden_states), *attention_args)
+        attended, weights = self.attention(self.norm1(hidden_states), context)
         return self.layer_scale1(attended), weights  # [S, D]
 
     def mlp_branch(self, hidden_states: torch.Tensor) -> torch.Tensor:
         return self.layer_scale2(self.mlp(self.norm2(hidden_states)))
 
     def forward(
-        self, hidden_states: torch.Tensor, *attention_args
+        self, hidden_states: torch.Tensor, context: AttentionContext
     ) -> tuple[torch.Tensor, Optional[tuple[torch.Tensor, ...]]]:
         """The core's residual block; in training with `drop_path_rate` > 0 each branch is dropped per frame."""
         if not (self.training and self.drop_path_rate > 0):
-            return super().forward(hidden_states, *attention_args)
-        partition = attention_args[1]
-        branch, weights = self.attention_branch(hidden_states, *attention_args)
+            return super().forward(hidden_states, context)
+        partition = context.partition
+        branch, weights = self.attention_branch(hidden_states, context)
         hidden_states = hidden_states + branch * _frame_drop_scale(partition, self.drop_path_rate, hidden_states)
         branch = self.mlp_branch(hidden_states)
         hidden_states = hidden_states + branch * _frame_drop_scale(partition, self.drop_path_rate, hidden_states)
@@ -261,7 +264,7 @@ class Dinov3NavitEncoder(PackedEncoder):
         del self._modules["layers"]
         object.__setattr__(self, "layers", layers)  # not a submodule (see the class docstring)
 
-    def rotary_embeddings(self, layout: PackedLayout) -> tuple[torch.Tensor, torch.Tensor]:
+    def rotary_embeddings(self, layout: Dinov3Layout) -> tuple[torch.Tensor, torch.Tensor]:
         """cos/sin [S, head_dim]: patches rotated by their normalised centre, prefix rows the identity."""
         config = self.config
         head_dim = config.hidden_size // config.num_attention_heads
@@ -368,7 +371,7 @@ class Dinov3NavitModel(Dinov3NavitPreTrainedModel):
         )
         return Dinov3NavitEncoderOutput(sequence=sequence, **encoded)
 
-    def wrap_outputs(
+    def build_outputs(
         self, encoded: Dinov3NavitEncoderOutput, layout: PackedLayout, return_dict: bool
     ) -> Union[Dinov3NavitModelOutput, tuple]:
         """The patch outputs plus every frame's prefix tokens after the final norm (CLS = `pooler_output`)."""

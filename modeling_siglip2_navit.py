@@ -24,6 +24,8 @@ from transformers.modeling_outputs import BaseModelOutput, BaseModelOutputWithPo
 
 from .configuration_siglip2_navit import Siglip2NavitConfig
 from .navit_core import (
+    AttentionContext,
+    FamilyPlan,
     PackedEncoder,
     PackedEncoderLayer,
     PackedLayout,
@@ -34,7 +36,6 @@ from .navit_core import (
     has_hooks,
     per_image_groups,
 )
-from .navit_core import build_packed_layout as build_core_layout
 
 if TYPE_CHECKING:  # never run: names the core's modules for transformers < 5, which copies a local folder's remote code
     from .navit_attention import PACKED_ATTENTION_FUNCTIONS  # noqa: F401  (only the files each module imports itself)
@@ -48,12 +49,15 @@ if TYPE_CHECKING:  # never run: names the core's modules for transformers < 5, w
 
 
 @dataclass
-class PositionEmbeddingPlan:
-    """Which resized PE tables a batch needs and where each token reads its row (planned once per forward)."""
+class PositionEmbeddingPlan(FamilyPlan):
+    """SigLIP2's plan (`layout.family`): which resized PE tables a batch needs and where each token reads its row."""
 
     pe_index: torch.Tensor  # [K] row of the concatenated resized tables, working order, on device
     pe_sizes: tuple[tuple[int, int], ...]  # the (h, w) of each resized table, in concatenation order
     pe_resize: tuple[tuple[torch.Tensor, torch.Tensor], ...]  # per table ([h, P], [w, P]); () = F.interpolate
+
+
+Siglip2Layout = PackedLayout[PositionEmbeddingPlan]  # a layout planned by Siglip2NavitModel.plan
 
 @functools.lru_cache(maxsize=512)
 def _resize_matrix(size: int, side: int, mode: str) -> torch.Tensor:
@@ -99,23 +103,6 @@ def plan_position_embeddings(
     return PositionEmbeddingPlan(pe_index=pe_index.to(device), pe_sizes=tuple(pe_sizes), pe_resize=pe_resize)
 
 
-def build_packed_layout(
-    grids: Sequence[tuple[int, int, int]],
-    config: Siglip2NavitConfig,
-    device: torch.device,
-    keep_indices: Optional[torch.Tensor] = None,
-) -> PackedLayout:
-    """The core layout of a packed batch for this config (windows when some layers are windowed) with its PE plan."""
-    layout = build_core_layout(grids, config.hidden_stride, device, keep_indices, **_layout_options(config))
-    layout.family = plan_position_embeddings(layout, grids, config)
-    return layout
-
-
-def _layout_options(config: Siglip2NavitConfig) -> dict:
-    has_windows = not all(config.is_full_attention_layer(i) for i in range(config.num_hidden_layers))
-    return {"window_blocks": config.window_blocks if has_windows else None}
-
-
 def rope_cos_sin(positions: torch.Tensor, head_dim: int, theta: float) -> tuple[torch.Tensor, torch.Tensor]:
     """cos/sin [K, head_dim] (float32) of the 2D RoPE for tokens at `positions` [K, 2] = (row, col)."""
     quarter = head_dim // 4
@@ -147,7 +134,7 @@ class Siglip2NavitEmbeddings(nn.Module):
         if config.preserve_original_pe:
             self.position_embedding = nn.Embedding(self.position_embedding_size**2, config.hidden_size)
 
-    def resized_position_embeddings(self, layout: PackedLayout) -> torch.Tensor:
+    def resized_position_embeddings(self, layout: Siglip2Layout) -> torch.Tensor:
         """The learned PE table resized to each of the batch's grid sizes, raster order, concatenated: [Σ h·w, hidden]."""
         weight = self.position_embedding.weight
         side = self.position_embedding_size
@@ -172,11 +159,11 @@ class Siglip2NavitEmbeddings(nn.Module):
         return (tables[0] if len(tables) == 1 else torch.cat(tables, dim=0)).to(weight.dtype)
 
     @torch.compiler.disable  # loops over the batch's image sizes: eager, so that torch.compile does not specialize on them
-    def token_position_embeddings(self, layout: PackedLayout) -> torch.Tensor:
+    def token_position_embeddings(self, layout: Siglip2Layout) -> torch.Tensor:
         """Each token's row of its frame's resized PE table: [K, hidden], working order."""
         return self.resized_position_embeddings(layout)[layout.family.pe_index]
 
-    def forward(self, pixel_values: torch.Tensor, layout: PackedLayout) -> torch.Tensor:
+    def forward(self, pixel_values: torch.Tensor, layout: Siglip2Layout) -> torch.Tensor:
         weight = self.patch_embedding.weight
         piece = cpu_block_tokens(self.config, weight)
         if piece is not None and not has_hooks(self.patch_embedding):
@@ -186,7 +173,7 @@ class Siglip2NavitEmbeddings(nn.Module):
             embeddings = embeddings + self.token_position_embeddings(layout)
         return embeddings
 
-    def _forward_in_pieces(self, pixel_values: torch.Tensor, layout: PackedLayout, piece: int) -> torch.Tensor:
+    def _forward_in_pieces(self, pixel_values: torch.Tensor, layout: Siglip2Layout, piece: int) -> torch.Tensor:
         """`forward` for CPU inference, `piece` rows at a time into one [K, hidden] output (no [K, ·] temporaries)."""
         weight = self.patch_embedding.weight
         flat_weight = weight.reshape(self.embed_dim, -1)  # [hidden, C·T·p²]
@@ -253,10 +240,10 @@ class Siglip2NavitEncoderLayer(PackedEncoderLayer):
         self.layer_norm2 = nn.LayerNorm(config.hidden_size, eps=config.layer_norm_eps)
         self.mlp = Siglip2NavitMLP(config)
 
-    def attention_branch(self, hidden_states, position_embeddings, partition, attention_interface, output_attentions=False):
-        return self.self_attn(
-            self.layer_norm1(hidden_states), position_embeddings, partition, attention_interface, output_attentions
-        )
+    def attention_branch(
+        self, hidden_states: torch.Tensor, context: AttentionContext
+    ) -> tuple[torch.Tensor, Optional[tuple[torch.Tensor, ...]]]:
+        return self.self_attn(self.layer_norm1(hidden_states), context)
 
     def mlp_branch(self, hidden_states: torch.Tensor) -> torch.Tensor:
         return self.mlp(self.layer_norm2(hidden_states))
@@ -395,7 +382,10 @@ class Siglip2NavitModel(Siglip2NavitPreTrainedModel):
 
     # -- planning hooks of the shared core --
     def _layout_options(self) -> dict:
-        return _layout_options(self.config)
+        """Windows when some layers attend within windows."""
+        config = self.config
+        has_windows = not all(config.is_full_attention_layer(i) for i in range(config.num_hidden_layers))
+        return {"window_blocks": config.window_blocks if has_windows else None}
 
     def _plan_family(self, layout: PackedLayout, grids: Sequence[tuple[int, int, int]]) -> PositionEmbeddingPlan:
         return plan_position_embeddings(layout, grids, self.config)
@@ -410,7 +400,7 @@ class Siglip2NavitModel(Siglip2NavitPreTrainedModel):
             pixel_values, layout, output_attentions=output_attentions, output_hidden_states=output_hidden_states
         )
 
-    def wrap_outputs(
+    def build_outputs(
         self, encoded: BaseModelOutput, layout: PackedLayout, return_dict: bool
     ) -> Union[BaseModelOutputWithPooling, tuple]:
         """`encoded` plus the MAP head's pooled output per image when the model has the head."""

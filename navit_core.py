@@ -17,7 +17,8 @@ Attention never sees a dense mask over the packed batch: `flash_attention_2` run
 sequences, `eager` does matmul + softmax per sequence (and can return the attention maps).
 """
 
-from typing import Any, Callable, Optional, Sequence
+from dataclasses import dataclass
+from typing import Callable, Optional, Sequence
 
 import torch
 import torch.nn.functional as F
@@ -39,6 +40,7 @@ from .navit_attention import (
 from .navit_layout import (
     AttentionBlock,
     AttentionPartition,
+    FamilyPlan,
     GridLike,
     PackedLayout,
     _check_grids,
@@ -131,6 +133,24 @@ class PackedPatchEmbedding(nn.Conv2d):
         return pixel_values.to(self.weight.device)[layout.token_rows].to(self.weight.dtype)
 
 
+@dataclass(frozen=True)
+class AttentionContext:
+    """What every layer's attention needs in one forward, built once per forward by `PackedEncoder.forward` (one per
+    attention kind: full, windowed) and handed down unchanged: a family's `attention_branch` passes it on to
+    `PackedSelfAttention` and reads fields by name (e.g. `context.partition` for DINOv3's per-frame drop path)."""
+
+    position_embeddings: Optional[tuple[torch.Tensor, torch.Tensor]]  # rotary cos/sin [S, head_dim] each; None: no RoPE
+    partition: AttentionPartition  # the sequences attention stays within: frames (full layers) or windows
+    attention_interface: Callable  # the packed attention function of this forward's backend
+    output_attentions: bool = False  # also return the per-sequence attention maps (eager)
+
+    def for_block(self, block: AttentionBlock) -> "AttentionContext":
+        """This context for the rows `block.start:block.end` alone (CPU block schedule; no attention maps)."""
+        rows = slice(block.start, block.end)
+        rope = None if self.position_embeddings is None else tuple(t[rows] for t in self.position_embeddings)
+        return AttentionContext(rope, block.partition, self.attention_interface)
+
+
 class PackedSelfAttention(nn.Module):
     """q/k/v projections + the packed attention interface; a family adds its output projection (under its own
     parameter name) and returns it from `project_output`."""
@@ -154,31 +174,26 @@ class PackedSelfAttention(nn.Module):
         raise NotImplementedError
 
     def forward(
-        self,
-        hidden_states: torch.Tensor,
-        position_embeddings: Optional[tuple[torch.Tensor, torch.Tensor]],
-        partition: AttentionPartition,
-        attention_interface: Callable,
-        output_attentions: bool = False,
+        self, hidden_states: torch.Tensor, context: AttentionContext
     ) -> tuple[torch.Tensor, Optional[tuple[torch.Tensor, ...]]]:
-        """Attention of `hidden_states` [S, hidden] within each sequence of `partition`, output-projected, and the
-        per-sequence maps when asked (eager)."""
+        """Attention of `hidden_states` [S, hidden] within each sequence of `context.partition`, output-projected, and
+        the per-sequence maps when asked (eager)."""
         num_tokens = hidden_states.shape[0]
         shape = (num_tokens, self.num_heads, self.head_dim)
         query = self.q_proj(hidden_states).view(shape)  # [S, heads, head_dim]
         key = self.k_proj(hidden_states).view(shape)
         value = self.v_proj(hidden_states).view(shape)
-        if position_embeddings is not None:
-            query, key = apply_rotary_pos_emb(query, key, *position_embeddings)
-        attn_output, attn_weights = attention_interface(
+        if context.position_embeddings is not None:
+            query, key = apply_rotary_pos_emb(query, key, *context.position_embeddings)
+        attn_output, attn_weights = context.attention_interface(
             self,
             query,
             key,
             value,
-            partition,
+            context.partition,
             scaling=self.scale,
             dropout=self.dropout if self.training else 0.0,
-            output_attentions=output_attentions,
+            output_attentions=context.output_attentions,
         )
         return self.project_output(attn_output.reshape(num_tokens, self.embed_dim)), attn_weights  # [S, hidden]
 
@@ -191,29 +206,20 @@ class PackedEncoderLayer(nn.Module):
     mlp_width: int = 1  # widest per-token MLP activation (sizes the CPU block schedule's MLP pieces)
 
     def attention_branch(
-        self,
-        hidden_states: torch.Tensor,
-        position_embeddings: Optional[tuple[torch.Tensor, torch.Tensor]],
-        partition: AttentionPartition,
-        attention_interface: Callable,
-        output_attentions: bool = False,
+        self, hidden_states: torch.Tensor, context: AttentionContext
     ) -> tuple[torch.Tensor, Optional[tuple[torch.Tensor, ...]]]:
+        """The attention residual branch of `hidden_states` [S, hidden] (norm, `PackedSelfAttention(·, context)`,
+        layer scale) and the attention maps it returned."""
         raise NotImplementedError
 
     def mlp_branch(self, hidden_states: torch.Tensor) -> torch.Tensor:
+        """The token-wise MLP residual branch of `hidden_states` [n, hidden] (norm, MLP, layer scale)."""
         raise NotImplementedError
 
     def forward(
-        self,
-        hidden_states: torch.Tensor,
-        position_embeddings: Optional[tuple[torch.Tensor, torch.Tensor]],
-        partition: AttentionPartition,
-        attention_interface: Callable,
-        output_attentions: bool = False,
+        self, hidden_states: torch.Tensor, context: AttentionContext
     ) -> tuple[torch.Tensor, Optional[tuple[torch.Tensor, ...]]]:
-        attn_output, attn_weights = self.attention_branch(
-            hidden_states, position_embeddings, partition, attention_interface, output_attentions
-        )
+        attn_output, attn_weights = self.attention_branch(hidden_states, context)
         hidden_states = hidden_states + attn_output
         hidden_states = hidden_states + self.mlp_branch(hidden_states)
         return hidden_states, attn_weights
@@ -221,9 +227,7 @@ class PackedEncoderLayer(nn.Module):
     def forward_blocked(
         self,
         hidden_states: torch.Tensor,
-        position_embeddings: Optional[tuple[torch.Tensor, torch.Tensor]],
-        blocks: Sequence[AttentionBlock],
-        attention_interface: Callable,
+        blocks: Sequence[tuple[AttentionBlock, AttentionContext]],
         out: torch.Tensor,
     ) -> torch.Tensor:
         """`forward` for inference (no autograd), computed block by block into `out` [S, hidden] (not `hidden_states`).
@@ -232,11 +236,10 @@ class PackedEncoderLayer(nn.Module):
         whose [piece, mlp_width] activation stays below `_MLP_PIECE_BYTES`. Every intermediate is block-sized.
         """
         piece = max(1, _MLP_PIECE_BYTES // (self.mlp_width * hidden_states.element_size()))
-        for block in blocks:
+        for block, context in blocks:
             rows = slice(block.start, block.end)
             residual = hidden_states[rows]  # [n, hidden]
-            rope = None if position_embeddings is None else tuple(t[rows] for t in position_embeddings)
-            attn_output, _ = self.attention_branch(residual, rope, block.partition, attention_interface)
+            attn_output, _ = self.attention_branch(residual, context)
             block_out = torch.add(residual, attn_output, out=out[rows])
             for chunk in block_out.split(piece):
                 chunk.add_(self.mlp_branch(chunk))
@@ -272,6 +275,18 @@ class PackedEncoder(nn.Module):
             return _opaque_packed_attention(name)  # one graph for every batch composition
         return get_packed_attention_interface(implementation)
 
+    def attention_contexts(
+        self, hidden_states: torch.Tensor, layout: PackedLayout, output_attentions: bool
+    ) -> dict[bool, AttentionContext]:
+        """This forward's attention context per layer kind (True: full attention per frame; False: per window, when
+        the layout has windows): the backend and the rotary embeddings are resolved once, here."""
+        interface = self.attention_interface(hidden_states, output_attentions)
+        rope = self.rotary_embeddings(layout)
+        contexts = {True: AttentionContext(rope, layout.full, interface, output_attentions)}
+        if layout.window is not None:
+            contexts[False] = AttentionContext(rope, layout.window, interface, output_attentions)
+        return contexts
+
     def forward(
         self,
         hidden_states: torch.Tensor,
@@ -284,30 +299,23 @@ class PackedEncoder(nn.Module):
         Returns the last hidden state and (when asked) every layer's hidden states and attention maps, all in the
         working order; the caller restores the input order.
         """
-        attention_interface = self.attention_interface(hidden_states, output_attentions)
-        position_embeddings = self.rotary_embeddings(layout)
-        blocks = self._cpu_blocks(hidden_states, layout, output_attentions)
+        contexts = self.attention_contexts(hidden_states, layout, output_attentions)
+        blocks = self._cpu_blocks(hidden_states, contexts, output_attentions)
         spare = None  # block schedule: a layer's output buffer is reused two layers later unless it is returned
 
         all_hidden_states = (hidden_states,) if output_hidden_states else None
         all_attentions = () if output_attentions else None
         for index, layer in enumerate(self.layers):
-            partition = layout.full if layer.full_attention else layout.window
+            context = contexts[layer.full_attention]
             if blocks is not None:
                 out = spare if spare is not None else torch.empty_like(hidden_states)
                 spare = hidden_states if index > 0 and not output_hidden_states else None  # never the caller's input
-                hidden_states = layer.forward_blocked(
-                    hidden_states, position_embeddings, blocks[layer.full_attention], attention_interface, out
-                )
+                hidden_states = layer.forward_blocked(hidden_states, blocks[layer.full_attention], out)
                 attn_weights = None
             elif self.gradient_checkpointing and self.training:
-                hidden_states, attn_weights = self._gradient_checkpointing_func(
-                    layer.__call__, hidden_states, position_embeddings, partition, attention_interface, output_attentions
-                )
+                hidden_states, attn_weights = self._gradient_checkpointing_func(layer.__call__, hidden_states, context)
             else:
-                hidden_states, attn_weights = layer(
-                    hidden_states, position_embeddings, partition, attention_interface, output_attentions
-                )
+                hidden_states, attn_weights = layer(hidden_states, context)
             if output_hidden_states:
                 all_hidden_states += (hidden_states,)
             if output_attentions:
@@ -333,18 +341,19 @@ class PackedEncoder(nn.Module):
         return encoded, sequence
 
     def _cpu_blocks(
-        self, hidden_states: torch.Tensor, layout: PackedLayout, output_attentions: bool
-    ) -> Optional[dict[bool, tuple[AttentionBlock, ...]]]:
-        """The blocks of the CPU block schedule per attention kind (True: full), or None when this forward runs every
-        op over all tokens: off (`cpu_block_tokens=None`), not CPU, autograd or training, attention maps asked,
-        torch.compile tracing, or hooks on the layers (they would see blocks instead of the whole batch)."""
+        self, hidden_states: torch.Tensor, contexts: dict[bool, AttentionContext], output_attentions: bool
+    ) -> Optional[dict[bool, tuple[tuple[AttentionBlock, AttentionContext], ...]]]:
+        """The blocks of the CPU block schedule per attention kind (True: full), each with its context, or None when
+        this forward runs every op over all tokens: off (`cpu_block_tokens=None`), not CPU, autograd or training,
+        attention maps asked, torch.compile tracing, or hooks on the layers (they would see blocks instead of the
+        whole batch)."""
         max_tokens = cpu_block_tokens(self.config, hidden_states)
         if max_tokens is None or self.training or output_attentions or has_hooks(self.layers):
             return None
-        blocks = {True: attention_blocks(layout.full, max_tokens)}
-        if layout.window is not None:
-            blocks[False] = attention_blocks(layout.window, max_tokens)
-        return blocks
+        return {
+            kind: tuple((block, context.for_block(block)) for block in attention_blocks(context.partition, max_tokens))
+            for kind, context in contexts.items()
+        }
 
 
 def final_norm_in_input_order(hidden_states: torch.Tensor, layout: PackedLayout, norm: nn.Module, config) -> torch.Tensor:
@@ -417,30 +426,45 @@ def segment_mean(rows: torch.Tensor, counts: Sequence[int]) -> torch.Tensor:
 
 class PackedPreTrainedModel(PreTrainedModel):
     """What every packed family's PreTrainedModel shares: validation, planning, the forward, attention switching,
-    token dropping and per-image features. The family contract, everything a family file provides:
+    token dropping and per-image features.
 
-    Class attributes: `config_class`, `base_model_prefix`, `_no_split_modules`.
+    The family contract, the one list of what a family file implements or overrides (the core's default in brackets;
+    no default: required). Nothing else of the core is overridden; tests/test_family_contract.py checks both ways.
 
-    Model methods (this class's defaults in brackets):
-      - `_init_weights(module)`: transformers' init of the family's modules (required).
-      - `get_input_embeddings()`: the patch embedding (required).
-      - `encode(pixel_values, layout, output_attentions, output_hidden_states, **family_inputs)`: embeddings, the
-        encoder stack and its final norm, in input order: a `BaseModelOutput` (required; the compiled part).
-      - `wrap_outputs(encoded, layout, return_dict)`: pooling and the family's output fields from `encode`'s result
-        (required; eager). `_wrap_outputs` is the base's dispatch to it, never overridden.
-      - `_layout_options()`: extra `build_packed_layout` arguments, e.g. prefix tokens per frame [none].
-      - `_plan_family(layout, grids)`: the family's host-side plan stored as `layout.family` [None].
-      - `_family_inputs(pixel_values, kwargs)`: forward kwargs the family accepts (e.g. `bool_masked_pos`) [none].
-      - `_has_pooler()`: whether `pooler_output` exists [False]; `_pools_per_image()`: one pooled row per image
-        rather than per frame [True].
+    The model (a subclass of this class):
+      - `PackedPreTrainedModel.config_class`, `PackedPreTrainedModel.base_model_prefix`,
+        `PackedPreTrainedModel._no_split_modules`: transformers' class attributes.
+      - `PackedPreTrainedModel._init_weights(module)`: transformers' init of the family's modules.
+      - `PackedPreTrainedModel.get_input_embeddings()`: the `PackedPatchEmbedding`.
+      - `PackedPreTrainedModel.encode(pixel_values, layout, output_attentions, output_hidden_states, **inputs)`:
+        embeddings, the encoder (its `encode_and_restore`) and its final norm, in input order: a
+        `BaseModelOutput` (tensors only: the part torch.compile traces).
+      - `PackedPreTrainedModel.build_outputs(encoded, layout, return_dict)`: the model output from `encode`'s
+        result: pooling and the family's extra fields. `forward` runs it outside torch.compile through
+        `_build_outputs_eagerly`, which is never overridden.
+      - `PackedPreTrainedModel._layout_options()`: extra `build_packed_layout` arguments (`window_blocks`,
+        `num_prefix_tokens`) [none].
+      - `PackedPreTrainedModel._plan_family(layout, grids)`: the family's `FamilyPlan` subclass for this batch,
+        stored as `layout.family` (host side, before any compute; may raise ValueError) [an empty `FamilyPlan`].
+      - `PackedPreTrainedModel._family_inputs(pixel_values, kwargs)`: the checked extra `forward` inputs, passed to
+        `encode` as keywords (DINOv3's `bool_masked_pos`) [none: any keyword is a ValueError].
+      - `PackedPreTrainedModel._pools_per_image()`: a pooling head over every image, so no frame may lose all its
+        tokens [False]. `PackedPreTrainedModel._has_pooler()`: `pooler_output` exists [`_pools_per_image()`].
 
-    Module hooks of the shared building blocks:
-      - `PackedSelfAttention.project_output(attn_output)`: the output projection.
-      - `PackedEncoderLayer.attention_branch(...)` and `.mlp_branch(hidden_states)`: the two residual branches
-        (norms, layer scale) around the shared attention and MLP.
-      - `PackedEncoder.rotary_embeddings(layout)`: cos/sin per token, or None without RoPE.
+    The building blocks (subclasses of the core's modules):
+      - `PackedSelfAttention.project_output(attn_output)`: the output projection, under the family's parameter name.
+      - `PackedEncoderLayer.attention_branch(hidden_states, context)`: norm, `PackedSelfAttention(·, context)`,
+        layer scale; hands the `AttentionContext` on unchanged and returns the attention maps it got.
+      - `PackedEncoderLayer.mlp_branch(hidden_states)`: norm, MLP, layer scale (token-wise).
+      - `PackedEncoderLayer.forward(hidden_states, context)`: only to change the residual sum (DINOv3's per-frame
+        drop path in training) [`x + attention_branch(x)`, then `+ mlp_branch`].
+      - `PackedEncoderLayer.full_attention`: attends per frame (False: per window) [True].
+        `PackedEncoderLayer.mlp_width`: widest per-token MLP activation, which sizes the CPU block schedule's MLP
+        pieces [1].
+      - `PackedEncoder.rotary_embeddings(layout)`: cos/sin [S, head_dim] per token, or None without RoPE [None].
 
-    A family module imports only the names in `navit_core.__all__`.
+    A family module imports only the names in `navit_core.__all__`, and defines no module-level name of the core's
+    modules (no `build_packed_layout` of another signature).
     """
 
     main_input_name = "pixel_values"
@@ -474,9 +498,9 @@ class PackedPreTrainedModel(PreTrainedModel):
         """Keyword arguments of `build_packed_layout` for this model: `window_blocks`, `num_prefix_tokens`."""
         return {}
 
-    def _plan_family(self, layout: PackedLayout, grids: Sequence[tuple[int, int, int]]) -> Any:
+    def _plan_family(self, layout: PackedLayout, grids: Sequence[tuple[int, int, int]]) -> FamilyPlan:
         """What the family derives once per batch on top of the layout (stored as `layout.family`)."""
-        return None
+        return FamilyPlan()
 
     def _pools_per_image(self) -> bool:
         """Whether the model pools every image's tokens (then no frame may lose all its tokens)."""
@@ -527,7 +551,7 @@ class PackedPreTrainedModel(PreTrainedModel):
         layout = self.plan(pixel_values, grid_thws, keep_indices)
         family_inputs = self._family_inputs(pixel_values, kwargs)
         encoded = self.encode(pixel_values, layout, output_attentions, output_hidden_states, **family_inputs)
-        return self._wrap_outputs(encoded, layout, return_dict)
+        return self._build_outputs_eagerly(encoded, layout, return_dict)
 
     def _family_inputs(self, pixel_values: torch.Tensor, kwargs: dict) -> dict:
         """Check and return the family's extra `forward` inputs (host side, before any compute)."""
@@ -542,13 +566,15 @@ class PackedPreTrainedModel(PreTrainedModel):
         torch.compile traces: tensors only)."""
         raise NotImplementedError
 
-    def wrap_outputs(self, encoded: BaseModelOutput, layout: PackedLayout, return_dict: bool):
-        """The model output from `encode`'s: pooling and extra fields (runs eagerly)."""
+    def build_outputs(self, encoded: BaseModelOutput, layout: PackedLayout, return_dict: bool):
+        """The model output from `encode`'s: pooling and the family's extra fields (the family's part; the base runs
+        it eagerly through `_build_outputs_eagerly`)."""
         raise NotImplementedError
 
     @torch.compiler.disable  # eager: pooled [n_images, ·] outputs never become graph inputs guarded on their size
-    def _wrap_outputs(self, encoded: BaseModelOutput, layout: PackedLayout, return_dict: bool):
-        return self.wrap_outputs(encoded, layout, return_dict)
+    def _build_outputs_eagerly(self, encoded: BaseModelOutput, layout: PackedLayout, return_dict: bool):
+        """`build_outputs` outside torch.compile (never overridden)."""
+        return self.build_outputs(encoded, layout, return_dict)
 
     @torch.compiler.disable  # host-side planning is never traced: torch.compile would specialize on the batch
     def plan(
@@ -631,6 +657,7 @@ __all__ = [
     # layout and validation (navit_layout.py)
     "AttentionBlock",
     "AttentionPartition",
+    "FamilyPlan",
     "GridLike",
     "PackedLayout",
     "assemble_sequence",
@@ -650,6 +677,7 @@ __all__ = [
     "get_packed_attention_interface",
     "sdpa_packed_attention",
     # rotary embedding, CPU block schedule, modules, the base model (this module)
+    "AttentionContext",
     "PackedEncoder",
     "PackedEncoderLayer",
     "PackedPatchEmbedding",

@@ -10,8 +10,8 @@ Also the configuration checks every family shares (`validate_packed_config`).
 """
 
 import math
-from dataclasses import dataclass
-from typing import Any, Optional, Sequence, Union
+from dataclasses import dataclass, field
+from typing import Any, Generic, Optional, Sequence, TypeVar, Union
 
 import torch
 
@@ -47,7 +47,20 @@ class AttentionPartition:
 
 
 @dataclass
-class PackedLayout:
+class FamilyPlan:
+    """What a family derives once per batch on top of the layout, stored as `PackedLayout.family`.
+
+    Planned on the host before any compute (`PackedPreTrainedModel._plan_family`); a family subclasses this dataclass
+    with its own fields (tensors already on the model's device), e.g. SigLIP2's resized-PE indices, AIMv2's sin-cos
+    table, DINOv3's image of every patch. This base class, with no fields, is the plan of a family that needs none.
+    """
+
+
+PlanT = TypeVar("PlanT", bound=FamilyPlan)
+
+
+@dataclass
+class PackedLayout(Generic[PlanT]):
     """Host-side description of one packed batch (computed once per forward, shared by every layer).
 
     The encoder runs on S = K + F·P rows in the *working order*: frames sorted by kept-token count (stable), each
@@ -70,7 +83,7 @@ class PackedLayout:
     num_prefix_tokens: int = 0
     sequence_index: Optional[torch.Tensor] = None  # [S] row of cat([patch rows K, prefix rows P]); None when P == 0
     prefix_index: Optional[torch.Tensor] = None  # [F, P] sequence rows of each frame's prefix tokens, input order
-    family: Any = None  # what a family plans once per batch on top (e.g. SigLIP2's resized-PE indices)
+    family: PlanT = field(default_factory=FamilyPlan)  # the family's plan (`FamilyPlan` subclass) for this batch
 
 
 def assemble_sequence(layout: PackedLayout, patch_rows: torch.Tensor, prefix_rows: torch.Tensor) -> torch.Tensor:

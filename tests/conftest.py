@@ -25,22 +25,23 @@ MODEL_FILES = (
 )
 
 
+SIGLIP2_TINY = dict(  # a few-thousand-parameter SigLIP2: same code paths as so400m, milliseconds per forward
+    hidden_size=32,
+    intermediate_size=64,
+    num_hidden_layers=2,
+    num_attention_heads=4,
+    patch_size=2,
+    image_size=16,
+    hidden_stride=2,
+    window_size=12,  # 12 px // 2 // 2 = 3 blocks per window side
+)
+
+
 def tiny_config(**overrides):
-    """A few-thousand-parameter config: same code paths as so400m, milliseconds per forward."""
+    """`SIGLIP2_TINY` with `overrides`."""
     from siglip2_navit.configuration_siglip2_navit import Siglip2NavitConfig
 
-    values = dict(
-        hidden_size=32,
-        intermediate_size=64,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        patch_size=2,
-        image_size=16,
-        hidden_stride=2,
-        window_size=12,  # 12 px // 2 // 2 = 3 blocks per window side
-    )
-    values.update(overrides)
-    return Siglip2NavitConfig(**values)
+    return Siglip2NavitConfig(**{**SIGLIP2_TINY, **overrides})
 
 
 def tiny_model(seed: int = 0, attn_implementation: str = "sdpa", **overrides):
@@ -85,6 +86,43 @@ def cpu_flash_varlen(q, k, v, cu_q, cu_k, max_q, max_k, dropout_p=0.0, softmax_s
         scores = torch.einsum("ihd,jhd->hij", q[a:b], k[a:b]) * softmax_scale
         out[a:b] = torch.einsum("hij,jhd->ihd", scores.softmax(-1), v[a:b])
     return out
+
+
+# Batches of every shape the planner distinguishes: image counts, lengths appearing in one run or in several (regroup),
+# one window per frame (window count == frame count), video frames (t = 2), a single image.
+NEW_BATCHES = [
+    [(1, 6, 8), (1, 2, 4)],
+    [(1, 2, 6), (1, 6, 4), (1, 2, 2), (1, 4, 4)],
+    [(1, 4, 4)] * 5,
+    [(2, 4, 6), (1, 8, 8), (1, 4, 6)],
+    [(1, 12, 10)],
+    [(1, 2, 2), (1, 4, 4), (1, 2, 2), (1, 10, 2), (1, 4, 4), (1, 2, 2)],
+]
+
+
+def record_blocked_calls(monkeypatch, layer_class) -> list:
+    """Record every `forward_blocked` call (a layer's block schedule) with the sizes of its blocks."""
+    calls, original = [], layer_class.forward_blocked
+
+    def spy(self, hidden_states, blocks, out):
+        calls.append([block.end - block.start for block, _ in blocks])
+        return original(self, hidden_states, blocks, out)
+
+    monkeypatch.setattr(layer_class, "forward_blocked", spy)
+    return calls
+
+
+class GraphCounter:
+    """A torch.compile backend that counts the graphs it is handed and runs them as traced (no codegen)."""
+
+    def __init__(self):
+        self.graphs = 0
+        self.code = ""
+
+    def __call__(self, graph_module, example_inputs):
+        self.graphs += 1
+        self.code += graph_module.code
+        return graph_module.forward
 
 
 def write_hub_folder(model, folder: Path) -> Path:

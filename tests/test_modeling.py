@@ -1,6 +1,7 @@
-"""Siglip2NavitModel: packing, backends, an independent reference of SPEC §4, loading, training, bad inputs."""
+"""Siglip2NavitModel: packing, an independent reference of SPEC §4, loading, training, the CUDA kernels. The runtime
+contract every family shares (backends, switching, checkpointing, compile, keep_indices, bad inputs) is
+tests/test_family_contract.py."""
 
-import importlib.util
 import math
 import shutil
 
@@ -131,78 +132,8 @@ def test_block_order_is_raster_order_regrouped():
 
 
 # ---------------------------------------------------------------------------------------------------------------------
-# Backends
+# Memory (backends, switching and their agreement: tests/test_family_contract.py)
 # ---------------------------------------------------------------------------------------------------------------------
-
-
-@pytest.fixture
-def fake_flash(monkeypatch):
-    monkeypatch.setitem(navit_attention._FLASH_VARLEN, "fn", cpu_flash_varlen)
-
-
-@pytest.mark.parametrize("config", [dict(), WINDOWED], ids=["full", "windowed"])
-def test_backends_agree_forward_and_gradients(config, fake_flash):
-    results = {}
-    for backend in ("eager", "sdpa", "flash_attention_2"):
-        model = tiny_model(**config).train()
-        model.config._attn_implementation = backend
-        pixel_values, grid = packed_inputs(model.config, ODD_GRIDS)
-        pixel_values.requires_grad_(True)
-        out = model(pixel_values, grid).last_hidden_state
-        (out * torch.linspace(-1, 1, out.numel()).view_as(out)).sum().backward()
-        grads = {n: p.grad.clone() for n, p in model.named_parameters()}
-        results[backend] = (out.detach(), pixel_values.grad.clone(), grads)
-    ref_out, ref_input_grad, ref_grads = results["eager"]
-    for backend in ("sdpa", "flash_attention_2"):
-        out, input_grad, grads = results[backend]
-        assert (out - ref_out).abs().max() <= 1e-4, backend
-        assert (input_grad - ref_input_grad).abs().max() <= 1e-4, backend
-        for name, grad in grads.items():
-            assert (grad - ref_grads[name]).abs().max() <= 1e-4, (backend, name)
-
-
-def test_set_attn_implementation_switches_backend_at_runtime(hub_folder):
-    from transformers import AutoModel
-
-    folder = hub_folder(tiny_model())
-    model = AutoModel.from_pretrained(folder, trust_remote_code=True, attn_implementation="eager")
-    assert model.config._attn_implementation == "eager"
-    pixel_values, grid = packed_inputs(model.config, ODD_GRIDS)
-    eager_maps = model(pixel_values, grid, output_attentions=True).attentions
-    assert eager_maps is not None and eager_maps[0][0].shape == (4, 60, 60)
-
-    calls = []
-    remote = importlib.import_module(type(model).__module__.rsplit(".", 1)[0] + ".navit_core")  # the remote-code copy
-    original = remote.PACKED_ATTENTION_FUNCTIONS["sdpa"]
-
-    def spy(*args, **kwargs):
-        calls.append(1)
-        return original(*args, **kwargs)
-
-    remote.PACKED_ATTENTION_FUNCTIONS["sdpa"] = spy
-    try:
-        model.set_attn_implementation("sdpa")
-        assert model.config._attn_implementation == "sdpa"
-        sdpa_out = model(pixel_values, grid).last_hidden_state
-    finally:
-        remote.PACKED_ATTENTION_FUNCTIONS["sdpa"] = original
-    assert len(calls) == model.config.num_hidden_layers
-    model.set_attn_implementation("eager")
-    torch.testing.assert_close(model(pixel_values, grid).last_hidden_state, sdpa_out, atol=1e-5, rtol=1e-5)
-
-
-@pytest.mark.skipif(importlib.util.find_spec("flash_attn") is not None, reason="flash-attn is installed here")
-def test_flash_attention_without_flash_attn_is_a_clear_error(hub_folder, monkeypatch):
-    monkeypatch.delitem(navit_attention._FLASH_VARLEN, "fn", raising=False)
-    model = tiny_model()
-    model.config._attn_implementation = "flash_attention_2"
-    pixel_values, grid = packed_inputs(model.config, [(1, 2, 2)])
-    with pytest.raises(ImportError, match="flash-attn"):
-        model(pixel_values, grid)
-    from transformers import AutoModel
-
-    with pytest.raises((ImportError, ValueError)):
-        AutoModel.from_pretrained(hub_folder(tiny_model()), trust_remote_code=True, attn_implementation="flash_attention_2")
 
 
 def test_no_intermediate_is_quadratic_in_packed_tokens():
@@ -433,25 +364,6 @@ def test_init_weights_are_finite_and_siglip_like():
 # ---------------------------------------------------------------------------------------------------------------------
 
 
-def _grads(model, pixel_values, grid):
-    model.zero_grad()
-    out = model(pixel_values, grid).last_hidden_state
-    (out.square().mean()).backward()
-    return {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
-
-
-def test_gradient_checkpointing_gives_same_gradients():
-    model = tiny_model(**WINDOWED).train()
-    pixel_values, grid = packed_inputs(model.config, ODD_GRIDS)
-    plain = _grads(model, pixel_values, grid)
-    enable_checkpointing(model)
-    assert model.vision_model.encoder.gradient_checkpointing
-    checkpointed = _grads(model, pixel_values, grid)
-    assert plain.keys() == checkpointed.keys() and len(plain) == len(list(model.parameters()))
-    for name in plain:
-        torch.testing.assert_close(checkpointed[name], plain[name], atol=1e-6, rtol=1e-5)
-
-
 def test_input_embedding_hooks_fire_and_enable_input_require_grads_feeds_reentrant_checkpointing():
     """Adapters (PEFT) freeze the tower and call `enable_input_require_grads()`: a hook on `get_input_embeddings()`
     makes its output require grad, so that reentrant checkpointed layers still backpropagate into their adapters."""
@@ -553,45 +465,8 @@ def test_attention_dropout_only_in_training(backend):
 
 
 # ---------------------------------------------------------------------------------------------------------------------
-# Bad input: ValueError naming the problem, before any compute
+# Per-image features (bad inputs, keep_indices: tests/test_family_contract.py)
 # ---------------------------------------------------------------------------------------------------------------------
-
-WIDTH = 3 * 2 * 2  # tiny config: C·T·p·p
-
-
-BAD_INPUTS = {
-    "pixel_values 3-D": (torch.zeros(1, 4, WIDTH), [[1, 2, 2]], "2-D"),
-    "pixel_values wrong width": (torch.zeros(4, WIDTH + 1), [[1, 2, 2]], "C·T·p·p"),
-    "pixel_values integer": (torch.zeros(4, WIDTH, dtype=torch.long), [[1, 2, 2]], "floating"),
-    "rows != sum t*h*w": (torch.zeros(5, WIDTH), [[1, 2, 2]], "Σ t·h·w"),
-    "grid not [n, 3]": (torch.zeros(4, WIDTH), [[2, 2]], r"\[n_images, 3\]"),
-    "grid 1-D": (torch.zeros(4, WIDTH), [1, 2, 2], r"\[n_images, 3\]"),
-    "grid float": (torch.zeros(4, WIDTH), torch.tensor([[1.0, 2.0, 2.0]]), "integers"),
-    "grid zero entry": (torch.zeros(4, WIDTH), [[0, 2, 2]], "positive"),
-    "grid negative entry": (torch.zeros(4, WIDTH), [[1, -2, -2]], "positive"),
-    "h not divisible by stride": (torch.zeros(6, WIDTH), [[1, 3, 2]], "divisible by hidden_stride"),
-    "w not divisible by stride": (torch.zeros(6, WIDTH), [[1, 2, 3]], "divisible by hidden_stride"),
-    "NaN pixels": (torch.full((4, WIDTH), float("nan")), [[1, 2, 2]], "NaN or infinite"),
-    "inf pixels": (torch.full((4, WIDTH), float("inf")), [[1, 2, 2]], "NaN or infinite"),
-    "empty pixel_values": (torch.zeros(0, WIDTH), torch.zeros(0, 3, dtype=torch.long), "empty"),
-    "empty grid": (torch.zeros(4, WIDTH), torch.zeros(0, 3, dtype=torch.long), "empty"),
-    "empty grid list": (torch.zeros(4, WIDTH), [], "`grid_thws` is empty"),
-    "empty grid tuple": (torch.zeros(4, WIDTH), (), "`grid_thws` is empty"),
-    "pixel_values not a tensor": (np.zeros((4, WIDTH), dtype=np.float32), [[1, 2, 2]], "torch.Tensor"),
-}
-
-
-@pytest.mark.parametrize("case", list(BAD_INPUTS))
-def test_bad_input_raises_value_error_before_compute(case, monkeypatch):
-    pixel_values, grid, message = BAD_INPUTS[case]
-    model = tiny_model()
-
-    def no_compute(*args, **kwargs):
-        raise AssertionError("compute started before the input was validated")
-
-    monkeypatch.setattr(model.vision_model, "forward", no_compute)
-    with pytest.raises(ValueError, match=message):
-        model(pixel_values, grid)
 
 
 @pytest.mark.parametrize("head", [False, True], ids=["headless", "map-head"])
@@ -627,23 +502,6 @@ def test_get_image_features_averages_the_kept_tokens_when_dropping():
         model.get_image_features(pixel_values, grid, keep_indices=torch.arange(16))
 
 
-def test_unexpected_keyword_is_rejected():
-    model = tiny_model()
-    pixel_values, grid = packed_inputs(model.config, [(1, 2, 2)])
-    with pytest.raises(ValueError, match="Unexpected arguments"):
-        model(pixel_values, grid, attention_mask=torch.ones(4))
-
-
-def test_keep_indices_covering_everything_is_the_normal_forward():
-    model = tiny_model(**WINDOWED)
-    pixel_values, grid = packed_inputs(model.config, ODD_GRIDS)
-    full = model(pixel_values, grid, output_hidden_states=True)
-    kept = model(pixel_values, grid, output_hidden_states=True, keep_indices=torch.arange(pixel_values.shape[0]))
-    torch.testing.assert_close(kept.last_hidden_state, full.last_hidden_state, atol=0, rtol=0)
-    for a, b in zip(kept.hidden_states, full.hidden_states):
-        torch.testing.assert_close(a, b, atol=0, rtol=0)
-
-
 def test_repo_root_is_loadable_as_hub_folder(tmp_path):
     """The .py files at the root import with relative imports only, as transformers' remote-code loader needs."""
     model_files = (
@@ -663,42 +521,6 @@ def test_repo_root_is_loadable_as_hub_folder(tmp_path):
     model = AutoModel.from_config(config, trust_remote_code=True)
     assert type(model).__name__ == "Siglip2NavitModel"
     write_hub_folder  # noqa: B018 (the helper is exercised by the round-trip tests)
-
-
-def test_functions_registered_with_transformers_attention_interface(monkeypatch):
-    """Custom backends registered in transformers' AttentionInterface run per sequence (or varlen if flash-like)."""
-    from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
-
-    calls = {"batched": 0, "varlen": 0}
-
-    def batched_attention(module, query, key, value, attention_mask, dropout=0.0, scaling=None, **kwargs):
-        assert attention_mask is None and query.dim() == 4  # [n, heads, L, head_dim]
-        calls["batched"] += 1
-        probs = (query @ key.transpose(-1, -2) * scaling).softmax(-1)
-        return (probs @ value).transpose(1, 2), None  # [n, L, heads, head_dim], as transformers' interfaces
-
-    def flash_like_attention(module, query, key, value, attention_mask, dropout=0.0, scaling=None, **kwargs):
-        assert query.shape[0] == 1  # [1, heads, K, head_dim] + cu_seq_lens kwargs
-        calls["varlen"] += 1
-        q, k, v = (x[0].transpose(0, 1) for x in (query, key, value))
-        out = cpu_flash_varlen(
-            q, k, v, kwargs["cu_seq_lens_q"], kwargs["cu_seq_lens_k"], kwargs["max_length_q"],
-            kwargs["max_length_k"], softmax_scale=scaling,
-        )
-        return out[None], None
-
-    monkeypatch.setitem(ALL_ATTENTION_FUNCTIONS._global_mapping, "test_batched", batched_attention)
-    monkeypatch.setitem(ALL_ATTENTION_FUNCTIONS._global_mapping, "test_flash_kernel", flash_like_attention)
-    model = tiny_model(**WINDOWED)
-    pixel_values, grid = packed_inputs(model.config, ODD_GRIDS)
-    want = model(pixel_values, grid).last_hidden_state
-    for name in ("test_batched", "test_flash_kernel"):
-        model.config._attn_implementation = name
-        torch.testing.assert_close(model(pixel_values, grid).last_hidden_state, want, atol=1e-5, rtol=1e-5)
-    assert calls["batched"] > 0 and calls["varlen"] == model.config.num_hidden_layers
-    model.config._attn_implementation = "no_such_backend"
-    with pytest.raises((ValueError, KeyError), match="no_such_backend"):
-        model(pixel_values, grid)
 
 
 def test_sdpa_uses_torch_varlen_kernel_with_the_packed_partition(monkeypatch):

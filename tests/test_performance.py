@@ -14,7 +14,7 @@ import pytest
 import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 
-from conftest import cpu_flash_varlen, packed_inputs, tiny_model
+from conftest import NEW_BATCHES, GraphCounter, cpu_flash_varlen, packed_inputs, record_blocked_calls, tiny_model
 
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
@@ -79,7 +79,7 @@ def test_sync_counter_sees_a_per_layer_sync(monkeypatch):
     model = tiny_model(num_hidden_layers=3, cpu_block_tokens=None)  # hooks turn the block schedule off anyway
     pixel_values, grid = packed_inputs(model.config, GRIDS)
     for layer in model.vision_model.encoder.layers:
-        layer.register_forward_pre_hook(lambda module, args: [args[2].cu_seqlens.diff().max().item()] and None)
+        layer.register_forward_pre_hook(lambda module, args: [args[1].partition.cu_seqlens.diff().max().item()] and None)
     with torch.no_grad():
         base = count_syncs(monkeypatch, 3, "sdpa", cpu_block_tokens=None)
         with monkeypatch.context() as patch:
@@ -94,9 +94,7 @@ def test_no_sync_inside_the_layer_loop_on_cuda():
     """On CUDA: with the layout planned, running the encoder layers never synchronizes."""
     model = tiny_model().cuda()
     pixel_values, grid = packed_inputs(model.config, GRIDS)
-    from siglip2_navit.modeling_siglip2_navit import build_packed_layout
-
-    layout = build_packed_layout([tuple(g) for g in grid.tolist()], model.config, torch.device("cuda"))
+    layout = model.plan(pixel_values, grid)  # on the model's device
     with torch.no_grad():
         hidden = model.vision_model.embeddings(pixel_values.cuda(), layout)
         torch.cuda.synchronize()
@@ -113,15 +111,20 @@ def test_no_sync_inside_the_layer_loop_on_cuda():
 
 
 def _layer_inputs(model, grids):
-    from siglip2_navit.modeling_siglip2_navit import build_packed_layout, rope_cos_sin
-    from siglip2_navit.navit_core import get_packed_attention_interface
+    """The embeddings of a packed batch, its layout and each layer kind's attention context (full: True)."""
+    from siglip2_navit.modeling_siglip2_navit import rope_cos_sin
+    from siglip2_navit.navit_core import AttentionContext, get_packed_attention_interface
 
     pixel_values, grid = packed_inputs(model.config, grids)
-    layout = build_packed_layout(grids, model.config, torch.device("cpu"))
+    layout = model.plan(pixel_values, grid)
     hidden = model.vision_model.embeddings(pixel_values, layout)
     head_dim = model.config.hidden_size // model.config.num_attention_heads
     rope = rope_cos_sin(layout.positions, head_dim, model.config.rope_theta)
-    return hidden, rope, layout, get_packed_attention_interface(model.config._attn_implementation)
+    attention = get_packed_attention_interface(model.config._attn_implementation)
+    contexts = {True: AttentionContext(rope, layout.full, attention)}
+    if layout.window is not None:
+        contexts[False] = AttentionContext(rope, layout.window, attention)
+    return hidden, layout, contexts
 
 
 @pytest.mark.parametrize("config", [dict(), WINDOWED], ids=["full", "windowed"])
@@ -130,12 +133,12 @@ def test_encoder_layer_compiles_without_graph_breaks(config):
     torch._dynamo.reset()
     model = tiny_model(**config)
     with torch.no_grad():
-        hidden, rope, layout, attention = _layer_inputs(model, GRIDS)
+        hidden, layout, contexts = _layer_inputs(model, GRIDS)
         for layer in model.vision_model.encoder.layers:
-            partition = layout.full if layer.full_attention else layout.window
+            context = contexts[layer.full_attention]
             compiled = torch.compile(layer, fullgraph=True, dynamic=True, backend="aot_eager")
-            expected, _ = layer(hidden, rope, partition, attention)
-            actual, _ = compiled(hidden, rope, partition, attention)
+            expected, _ = layer(hidden, context)
+            actual, _ = compiled(hidden, context)
             torch.testing.assert_close(actual, expected, atol=1e-5, rtol=1e-5)
 
 
@@ -158,62 +161,11 @@ def test_compiled_model_matches_eager_and_encoder_is_one_graph():
     runs everything inductor sees (dynamo capture + AOT autograd) without C++ code generation, so it stays fast."""
     _check_compiled_model("aot_eager")
     model = tiny_model(**WINDOWED)
-    hidden, rope, layout, _ = _layer_inputs(model, GRIDS)
+    hidden, layout, _ = _layer_inputs(model, GRIDS)
     with torch.no_grad():
         explanation = torch._dynamo.explain(model.vision_model.encoder)(hidden, layout)
     assert explanation.graph_break_count == 0, explanation.break_reasons
     assert explanation.graph_count == 1
-
-
-# Batches of every shape the planner distinguishes: image counts, lengths appearing in one run or in several (regroup),
-# one window per frame (window count == frame count), video frames (t = 2), a single image.
-NEW_BATCHES = [
-    [(1, 6, 8), (1, 2, 4)],
-    [(1, 2, 6), (1, 6, 4), (1, 2, 2), (1, 4, 4)],
-    [(1, 4, 4)] * 5,
-    [(2, 4, 6), (1, 8, 8), (1, 4, 6)],
-    [(1, 12, 10)],
-    [(1, 2, 2), (1, 4, 4), (1, 2, 2), (1, 10, 2), (1, 4, 4), (1, 2, 2)],
-]
-
-
-class GraphCounter:
-    """A torch.compile backend that counts the graphs it is handed and runs them as traced (no codegen)."""
-
-    def __init__(self):
-        self.graphs = 0
-        self.code = ""
-
-    def __call__(self, graph_module, example_inputs):
-        self.graphs += 1
-        self.code += graph_module.code
-        return graph_module.forward
-
-
-@pytest.mark.parametrize(
-    "backend, config",
-    [("sdpa", dict()), ("sdpa", WINDOWED), ("eager", WINDOWED), ("sdpa", dict(vision_use_head=True))],
-    ids=["sdpa-full", "sdpa-windowed", "eager-windowed", "sdpa-head"],
-)
-def test_compiled_inference_does_not_recompile_for_new_batch_compositions(backend, config):
-    """One compilation serves every batch: after the first call, new image counts, sizes and sequence-length mixes
-    reuse the compiled graphs (torch would raise on any recompile) and match eager mode."""
-    torch._dynamo.reset()
-    model = tiny_model(attn_implementation=backend, **config)
-    counter = GraphCounter()
-    compiled = torch.compile(model, dynamic=True, backend=counter)
-    with torch.no_grad():
-        compiled(*packed_inputs(model.config, GRIDS))
-        graphs_after_first_batch = counter.graphs
-        with torch._dynamo.config.patch(error_on_recompile=True):
-            for grids in NEW_BATCHES:
-                pixel_values, grid = packed_inputs(model.config, grids)
-                actual, expected = compiled(pixel_values, grid), model(pixel_values, grid)
-                torch.testing.assert_close(actual.last_hidden_state, expected.last_hidden_state, atol=1e-5, rtol=1e-5)
-                if expected.pooler_output is not None:
-                    torch.testing.assert_close(actual.pooler_output, expected.pooler_output, atol=1e-5, rtol=1e-5)
-    assert counter.graphs == graphs_after_first_batch
-    assert "siglip2_navit.packed_attention" in counter.code
 
 
 @pytest.mark.parametrize("kernel", ["flash_attention_2", "torch-varlen"])
@@ -251,38 +203,13 @@ def test_compiled_inference_runs_the_varlen_kernels_inside_the_op(kernel, monkey
 
 
 @pytest.mark.parametrize("backend", ["sdpa", "eager"])
-def test_compiled_training_matches_eager_gradients_without_recompiles(backend):
-    """Training under torch.compile: the op's backward (the attention recomputed under torch.func.vjp) gives the loss
-    and every parameter's gradient of eager mode, and a batch of another composition reuses the compiled graphs."""
-    torch._dynamo.reset()
-    model = tiny_model(attn_implementation=backend, **WINDOWED).train()
-    counter = GraphCounter()
-    compiled = torch.compile(model, dynamic=True, backend=counter)
-    for i, grids in enumerate([GRIDS, NEW_BATCHES[1]]):
-        pixel_values, grid = packed_inputs(model.config, grids)
-        gradients = []
-        for run in (model, compiled):
-            model.zero_grad()
-            with torch._dynamo.config.patch(error_on_recompile=i > 0):
-                run(pixel_values, grid).last_hidden_state.square().mean().backward()
-            gradients.append({name: p.grad.clone() for name, p in model.named_parameters()})
-        for name, expected in gradients[0].items():
-            torch.testing.assert_close(gradients[1][name], expected, atol=1e-5, rtol=1e-4, msg=name)
-        if i == 0:
-            graphs = counter.graphs
-    assert counter.graphs == graphs
-    assert "siglip2_navit.packed_attention" in counter.code  # the attention ran through the opaque op
-
-
-@pytest.mark.parametrize("backend", ["sdpa", "eager"])
 def test_opaque_attention_op_matches_the_backend_and_passes_opcheck(backend):
     """The custom op torch.compile sees is the backend itself: same output on a partition that needs regrouping, and
     torch.library.opcheck accepts its schema, fake (meta) implementation and dynamic-shape tracing."""
-    from siglip2_navit import modeling_siglip2_navit as modeling
     from siglip2_navit import navit_attention, navit_core as core
 
     model = tiny_model(**WINDOWED)
-    layout = modeling.build_packed_layout(GRIDS, model.config, torch.device("cpu"))
+    layout = model.plan(*packed_inputs(model.config, GRIDS))
     partition = layout.window
     assert partition.regroup  # window lengths alternate inside frames
     query, key, value = torch.randn(3, int(partition.cu_seqlens_host[-1]), 4, 8).unbind(0)
@@ -361,57 +288,9 @@ def test_memory_traffic_is_linear_in_the_number_of_images(backend, config):
 BLOCK_TOKENS = 40  # GRIDS frames have 4, 24, 24, 24, 64 tokens: blocks of several frames and a frame above the budget
 
 
-def _blocked_calls(monkeypatch) -> list:
-    """Record every `forward_blocked` call (the layer's block schedule) with the sizes of its blocks."""
-    from siglip2_navit.modeling_siglip2_navit import Siglip2NavitEncoderLayer
-
-    calls, original = [], Siglip2NavitEncoderLayer.forward_blocked
-
-    def spy(self, hidden_states, position_embeddings, blocks, *args):
-        calls.append([block.end - block.start for block in blocks])
-        return original(self, hidden_states, position_embeddings, blocks, *args)
-
-    monkeypatch.setattr(Siglip2NavitEncoderLayer, "forward_blocked", spy)
-    return calls
-
-
-@pytest.mark.parametrize("keep", [False, True], ids=["all-tokens", "keep_indices"])
-@pytest.mark.parametrize(
-    "config",
-    [{}, WINDOWED, {**WINDOWED, "use_rope": False, "vision_use_head": True}],
-    ids=["full", "windowed", "no-rope-head"],
-)
-@pytest.mark.parametrize("backend", ["sdpa", "eager"])
-def test_cpu_block_schedule_matches_one_op_over_all_tokens(monkeypatch, backend, config, keep):
-    from siglip2_navit import modeling_siglip2_navit as modeling
-    from siglip2_navit import navit_core as core
-
-    model = tiny_model(attn_implementation=backend, num_hidden_layers=3, **config)
-    pixel_values, grid = packed_inputs(model.config, GRIDS)
-    keep_indices = model.sample_keep_indices(grid, 0.4, generator=torch.Generator().manual_seed(1)) if keep else None
-    monkeypatch.setattr(core, "_MLP_PIECE_BYTES", 7 * model.config.intermediate_size * 4)  # 7-token MLP pieces
-    calls = _blocked_calls(monkeypatch)
-    with torch.no_grad():
-        model.config.cpu_block_tokens = None
-        expected = model(pixel_values, grid, keep_indices=keep_indices, output_hidden_states=True)
-        assert calls == []
-        model.config.cpu_block_tokens = BLOCK_TOKENS
-        blocked = model(pixel_values, grid, keep_indices=keep_indices, output_hidden_states=True)
-        assert len(calls) == 3 and all(len(sizes) > 1 for sizes in calls), calls
-        assert keep or any(size > BLOCK_TOKENS for sizes in calls for size in sizes)  # the 64-token frame alone
-        buffers_in_turn = model(pixel_values, grid, keep_indices=keep_indices)  # no hidden states kept: 2 buffers
-    for name in ("last_hidden_state", "pooler_output"):
-        if getattr(expected, name) is not None:
-            torch.testing.assert_close(getattr(blocked, name), getattr(expected, name), atol=1e-6, rtol=1e-5)
-            torch.testing.assert_close(getattr(buffers_in_turn, name), getattr(expected, name), atol=1e-6, rtol=1e-5)
-    assert len(blocked.hidden_states) == len(expected.hidden_states) == 4
-    for got, want in zip(blocked.hidden_states, expected.hidden_states):  # each layer's output kept intact
-        torch.testing.assert_close(got, want, atol=1e-6, rtol=1e-5)
-
-
 def test_cpu_block_schedule_never_overwrites_the_encoders_input():
     model = tiny_model(num_hidden_layers=4, cpu_block_tokens=BLOCK_TOKENS)
-    hidden, _, layout, _ = _layer_inputs(model, GRIDS)
+    hidden, layout, _ = _layer_inputs(model, GRIDS)
     before = hidden.clone()
     with torch.no_grad():
         model.vision_model.encoder(hidden, layout)
@@ -462,7 +341,9 @@ def test_cpu_block_schedule_only_runs_for_plain_cpu_inference(monkeypatch):
     model = tiny_model(**WINDOWED)
     model.config.cpu_block_tokens = BLOCK_TOKENS
     pixel_values, grid = packed_inputs(model.config, GRIDS)
-    calls = _blocked_calls(monkeypatch)
+    from siglip2_navit.modeling_siglip2_navit import Siglip2NavitEncoderLayer
+
+    calls = record_blocked_calls(monkeypatch, Siglip2NavitEncoderLayer)
     with torch.no_grad():
         model(pixel_values, grid)
     assert len(calls) == 2

@@ -240,7 +240,7 @@ def sync_per_layer_hooks(model: Siglip2NavitModel) -> list:
     """The reference design: each layer reads its sequence lengths back to the host (`.tolist()`), one sync/layer."""
 
     def hook(module, args):
-        args[2].cu_seqlens.diff().max().item()
+        args[1].partition.cu_seqlens.diff().max().item()  # args: (hidden_states, AttentionContext)
 
     return [layer.register_forward_pre_hook(hook) for layer in model.vision_model.encoder.layers]
 
