@@ -31,6 +31,7 @@ from .navit_core import (
     PackedPreTrainedModel,
     PackedSelfAttention,
     cpu_block_tokens,
+    fused_linear,
     has_hooks,
     per_image_groups,
 )
@@ -215,11 +216,15 @@ class Siglip2NavitMLP(nn.Module):
     def __init__(self, config: Siglip2NavitConfig):
         super().__init__()
         self.activation_fn = ACT2FN[config.hidden_act]
+        self.hidden_act = config.hidden_act
         self.inplace_gelu_tanh = config.hidden_act == "gelu_pytorch_tanh"
         self.fc1 = nn.Linear(config.hidden_size, config.intermediate_size)
         self.fc2 = nn.Linear(config.intermediate_size, config.hidden_size)
 
     def forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
+        fused = fused_linear(self.fc1, hidden_states, self.hidden_act)  # CPU inference: GELU inside fc1's GEMM
+        if fused is not None:
+            return self.fc2(fused)
         hidden_states = self.fc1(hidden_states)  # [K, intermediate]
         if (
             self.inplace_gelu_tanh
