@@ -1,7 +1,6 @@
 """Helpers for the scripts/encode.py tests: generated images, a tiny saved checkpoint, an independent reference
 (the model run image by image through the Auto API, eager attention) and the README's documented loader."""
 
-import importlib.util
 import os
 import re
 import shutil
@@ -17,7 +16,7 @@ import torch
 
 
 ROOT = Path(__file__).resolve().parents[1]
-SCRIPT = ROOT / "scripts" / "encode.py"
+SCRIPT = ROOT / "scripts" / "encode.py"  # the documented shim: runs siglip2_navit.tools.encode
 TINY = {"hidden_size": 64, "num_hidden_layers": 2, "num_attention_heads": 2, "intermediate_size": 128}
 # small pixel budgets keep every image at 16-64 patches (factor 32: 1-4 blocks of 2x2 patches per side)
 BUDGET = {"min_pixels": 32 * 32, "max_pixels": 128 * 128}
@@ -29,10 +28,9 @@ PROCESSOR_FILES = (
 
 
 def load_encode_module():
-    spec = importlib.util.spec_from_file_location("siglip2_navit_encode_script", SCRIPT)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    from siglip2_navit.tools import encode
+
+    return encode
 
 
 def env(**extra: str) -> Dict[str, str]:

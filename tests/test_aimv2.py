@@ -24,9 +24,8 @@ from PIL import Image
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 ROOT = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(ROOT / "scripts"))
 
-import convert_aimv2  # noqa: E402
+from siglip2_navit.tools import convert_aimv2  # noqa: E402
 from transformers import AutoImageProcessor, AutoModel  # noqa: E402
 
 

@@ -20,10 +20,9 @@ from safetensors.torch import save_file
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 ROOT = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(ROOT / "scripts"))
 
-import _checkpoint_utils as utils  # noqa: E402
-import convert_aimv2  # noqa: E402
+from siglip2_navit.tools import checkpoint_utils as utils  # noqa: E402
+from siglip2_navit.tools import convert_aimv2  # noqa: E402
 import transformers  # noqa: E402
 from transformers import AutoConfig, AutoImageProcessor, AutoModel  # noqa: E402
 
@@ -173,7 +172,7 @@ def test_model_card_names_the_source(tmp_path):
     dst = convert_aimv2.convert(tmp_path / "aimv2", tmp_path / "navit", base_model="apple/aimv2-large-patch14-native")
     card = (dst / "README.md").read_text()
     assert card.startswith("---\nbase_model: apple/aimv2-large-patch14-native\n")
-    assert "Weights converted from [apple/aimv2-large-patch14-native]" in card and "convert_aimv2.py" in card
+    assert "Weights converted from [apple/aimv2-large-patch14-native]" in card and "navit-convert aimv2" in card
 
 
 def test_dtype_option_casts_the_weights(tmp_path):

@@ -19,9 +19,8 @@ import torch.nn.functional as F
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 ROOT = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(ROOT / "scripts"))
 
-import _checkpoint_utils as utils  # noqa: E402
+from siglip2_navit.tools import checkpoint_utils as utils  # noqa: E402
 from conftest import cpu_flash_varlen, enable_checkpointing, packed_inputs  # noqa: E402
 from test_aimv2 import randomize_  # noqa: E402
 from test_performance import GraphCounter  # noqa: E402

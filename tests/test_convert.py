@@ -23,11 +23,10 @@ from safetensors.torch import save_file
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 ROOT = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(ROOT / "scripts"))
 
-import _checkpoint_utils as utils  # noqa: E402
-import convert_ovis_checkpoint  # noqa: E402
-import convert_siglip2_naflex  # noqa: E402
+from siglip2_navit.tools import checkpoint_utils as utils  # noqa: E402
+from siglip2_navit.tools import convert_ovis as convert_ovis_checkpoint  # noqa: E402
+from siglip2_navit.tools import convert_siglip2_naflex  # noqa: E402
 import transformers  # noqa: E402
 from transformers import AutoConfig, AutoImageProcessor, AutoModel  # noqa: E402
 

@@ -34,10 +34,9 @@ from siglip2_navit.modeling_dinov3_navit import Dinov3NavitModel
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 ROOT = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(ROOT / "scripts"))
 
-import _checkpoint_utils as utils  # noqa: E402
-import convert_dinov3  # noqa: E402
+from siglip2_navit.tools import checkpoint_utils as utils  # noqa: E402
+from siglip2_navit.tools import convert_dinov3  # noqa: E402
 from transformers import AutoImageProcessor, AutoModel  # noqa: E402
 
 

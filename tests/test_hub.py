@@ -15,10 +15,9 @@ from safetensors.torch import load_file, save_file
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 ROOT = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(ROOT / "scripts"))
 
-import _checkpoint_utils as utils  # noqa: E402
-import push_to_hub  # noqa: E402
+from siglip2_navit.tools import checkpoint_utils as utils  # noqa: E402
+from siglip2_navit.tools import push as push_to_hub  # noqa: E402
 from siglip2_navit import Siglip2NavitConfig, Siglip2NavitModel  # noqa: E402
 
 

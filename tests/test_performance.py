@@ -493,16 +493,14 @@ def test_cpu_block_tokens_is_validated():
 
 
 # ---------------------------------------------------------------------------------------------------------------------
-# scripts/benchmark.py: the CPU run of every code path, GPU-only contenders included (stand-in for the GPU run)
+# navit-benchmark (tools/benchmark.py): the CPU run of every code path, GPU-only contenders included (stand-in for the GPU run)
 # ---------------------------------------------------------------------------------------------------------------------
 
 
 def _load_benchmark():
-    spec = importlib.util.spec_from_file_location("siglip2_navit_benchmark", REPO_ROOT / "scripts" / "benchmark.py")
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module
-    spec.loader.exec_module(module)
-    return module
+    from siglip2_navit.tools import benchmark
+
+    return benchmark
 
 
 TINY_WIDTHS = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=2)
@@ -716,7 +714,7 @@ def test_quick_mode_measures_the_real_widths_and_claims_its_measured_time():
     assert all(benchmark.QUICK[k] == benchmark.SO400M[k] for k in widths) and benchmark.QUICK_LAYERS <= 2
     seconds = re.search(r"about (\d+) s", benchmark.QUICK_MEASURED).group(1)
     readme = (REPO_ROOT / "README.md").read_text()
-    assert f"`python scripts/benchmark.py --quick` (about {seconds} s" in readme
+    assert f"`navit-benchmark --quick` (about {seconds} s" in readme
     assert f"about {seconds} s" in (REPO_ROOT / "docs" / "benchmarks.md").read_text()
 
 
@@ -749,7 +747,7 @@ def test_benchmark_subsets_of_contenders_and_names_are_checked(tmp_path, monkeyp
 @pytest.mark.gpu
 def test_benchmark_runs_on_cuda_in_bf16(tmp_path, monkeypatch):
     """The GPU run end to end on a tiny config: bf16, CUDA-only contenders, peak-matmul MFU, memory from the CUDA
-    allocator; so that `python scripts/benchmark.py --device cuda` is known to work before it is spent on so400m."""
+    allocator; so that `navit-benchmark --device cuda` is known to work before it is spent on so400m."""
     benchmark = _tiny_benchmark(monkeypatch)
     names = "packed-sdpa,packed-sdpa-sync-per-layer,per-image-sdpa,naflex-padded"
     report = benchmark.main(["--quick", "--device", "cuda", "--repeats", "2", "--no-compile", "--contenders", names,

@@ -21,9 +21,8 @@ from PIL import Image
 from conftest import REPO_ROOT, tiny_model
 
 
-sys.path.insert(0, str(REPO_ROOT / "scripts"))
 
-import _checkpoint_utils as utils  # noqa: E402
+from siglip2_navit.tools import checkpoint_utils as utils  # noqa: E402
 
 
 TASK = "image-feature-extraction"

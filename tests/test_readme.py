@@ -22,17 +22,16 @@ import torch
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 ROOT = Path(__file__).resolve().parent.parent
 README = ROOT / "README.md"
-sys.path.insert(0, str(ROOT / "scripts"))
 
-import _checkpoint_utils as utils  # noqa: E402
-import convert_siglip2_naflex  # noqa: E402
+from siglip2_navit.tools import checkpoint_utils as utils  # noqa: E402
+from siglip2_navit.tools import convert_siglip2_naflex  # noqa: E402
 
 
 FENCE = re.compile(r"^```(\w*)[^\n]*\n(.*?)^```[ \t]*$", re.S | re.M)
 SKIP = re.compile(r"<!--\s*skip-test:\s*(.*?)\s*-->\s*$")
 CI_COMMANDS = {
-    "<!-- ci:demo -->": "python3 -m venv .venv && . .venv/bin/activate && pip install torch==2.13.0 && pip install -e . "
-    "&& python scripts/encode.py examples/*.jpg examples/*.png",
+    "<!-- ci:demo -->": "python3 -m venv .venv && . .venv/bin/activate && pip install torch==2.13.0 && pip install . "
+    "&& navit-encode examples/*.jpg examples/*.png",
     "<!-- ci:test -->": "python3 -m venv .venv && . .venv/bin/activate && pip install torch==2.13.0 && "
     'pip install -e ".[dev]" && python -m pytest -q',
 }

@@ -19,9 +19,8 @@ import torch
 from conftest import REPO_ROOT
 
 
-sys.path.insert(0, str(REPO_ROOT / "scripts"))
 
-import _checkpoint_utils as utils  # noqa: E402
+from siglip2_navit.tools import checkpoint_utils as utils  # noqa: E402
 
 
 MARKER = "<!-- recipe:random-model -->"
@@ -38,14 +37,12 @@ def recipe_command() -> list:
 
 
 def repo_copy(dst: Path) -> Path:
-    """What the recipe reads in a clone (code, configs, card and its assets, the scripts' helpers), config made tiny."""
+    """What the recipe reads in a clone (code, configs, card and its assets), config made tiny."""
     dst.mkdir()
     for name in (*utils.SIGLIP2.code_files, utils.MODEL_CARD, "__init__.py", "config.json"):
         shutil.copy(REPO_ROOT / name, dst / name)
     for name in utils.CARD_ASSETS:
         shutil.copytree(REPO_ROOT / name, dst / name)
-    (dst / "scripts").mkdir()
-    shutil.copy(REPO_ROOT / "scripts" / "_checkpoint_utils.py", dst / "scripts")
     config = json.loads((dst / "config.json").read_text(encoding="utf-8"))
     (dst / "config.json").write_text(json.dumps({**config, **TINY}, indent=2), encoding="utf-8")
     return dst

@@ -42,7 +42,8 @@ from safetensors.torch import save_file
 from tqdm.auto import tqdm
 
 
-REPO_ROOT = Path(__file__).resolve().parent.parent
+# The installed package (or the checkout, installed editable): its remote-code modules are what a converted folder ships.
+PACKAGE_DIR = Path(__file__).resolve().parent.parent
 PACKAGE = "siglip2_navit"
 MODEL_CARD = "README.md"
 # Folders the model card links to (docs/) and its code examples open (examples/): copied into every converted folder,
@@ -125,23 +126,13 @@ class ConversionError(RuntimeError):
 
 
 # ----------------------------------------------------------------------------------------------------------------------
-# the package (installed editable as `siglip2_navit`, or loaded straight from this checkout)
+# the package these tools belong to (`siglip2_navit`)
 # ----------------------------------------------------------------------------------------------------------------------
 
 
 def import_package():
-    """Return the `siglip2_navit` package: the installed one, else the checkout this script lives in."""
-    try:
-        return importlib.import_module(PACKAGE)
-    except ImportError:
-        pass
-    spec = importlib.util.spec_from_file_location(
-        PACKAGE, REPO_ROOT / "__init__.py", submodule_search_locations=[str(REPO_ROOT)]
-    )
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[PACKAGE] = module
-    spec.loader.exec_module(module)
-    return module
+    """Return the `siglip2_navit` package (installed, or a checkout registered under that name by a scripts/ shim)."""
+    return importlib.import_module(PACKAGE)
 
 
 def family_of(config) -> Family:
@@ -592,13 +583,27 @@ def model_card(base_model: Optional[str] = None, source_note: Optional[str] = No
     Sections between `<!-- source-repo-only:start -->` and `<!-- source-repo-only:end -->` (the fresh-clone commands,
     "no weights here") are dropped; `base_model:` is added to the YAML front matter and `source_note` under the title.
     """
-    text = (REPO_ROOT / MODEL_CARD).read_text(encoding="utf-8")
+    card = PACKAGE_DIR / MODEL_CARD
+    if not card.is_file():  # an installed (not editable) package has no README: a short card of its own
+        return _short_card(base_model, source_note)
+    text = card.read_text(encoding="utf-8")
     text = re.sub(r"<!-- source-repo-only:start -->.*?<!-- source-repo-only:end -->\n", "", text, flags=re.S)
     if base_model and text.startswith("---\n") and "\nbase_model:" not in text.split("\n---", 2)[0]:
         text = f"---\nbase_model: {base_model}\n" + text[len("---\n") :]
     if source_note:
         text = re.sub(r"^(# .*\n)", lambda m: f"{m.group(1)}\n> {source_note}\n", text, count=1, flags=re.M)
     return text
+
+
+def _short_card(base_model: Optional[str], source_note: Optional[str]) -> str:
+    front = "---\nlibrary_name: transformers\npipeline_tag: image-feature-extraction\n"
+    front += f"base_model: {base_model}\n---\n" if base_model else "---\n"
+    note = f"\n> {source_note}\n" if source_note else ""
+    return (
+        f"{front}\n# siglip2-navit\n{note}\nA native-resolution packed (NaViT) vision encoder, converted with "
+        "`navit-convert` (`pip install siglip2-navit`). Load it with `AutoModel.from_pretrained(path, "
+        "trust_remote_code=True)` and `AutoImageProcessor.from_pretrained(path, trust_remote_code=True)`.\n"
+    )
 
 
 def save_model_folder(
@@ -641,10 +646,11 @@ def save_model_folder(
     )
     processor.save_pretrained(str(folder))
     for name in family.code_files:
-        shutil.copyfile(REPO_ROOT / name, folder / name)
+        shutil.copyfile(PACKAGE_DIR / name, folder / name)
     (folder / MODEL_CARD).write_text(model_card(base_model, source_note), encoding="utf-8")
     for name in CARD_ASSETS:
-        shutil.copytree(REPO_ROOT / name, folder / name)
+        if (PACKAGE_DIR / name).is_dir():  # a checkout's docs/ and examples/ (an installed package has none)
+            shutil.copytree(PACKAGE_DIR / name, folder / name)
 
 
 # ----------------------------------------------------------------------------------------------------------------------
@@ -819,7 +825,7 @@ def convert_to_folder(
     shapes = {name: tuple(t.shape) for name, t in state_dict.items()}
     check_shapes(shapes, expected_shapes(config), f"Checkpoint {src}")
     source = f"[{base_model}](https://huggingface.co/{base_model})" if base_model else f"`{Path(src).name}`"
-    note = f"Weights converted from {source} with `scripts/{script}`."
+    note = f"Weights converted from {source} with `{script}`."
     return atomic_write_folder(
         dst, lambda tmp: save_model_folder(tmp, state_dict, config, base_model, note, processor_kwargs), overwrite
     )
@@ -896,8 +902,10 @@ def cast(state_dict: Dict[str, torch.Tensor], dtype: Optional[str]) -> Dict[str,
 # ----------------------------------------------------------------------------------------------------------------------
 
 
-def conversion_parser(description: str, src_help: str) -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(description=description, formatter_class=argparse.RawDescriptionHelpFormatter)
+def conversion_parser(description: str, src_help: str, prog: Optional[str] = None) -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog=prog, description=description, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     parser.add_argument("src", metavar="SRC", type=Path, help=src_help)
     parser.add_argument(
         "dst", metavar="DST", type=Path, help="output model folder (must not exist unless --overwrite)"

@@ -1,0 +1,1450 @@
+# Copyright 2026 The siglip2-navit authors. Licensed under the Apache License, Version 2.0.
+"""Side-by-side benchmark of the packed SigLIP2 NaViT encoder (issues #6 and #15).
+
+Every contender runs the *same weights* on the *same images* in one process:
+
+    packed-sdpa / packed-eager   this model, all images packed into one sequence, per attention backend (on CUDA
+                                  in half precision, packed-sdpa is torch's varlen kernel)
+    packed-flash                  (CUDA, when flash-attn is installed) flash-attn varlen
+    packed-sdpa-sync-per-layer    (CUDA only) the reference design: one host sync per encoder layer
+    per-image-sdpa                this model called once per image (no packing)
+    naflex-padded                 transformers' Siglip2VisionModel on the padded batch (max_num_patches = largest
+                                  image, pixel_attention_mask), weights copied through the naflex conversion mapping
+    packed-sdpa-ovis              this model in its shipped Ovis2.5 configuration (2D RoPE, bicubic 32×32 PE): the
+                                  RoPE/PE cost on top of the naflex-equivalent configuration (its PE table differs)
+
+The timed configuration of this model is the naflex-equivalent one (use_rope=False, bilinear+antialias PE on a
+16×16 grid, no head), so its output equals the naflex model's output; the benchmark checks that and reports the
+max-abs difference. hidden_stride stays 2 (images sized by the real image processor with factor 32), only the token
+order differs, which the comparison undoes.
+
+dtypes: `--dtype fp32` (CPU default) runs every contender in fp32; `--dtype bf16` (CUDA default) runs them in bf16
+(`.to(torch.bfloat16)`) plus the fp32 packed-sdpa as the reference for the bf16 speed-up (paired per round) and
+accuracy (min per-token cosine vs fp32); `--dtype both` runs every contender in each. Each dtype has its own floor.
+
+Timing is interleaved: per workload, `--repeats` rounds each run every callable once (rotated by one per round):
+the contenders, both matmul floors (bare matmuls into buffers made, untimed, just before each floor call and freed
+right after it) and a dense matmul that measures the device's peak. A drift of the machine's load therefore hits
+everything alike, and every ratio (× vs naflex-padded, packed vs per-image, fraction of the floor and of the peak,
+bf16 vs fp32, token dropping) is paired round by round.
+
+Every figure is reported as median (min–max) over the rounds. A ratio is printed as a result only when every round
+puts it on the same side of 1; rounds within 1 ± 2 % are a "tie"; rounds straddling 1 by more are "noisy" (not a
+result); a fraction of a floor or a peak above 100 % is a "measurement error". The stated targets of issues #6 and
+#15 are judged the same way: met (every round), MISSED (no round), noisy (rounds straddle the target); the summary
+lists them, and `--fail-on-missed` makes a MISSED target exit with status 1 (default: exit 0).
+
+Also reported: tokens/s (real tokens), achieved FLOP/s, peak memory of the first call (CPU: peak live tensor bytes,
+see `LiveTensorBytes`; CUDA: torch.cuda.max_memory_allocated), token dropping (keep 50 %) and torch.compile. Writes
+`<out>/benchmark.json`, `<out>/benchmark.md`, and `<out>/benchmark.png` when matplotlib is installed
+(`pip install 'siglip2-navit[bench]'`).
+
+    navit-benchmark --quick                  # so400m widths, 1 layer, 3 images (time: see --quick below)
+    navit-benchmark --quick --dtype bf16     # the same in bf16 against the fp32 reference
+    navit-benchmark --layers 1               # so400m widths, 1 of 27 layers, every workload
+    navit-benchmark --device cuda            # bf16 on a GPU
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import gc
+import importlib.util
+import json
+import math
+import os
+import platform
+import re
+import statistics
+import sys
+import time
+import weakref
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable, Optional
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch.utils._python_dispatch import TorchDispatchMode
+
+
+from . import convert_siglip2_naflex
+from ..configuration_siglip2_navit import Siglip2NavitConfig
+from ..image_processing_siglip2_navit import Siglip2NavitImageProcessor
+from ..modeling_siglip2_navit import Siglip2NavitModel
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# Configurations and workloads
+# ----------------------------------------------------------------------------------------------------------------------
+
+SO400M = dict(hidden_size=1152, intermediate_size=4304, num_hidden_layers=27, num_attention_heads=16)
+QUICK = SO400M  # --quick: the real widths (a toy width would measure Python overhead), with fewer layers and images
+QUICK_LAYERS = 1
+QUICK_MEASURED = "about 30 s on 2 idle CPU cores, measured; 68-125 s while other jobs shared the 2 cores"
+NAFLEX_GRID = 16  # naflex checkpoints learn a 16×16 PE grid
+
+
+def navit_config(size: dict, naflex_equivalent: bool, layers: Optional[int]) -> Siglip2NavitConfig:
+    """This model's config: naflex-equivalent math (the timed one) or the shipped Ovis2.5 settings."""
+    kwargs = dict(size)
+    if layers is not None:
+        kwargs["num_hidden_layers"] = layers
+    if naflex_equivalent:
+        kwargs.update(use_rope=False, pe_interpolation="bilinear", pe_antialias=True, image_size=NAFLEX_GRID * 16)
+    return Siglip2NavitConfig(patch_size=16, hidden_stride=2, vision_use_head=False, **kwargs)
+
+
+@dataclass
+class Workload:
+    name: str
+    sizes: list[tuple[int, int]]  # original (height, width) of each image, before the processor resizes it
+    min_pixels: int = 448 * 448
+    max_pixels: int = 1792 * 1792
+
+
+def mixed_sizes(n: int, smallest: int, largest: int, seed: int = 0) -> list[tuple[int, int]]:
+    """n sizes with areas geometric from smallest² to largest² and aspect ratios geometric from 1:4 to 4:1."""
+    areas = np.geomspace(smallest**2, largest**2, n)
+    aspects = np.random.default_rng(seed).permutation(np.geomspace(1 / 4, 4, n))  # width / height
+    return [(round(math.sqrt(a / r)), round(math.sqrt(a * r))) for a, r in zip(areas, aspects)]
+
+
+def workloads(quick: bool) -> list[Workload]:
+    if quick:
+        return [
+            Workload("mixed", mixed_sizes(3, 448, 640)),  # 784 + 1,056 + 1,600 tokens
+        ]
+    return [
+        Workload("mixed", mixed_sizes(16, 224, 1024)),
+        Workload("uniform", [(448, 448)] * 16),
+        *[Workload(f"scaling-{n}", [(448, 448)] * n) for n in (1, 4, 16, 64)],
+        Workload("single-1792", [(1792, 1792)]),
+    ]
+
+
+def make_inputs(workload: Workload, seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
+    """Random RGB images of the workload's sizes through the real image processor (fixed seed)."""
+    rng = np.random.default_rng(seed)
+    processor = Siglip2NavitImageProcessor(min_pixels=workload.min_pixels, max_pixels=workload.max_pixels)
+    images = [rng.integers(0, 256, size=(h, w, 3), dtype=np.uint8) for h, w in workload.sizes]
+    batch = processor(images=images, return_tensors="pt")
+    return batch["pixel_values"], batch["grid_thws"]
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# transformers' naflex model on the padded batch, same weights
+# ----------------------------------------------------------------------------------------------------------------------
+
+
+def naflex_to_navit_state_dict(state_dict: dict, num_channels: int, patch_size: int) -> dict:
+    """SPEC §7: prefix `vision_model.`, Linear patch embedding [hidden, p·p·C] -> Conv2d layout [hidden, C, p, p]."""
+    converted = {}
+    for name, value in state_dict.items():
+        name = name if name.startswith("vision_model.") else "vision_model." + name
+        if name == "vision_model.embeddings.patch_embedding.weight":
+            value = convert_siglip2_naflex.patch_embedding_to_conv(value, num_channels, patch_size)
+        converted[name] = value.contiguous()
+    return converted
+
+
+def build_models(size: dict, layers: Optional[int], seed: int, with_ovis: bool):
+    """transformers' naflex Siglip2VisionModel with random weights, and this model with those weights copied through
+    the naflex conversion mapping (tools/convert_siglip2_naflex.py; config from its
+    `navit_config_kwargs`, hidden_stride 2). Optionally the same weights in the shipped Ovis2.5 configuration (its own
+    32×32 PE table)."""
+    from transformers import Siglip2VisionConfig, Siglip2VisionModel
+
+    naflex_config = Siglip2VisionConfig(
+        hidden_size=size["hidden_size"],
+        intermediate_size=size["intermediate_size"],
+        num_hidden_layers=size["num_hidden_layers"] if layers is None else layers,
+        num_attention_heads=size["num_attention_heads"],
+        num_patches=NAFLEX_GRID * NAFLEX_GRID,
+        patch_size=16,
+        hidden_act="gelu_pytorch_tanh",
+        layer_norm_eps=1e-6,
+        vision_use_head=False,
+        attn_implementation="sdpa",
+    )
+    torch.manual_seed(seed)
+    naflex = Siglip2VisionModel(naflex_config).eval()
+    vision = convert_siglip2_naflex.vision_config_of(naflex_config.to_dict())
+    config = Siglip2NavitConfig(**convert_siglip2_naflex.navit_config_kwargs(vision, hidden_stride=2))
+    model = Siglip2NavitModel(config)
+    state_dict = naflex_to_navit_state_dict(naflex.state_dict(), config.num_channels, config.patch_size)
+    model.load_state_dict(state_dict, strict=True)
+    model.eval()
+    ovis = None
+    if with_ovis:
+        ovis = Siglip2NavitModel(navit_config(size, naflex_equivalent=False, layers=layers))
+        ovis.load_state_dict({k: v for k, v in state_dict.items() if "position_embedding" not in k}, strict=False)
+        ovis.eval()
+    return model, naflex, ovis
+
+
+def raster_index(grids: list[tuple[int, int, int]], stride: int) -> list[torch.Tensor]:
+    """Per image: the packed rows (hidden_stride-block order, SPEC §3) of its patches in raster order."""
+    indices, offset = [], 0
+    for t, h, w in grids:
+        assert t == 1, "the naflex baseline handles single-frame images only"
+        r = torch.arange(h)[:, None]
+        c = torch.arange(w)[None, :]
+        block = (r // stride) * (w // stride) + c // stride
+        indices.append((offset + (block * stride + r % stride) * stride + c % stride).flatten())
+        offset += h * w
+    return indices
+
+
+def naflex_inputs(pixel_values: torch.Tensor, grids: list, num_channels: int, patch_size: int, stride: int):
+    """The padded naflex batch: [B, max_patches, p·p·C] patches in raster order, the mask and spatial shapes."""
+    indices = raster_index(grids, stride)
+    max_patches = max(len(i) for i in indices)
+    width = num_channels * patch_size * patch_size
+    padded = pixel_values.new_zeros(len(indices), max_patches, width)
+    mask = torch.zeros(len(indices), max_patches, dtype=torch.long)
+    for b, index in enumerate(indices):
+        rows = pixel_values[index].view(-1, num_channels, patch_size, patch_size).permute(0, 2, 3, 1)
+        padded[b, : len(index)] = rows.reshape(len(index), width)
+        mask[b, : len(index)] = 1
+    spatial_shapes = torch.tensor([[h, w] for _, h, w in grids], dtype=torch.long)
+    return padded, mask, spatial_shapes, indices
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# Measurement
+# ----------------------------------------------------------------------------------------------------------------------
+
+
+class LiveTensorBytes(TorchDispatchMode):
+    """Peak bytes of live tensor storage created during a call: every op's output storage counts from the op that
+    creates it until it is freed. The CPU counterpart of `torch.cuda.max_memory_allocated`: independent of the
+    allocator (whether glibc keeps freed memory mapped or not), of other contenders and of the process's baseline.
+    Scratch buffers that a kernel allocates and frees internally are not seen (as on CUDA they would be)."""
+
+    def __init__(self):
+        super().__init__()
+        self.live = self.peak = 0
+        self._storages: set[int] = set()
+
+    def _freed(self, key: int, size: int) -> None:
+        self.live -= size
+        self._storages.discard(key)
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        for tensor in torch.utils._pytree.tree_leaves(out):
+            if not isinstance(tensor, torch.Tensor):
+                continue
+            storage = tensor.untyped_storage()
+            key, size = storage.data_ptr(), storage.nbytes()
+            if size == 0 or key in self._storages:  # a view, or an in-place result
+                continue
+            self._storages.add(key)
+            self.live += size
+            self.peak = max(self.peak, self.live)
+            weakref.finalize(storage, self._freed, key, size)
+        return out
+
+
+class PeakMemory:
+    """Peak memory of one call, in bytes above what was allocated before it: CUDA `torch.cuda.max_memory_allocated`,
+    CPU `LiveTensorBytes` (the call runs under a dispatch mode, so it is never one of the timed calls)."""
+
+    def __init__(self, device: torch.device):
+        self.device = device
+        self.peak = None
+
+    def __enter__(self) -> "PeakMemory":
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
+            torch.cuda.reset_peak_memory_stats(self.device)
+            self.base = torch.cuda.memory_allocated(self.device)
+        else:
+            gc.collect()
+            self.mode = LiveTensorBytes().__enter__()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
+            self.peak = torch.cuda.max_memory_allocated(self.device) - self.base
+        else:
+            self.mode.__exit__(*exc)
+            self.peak = self.mode.peak
+
+
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+CLOCKS = {"wall": time.perf_counter, "cpu": time.process_time}
+CLOCK = CLOCKS["wall"]  # set by --timer
+
+
+def _error_text(err: Exception, limit: int = 300) -> str:
+    """A failure as reported in the benchmark's results: exception type and message, cut to `limit` characters."""
+    return f"{type(err).__name__}: {err}"[:limit]
+
+
+@dataclass
+class FreshEachCall:
+    """A callable whose buffers are made (untimed) right before each call and freed right after it. A matmul floor's
+    scratch buffers (GBs at full size) are then never resident while a contender runs (a large resident set slows the
+    contenders' fresh allocations), yet the floor runs in the same rounds as the contenders, so a drift of the
+    machine's load hits both alike and their ratio is paired round by round. Its memory is not measured."""
+
+    make: Callable[[], Callable[[], object]]
+
+
+def _timed_call(fn, device: torch.device) -> float:
+    """One call of `fn` (made fresh first, untimed, when it is a FreshEachCall), its time on CLOCK."""
+    run = fn.make() if isinstance(fn, FreshEachCall) else fn
+    _sync(device)
+    start = CLOCK()
+    out = run()
+    _sync(device)
+    elapsed = CLOCK() - start
+    del out, run
+    return elapsed
+
+
+def time_interleaved(
+    fns: dict, device: torch.device, warmup: int, repeats: int, measure_memory: bool = True, keep_going: bool = False
+) -> dict:
+    """Time several callables side by side: each first runs once to measure its peak memory (unless not
+    `measure_memory`, or it is a FreshEachCall) and `warmup` more times untimed, then `repeats` rounds run every
+    callable once, in turn, each round starting one callable later than the last (so that no callable always runs
+    right after the same neighbour). A slow drift of the machine's load (other processes, thermal state) hits every
+    contender alike instead of whichever ran last, and each round gives paired ratios. Per name: the median, the
+    individual times (round order) and the peak memory of the first call.
+
+    The clock is wall time, or with `--timer cpu` this process's CPU time (robust on a busy machine when run with
+    `--threads 1`: time spent descheduled is not counted).
+
+    With `keep_going`, a callable that raises in its first calls (out of memory, a broken optional kernel) is reported
+    as `{"error": ...}` and left out of the rounds, so one failing contender does not cost the whole run."""
+    results, failed = {}, {}
+    for name, fn in fns.items():
+        memory = PeakMemory(device)
+        try:
+            if measure_memory and not isinstance(fn, FreshEachCall):
+                with memory:
+                    out = fn()
+                    del out
+            for _ in range(warmup):
+                _timed_call(fn, device)
+        except Exception as err:  # noqa: BLE001 - reported, not hidden
+            if not keep_going:
+                raise
+            failed[name] = {"error": _error_text(err)}
+            if device.type == "cuda":
+                torch.cuda.empty_cache()
+            continue
+        results[name] = {"times_s": [], "peak_memory_bytes": memory.peak}
+    order = [name for name in fns if name not in failed]
+    for round_index in range(repeats):
+        shift = round_index % max(1, len(order))  # each round starts one callable later: no fixed position in a round
+        for name in order[shift:] + order[:shift]:
+            results[name]["times_s"].append(_timed_call(fns[name], device))
+    for result in results.values():
+        result["median_s"] = statistics.median(result["times_s"])
+    return {**results, **failed}
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# Spreads, verdicts and targets: no figure is printed as a result unless its rounds agree on it
+# ----------------------------------------------------------------------------------------------------------------------
+
+TIE_TOLERANCE = 0.02  # a ratio whose every round lies within 1 ± this is reported as a tie, not as noise
+
+
+def spread(samples: list[float]) -> dict:
+    """min / median / max of a figure's samples (one per timed round), and how many there were."""
+    if not samples:
+        raise ValueError("spread() needs at least one sample")
+    return {"median": statistics.median(samples), "min": min(samples), "max": max(samples), "rounds": len(samples)}
+
+
+def exact(value: float) -> dict:
+    """A figure measured once, without timing noise (an accuracy metric): its spread is the value itself."""
+    return {**spread([value]), "rounds": 0}
+
+
+def paired_ratio(numerator: dict, denominator: dict) -> dict:
+    """Per-round ratios of two contenders timed by `time_interleaved` in the same rounds: median, min, max. Each
+    round's ratio compares two calls made back to back, so a drift of the machine's load cancels out."""
+    ratios = [a / b for a, b in zip(numerator["times_s"], denominator["times_s"])]
+    return {**spread(ratios), "paired": True}
+
+
+def unpaired_ratio(numerator: list[float], denominator: list[float]) -> dict:
+    """The ratio of two figures timed in different rounds (a matmul floor and a contender): median ÷ median, with the
+    widest range any pair of their samples allows (min ÷ max … max ÷ min), since no round pairs them."""
+    return {
+        "median": statistics.median(numerator) / statistics.median(denominator),
+        "min": min(numerator) / max(denominator),
+        "max": max(numerator) / min(denominator),
+        "rounds": min(len(numerator), len(denominator)),
+        "paired": False,
+    }
+
+
+def ratio_verdict(figure: dict, bounded_by_one: bool = False) -> str:
+    """What a ratio (× faster, fraction of a floor) may be reported as.
+
+    "result": every round agrees on the side of 1 it lies on, so the median is a result. "tie": the rounds straddle 1
+    but all lie within 1 ± TIE_TOLERANCE (no difference that this run can resolve). "noisy": the rounds straddle 1 by
+    more than that: the spread is wider than the effect the median would claim, so it is not a result.
+    With `bounded_by_one` (a fraction of a floor or a peak: nothing can run faster than the bare matmuls), a median
+    above 1 is a "measurement error"."""
+    low, median, high = figure["min"], figure["median"], figure["max"]
+    if bounded_by_one and median > 1:
+        return "measurement error"
+    if low < 1 < high:
+        return "tie" if 1 - TIE_TOLERANCE <= low and high <= 1 + TIE_TOLERANCE else "noisy"
+    return "result"
+
+
+def target_status(figure: dict, threshold: float, higher_is_better: bool) -> str:
+    """"met" when every round meets the target, "MISSED" when none does, "noisy" when the rounds straddle it (neither
+    can be claimed: rerun with more `--repeats` on a quieter machine). A figure that is a measurement error
+    (`verdict`) cannot meet anything, nor can a fraction of a floor whose rounds reach above 100 % ("noisy")."""
+    if figure.get("verdict") == "measurement error":
+        return "measurement error"
+    if figure.get("bounded_by_one") and figure["max"] > 1:
+        return "noisy"  # some rounds ran "faster than the floor": those rounds are not measurements of the model
+    low, high = figure["min"], figure["max"]
+    worst, best = (low, high) if higher_is_better else (-high, -low)
+    bound = threshold if higher_is_better else -threshold
+    if worst >= bound:
+        return "met"
+    if best < bound:
+        return "MISSED"
+    return "noisy"
+
+
+def with_verdict(figure: dict, bounded_by_one: bool = False) -> dict:
+    """The figure with its `verdict` (see ratio_verdict); a fraction of a floor or peak is marked `bounded_by_one`."""
+    return {**figure, "verdict": ratio_verdict(figure, bounded_by_one), "bounded_by_one": bounded_by_one}
+
+
+def format_ratio(figure: Optional[dict], unit: str = "×") -> str:
+    """A ratio as printed: the median with its spread when it is a result or a tie, otherwise only the spread and why.
+    `unit` "%" prints fractions as percentages."""
+    if figure is None:
+        return ""
+    scale, fmt = (100, "{:.0f}") if unit == "%" else (1, "{:.2f}")
+    suffix = " %" if unit == "%" else "×"
+    low, median, high = (fmt.format(scale * figure[k]) for k in ("min", "median", "max"))
+    rng = low if low == high else f"{low}–{high}"
+    verdict = figure.get("verdict", "result")
+    if verdict == "measurement error":
+        return f"measurement error ({median}{suffix} > 100 %)"
+    if verdict == "noisy":
+        return f"noisy ({rng}{suffix})"
+    if verdict == "tie":
+        return f"tie ({rng}{suffix})"
+    return f"{median}{suffix} ({rng})" if low != high else f"{median}{suffix}"
+
+
+def model_flops(grids: list, config: Siglip2NavitConfig, num_tokens: Optional[int] = None) -> float:
+    """Matmul FLOPs of one forward (docs/benchmarks.md derives it): patch embedding + per layer the projections,
+    MLP and attention (QKᵀ and PV) per sequence. Elementwise ops are not counted."""
+    hidden, inter, layers = config.hidden_size, config.intermediate_size, config.num_hidden_layers
+    seq_lens = [h * w for t, h, w in grids for _ in range(t)]
+    tokens = sum(seq_lens) if num_tokens is None else num_tokens
+    patch = config.num_channels * config.temporal_patch_size * config.patch_size**2
+    dense = tokens * (2 * patch * hidden + layers * (8 * hidden * hidden + 4 * hidden * inter))
+    attention = layers * sum(4 * n * n * hidden for n in seq_lens)
+    return float(dense + attention)
+
+
+PEAK_MATMUL_SIDE = {True: 8192, False: 2048}  # n of the n³ matmul that measures the peak: on CUDA, on CPU
+
+
+def matmul_peak_run(device: torch.device, dtype: torch.dtype) -> tuple[Callable[[], object], int]:
+    """One dense matmul of `dtype` into a preallocated output (8192³ on CUDA, 2048³ on CPU) and its FLOP: timed in
+    the workloads' rounds, it gives the device's measured matmul peak, paired round by round with the contenders."""
+    n = PEAK_MATMUL_SIDE[device.type == "cuda"]
+    a = torch.randn(n, n, device=device, dtype=dtype)
+    b = torch.randn(n, n, device=device, dtype=dtype)
+    out = torch.empty(n, n, device=device, dtype=dtype)
+    return (lambda: torch.mm(a, b, out=out)), 2 * n**3
+
+
+def matmul_floor(
+    seq_lens: list[int], config: Siglip2NavitConfig, device: torch.device, dtype: torch.dtype, kind: str
+) -> Callable[[], None]:
+    """A callable that runs exactly the unavoidable matmuls of one forward, bare, into preallocated outputs.
+
+    Per layer, on the K packed tokens: QKV (one fused [K, H] × [H, 3H]), out-proj, fc1, fc2 (no bias); and per group
+    of equal-length sequences QKᵀ and PV as batched matmuls (split into chunks of ≤ 256 MiB of scores so that long
+    sequences fit in memory). Nothing else: no bias, norm, activation, softmax, RoPE, PE, reordering.
+
+    `kind` "floor-bmm" is that; "floor-sdpa" runs the same dense matmuls with the attention done by one bare
+    `scaled_dot_product_attention` call per group instead. On CPU, torch's fused flash kernel can beat the bare
+    QKᵀ/PV matmuls (it never writes the [L, L] scores to memory), so a model could run above 100 % of the bmm floor;
+    the benchmark takes the faster of the two floors as the floor.
+    """
+    hidden, inter, heads = config.hidden_size, config.intermediate_size, config.num_attention_heads
+    head_dim = hidden // heads
+    tokens = sum(seq_lens)
+    make = lambda *shape: torch.empty(*shape, device=device, dtype=dtype).normal_(0, 0.02)  # noqa: E731
+    x, w_qkv, w_o, w_1, w_2 = (
+        make(tokens, hidden), make(hidden, 3 * hidden), make(hidden, hidden), make(hidden, inter), make(inter, hidden)
+    )
+    zeros = lambda *shape: torch.zeros(*shape, device=device, dtype=dtype)  # noqa: E731 - outputs, paged in untimed
+    qkv_out, o_out, h_out = zeros(tokens, 3 * hidden), zeros(tokens, hidden), zeros(tokens, inter)
+
+    groups: dict[int, int] = {}
+    for n in seq_lens:
+        groups[n] = groups.get(n, 0) + 1
+    element_bytes = torch.finfo(dtype).bits // 8
+    if kind == "floor-sdpa":
+        sdpa_jobs = [tuple(make(count, heads, length, head_dim) for _ in range(3)) for length, count in groups.items()]
+    bmm_jobs = []  # (q, kᵀ, v, scores, out) per chunk of (sequences × heads); chunks of one shape share buffers
+    buffers: dict = {}
+    for length, count in groups.items() if kind == "floor-bmm" else ():
+        chunk = max(1, min(count * heads, (256 << 20) // (length * length * element_bytes)))
+        remaining = count * heads
+        while remaining > 0:
+            b = min(chunk, remaining)
+            if (b, length) not in buffers:
+                buffers[(b, length)] = (
+                    make(b, length, head_dim), make(b, head_dim, length), make(b, length, head_dim),
+                    zeros(b, length, length), zeros(b, length, head_dim),
+                )
+            bmm_jobs.append(buffers[(b, length)])
+            remaining -= b
+
+    def dense():
+        torch.mm(x, w_qkv, out=qkv_out)
+        torch.mm(x, w_o, out=o_out)
+        torch.mm(x, w_1, out=h_out)
+        torch.mm(h_out, w_2, out=o_out)
+
+    def bmm_forward():
+        for _ in range(config.num_hidden_layers):
+            dense()
+            for q, kt, v, scores, out in bmm_jobs:
+                torch.bmm(q, kt, out=scores)
+                torch.bmm(scores, v, out=out)
+
+    def sdpa_forward():
+        for _ in range(config.num_hidden_layers):
+            dense()
+            for q, k, v in sdpa_jobs:
+                F.scaled_dot_product_attention(q, k, v)
+
+    return {"floor-bmm": bmm_forward, "floor-sdpa": sdpa_forward}[kind]
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# Contenders
+# ----------------------------------------------------------------------------------------------------------------------
+
+
+@dataclass
+class Contender:
+    name: str
+    run: Callable[[], object]
+    note: str = ""
+    padded_tokens: Optional[int] = None
+
+
+def sync_per_layer_hooks(model: Siglip2NavitModel) -> list:
+    """The reference design: each layer reads its sequence lengths back to the host (`.tolist()`), one sync/layer."""
+
+    def hook(module, args):
+        args[2].cu_seqlens.diff().max().item()
+
+    return [layer.register_forward_pre_hook(hook) for layer in model.vision_model.encoder.layers]
+
+
+CONTENDER_NAMES = (
+    "packed-sdpa",
+    "packed-eager",
+    "packed-flash",
+    "packed-sdpa-sync-per-layer",
+    "per-image-sdpa",
+    "naflex-padded",
+    "packed-sdpa-ovis",
+)
+
+
+def contenders_for(
+    model: Siglip2NavitModel,
+    ovis_model: Optional[Siglip2NavitModel],
+    naflex: Optional[torch.nn.Module],
+    pixel_values: torch.Tensor,
+    grid_thws: torch.Tensor,
+    all_contenders: bool,
+) -> list[Contender]:
+    device = model.device
+    grids = [tuple(g) for g in grid_thws.tolist()]
+    cfg = model.config
+    counts = [t * h * w for t, h, w in grids]
+    starts = np.cumsum([0] + counts).tolist()
+
+    def packed(backend: str, m: Siglip2NavitModel = model) -> Callable[[], object]:
+        def run():
+            m.config._attn_implementation = backend
+            return m(pixel_values, grid_thws).last_hidden_state
+
+        return run
+
+    result = [
+        Contender("packed-sdpa", packed("sdpa")),
+        Contender("packed-eager", packed("eager")),
+    ]
+    if device.type == "cuda" or all_contenders:
+        if importlib.util.find_spec("flash_attn") is not None:
+            result.append(Contender("packed-flash", packed("flash_attention_2"), "flash-attn varlen"))
+        hooks_run = packed("sdpa")
+
+        def sync_per_layer():
+            hooks = sync_per_layer_hooks(model)
+            try:
+                return hooks_run()
+            finally:
+                for h in hooks:
+                    h.remove()
+
+        result.append(Contender("packed-sdpa-sync-per-layer", sync_per_layer, "reference design: 1 host sync/layer"))
+
+    def per_image():
+        model.config._attn_implementation = "sdpa"
+        return [
+            model(pixel_values[starts[i] : starts[i + 1]], grid_thws[i : i + 1]).last_hidden_state
+            for i in range(len(grids))
+        ]
+
+    result.append(Contender("per-image-sdpa", per_image, "one forward per image"))
+    if naflex is not None:
+        padded, mask, shapes, _ = naflex_inputs(pixel_values, grids, cfg.num_channels, cfg.patch_size, cfg.hidden_stride)
+        padded, mask = padded.to(device), mask.to(device)
+
+        def naflex_run():
+            return naflex(pixel_values=padded, pixel_attention_mask=mask, spatial_shapes=shapes).last_hidden_state
+
+        result.append(
+            Contender("naflex-padded", naflex_run, "transformers Siglip2VisionModel, sdpa + mask", padded.shape[0] * padded.shape[1])
+        )
+    if ovis_model is not None:
+        result.append(Contender("packed-sdpa-ovis", packed("sdpa", ovis_model), "RoPE + bicubic 32×32 PE"))
+    return result
+
+
+def naflex_agreement(model, naflex, pixel_values, grid_thws) -> float:
+    """max |ours - naflex| over all real tokens (ours in raster order)."""
+    cfg = model.config
+    grids = [tuple(g) for g in grid_thws.tolist()]
+    padded, mask, shapes, indices = naflex_inputs(pixel_values, grids, cfg.num_channels, cfg.patch_size, cfg.hidden_stride)
+    with torch.no_grad():
+        model.config._attn_implementation = "sdpa"
+        ours = model(pixel_values, grid_thws).last_hidden_state.float().cpu()
+        theirs = naflex(pixel_values=padded.to(model.device), pixel_attention_mask=mask.to(model.device),
+                        spatial_shapes=shapes).last_hidden_state.float().cpu()
+    return max(float((ours[index] - theirs[b, : len(index)]).abs().max()) for b, index in enumerate(indices))
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# Main
+# ----------------------------------------------------------------------------------------------------------------------
+
+
+def machine_description(device: torch.device) -> dict:
+    info = {
+        "platform": platform.platform(),
+        "python": platform.python_version(),
+        "torch": torch.__version__,
+        "threads": torch.get_num_threads(),
+        "cpu": platform.processor() or platform.machine(),
+    }
+    try:
+        import transformers
+
+        info["transformers"] = transformers.__version__
+    except ImportError:
+        pass
+    try:
+        with open("/proc/cpuinfo") as f:
+            names = re.findall(r"^model name\s*:\s*(.+)$", f.read(), re.MULTILINE)
+        if names:
+            info["cpu"] = f"{names[0]} × {len(names)} logical CPUs"
+    except OSError:
+        pass
+    try:
+        info["load_average"] = os.getloadavg()
+    except OSError:
+        pass
+    if device.type == "cuda":
+        info["gpu"] = torch.cuda.get_device_name(device)
+    return info
+
+
+def _fmt_bytes(n: Optional[int]) -> str:
+    return "n/a" if n is None else f"{n / 2**20:,.0f} MiB"
+
+
+def _fmt_time(figure: dict) -> str:
+    """A time with its spread over the rounds: median (min–max)."""
+    return f"{figure['median']:.3f} ({figure['min']:.3f}–{figure['max']:.3f})"
+
+
+def _fmt_flops(figure: dict) -> str:
+    return f"{figure['median'] / 1e9:,.0f} GFLOP/s ({figure['min'] / 1e9:,.0f}–{figure['max'] / 1e9:,.0f})"
+
+
+def _label(name: str, dtype: str) -> str:
+    return f"{name} [{dtype}]"
+
+
+TABLE_HEADER = (
+    "| workload | images | tokens | contender | time (s): median (min–max) | tokens/s | × vs naflex-padded (paired) "
+    "| of floor | of matmul peak | peak memory |"
+)
+
+
+def _floor_rows(w: dict) -> list[str]:
+    rows = []
+    for dtype, floor in w["floors"].items():
+        rows.append(
+            f"| {w['name']} | {w['images']} | {w['tokens']} | *matmul floor [{dtype}]* ({floor['kind']}) | "
+            f"{_fmt_time(floor)} | {w['tokens'] / floor['median']:,.0f} | | 100 % | "
+            f"{w['flops'] / floor['median'] / 1e9:,.0f} GFLOP/s | |"
+        )
+    return rows
+
+
+def _contender_row(w: dict, c: dict) -> str:
+    label = _label(c["name"], c["dtype"])
+    if "error" in c:
+        return f"| {w['name']} | | | {label} | {c['error']} | | | | | |"
+    return (
+        f"| {w['name']} | | | {label} | {_fmt_time(c['time_s'])} | {c['tokens_per_s']:,.0f} | "
+        f"{format_ratio(c.get('vs_naflex_padded'))} | {format_ratio(c.get('of_floor'), '%')} | "
+        f"{format_ratio(c.get('of_matmul_peak'), '%')} | {_fmt_bytes(c['peak_memory_bytes'])} |"
+    )
+
+
+def _workload_rows(w: dict) -> list[str]:
+    rows = _floor_rows(w) + [_contender_row(w, c) for c in w["contenders"]]
+    for dtype, diff in w.get("naflex_max_abs_diff", {}).items():
+        rows.append(f"| {w['name']} | | | *max abs diff ours vs naflex [{dtype}]* | {diff:.1e} | | | | | |")
+    return rows
+
+
+def _paired_lines(report: dict) -> list[str]:
+    lines = []
+    for w in report["workloads"]:
+        for dtype, ratio in w.get("packed_vs_per_image", {}).items():
+            lines.append(f"{w['name']} [{dtype}] {format_ratio(ratio)}")
+    if not lines:
+        return []
+    return ["", "Packing vs the per-image loop (per-image time ÷ packed time, paired round by round; > 1 = packing "
+            "wins): " + ", ".join(lines) + "."]
+
+
+def _bf16_lines(report: dict) -> list[str]:
+    lines = []
+    for w in report["workloads"]:
+        b = w.get("bf16_vs_fp32")
+        if not b:
+            continue
+        lines.append(
+            f"- {w['name']}: packed-sdpa bf16 is {format_ratio(b.get('speedup'))} the fp32 forward's speed (paired); "
+            f"min per-token cosine vs fp32 {b['min_token_cosine']['median']:.5f}, max abs diff {b['max_abs_diff']:.2e}"
+        )
+    return ["", "bf16 vs fp32 (same weights, same inputs, same rounds):", *lines] if lines else []
+
+
+def _token_dropping_lines(report: dict) -> list[str]:
+    d = report.get("token_dropping")
+    if not d:
+        return []
+    return [
+        "",
+        f"Token dropping ({d['workload']} [{d['dtype']}], keep {d['keep_fraction']:.0%}: {d['kept_tokens']} of "
+        f"{d['tokens']} tokens, timed in the same rounds as the full packed-sdpa forward): "
+        f"{format_ratio(d['time_fraction'], '%')} of the full forward's time.",
+    ]
+
+
+def _compile_lines(report: dict) -> list[str]:
+    c = report.get("compile")
+    if not c:
+        return []
+    if "error" in c:
+        return ["", f"torch.compile: failed: {c['error']}"]
+    return [
+        "",
+        f"torch.compile(model, dynamic=True) ({c['workload']}, sdpa): first call (compile) {c['first_call_s']:.1f} s, "
+        f"then {_fmt_time(c['time_s'])} s, speed vs eager (paired) {format_ratio(c['speedup_vs_eager'])}, "
+        f"max abs diff vs eager {c['max_abs_diff']:.1e}. A batch of another composition "
+        f"({c['new_composition']['images']} of the images, {c['new_composition']['tokens']:,} tokens) right after: "
+        f"first call {c['new_composition']['first_call_s']:.2f} s, **{c['new_composition']['new_graphs']} new "
+        f"graph(s)** compiled.",
+    ]
+
+
+def _memory_lines(report: dict) -> list[str]:
+    s = report.get("memory_scaling")
+    if not s:
+        return []
+    return [
+        "",
+        "Memory scaling (packed-sdpa peak): " + ", ".join(f"{k}: {_fmt_bytes(v)}" for k, v in s["peaks"].items())
+        + f"; largest / (its image factor × the next smaller) = {s['ratio_vs_linear']:.2f} (≤ ~1 means linear).",
+    ]
+
+
+def _target_lines(report: dict) -> list[str]:
+    targets = report.get("targets", [])
+    if not targets:
+        return []
+    lines = ["", "| target | workload | measured | status |", "|---|---|---|---|"]
+    for t in targets:
+        unit = "%" if t["unit"] == "%" else "×"
+        measured = (f"{t['figure']['median']:.5f}" if t["unit"] == "" else format_ratio(t["figure"], unit))
+        lines.append(f"| {t['target']} | {t['workload']} | {measured} | **{t['status']}** |")
+    return lines
+
+
+def _load(report: dict) -> str:
+    """The 1-minute load average when the run started (how busy the machine was), or "?" where unknown."""
+    load = report["machine"].get("load_average")
+    return "?" if not load else f"{load[0]:.1f}"
+
+
+def summary_line(report: dict) -> str:
+    """One line: how many targets were met, MISSED, noisy or measurement errors, and how many figures were flagged."""
+    s = report["summary"]
+    parts = [f"{len(s['met'])} met", f"{len(s['missed'])} MISSED", f"{len(s['noisy'])} noisy (undecided)"]
+    if s["errors"]:
+        parts.append(f"{len(s['errors'])} measurement error(s)")
+    line = f"Targets: {', '.join(parts)}."
+    if s["missed"]:
+        line += " MISSED: " + "; ".join(s["missed"]) + "."
+    if s["flagged_figures"]:
+        line += (f" {s['flagged_figures']} figure(s) flagged noisy or as measurement errors (machine load average at "
+                 f"start {_load(report)}).")
+    if machine_busy(report):
+        line += (f" **The machine was busy** (load average {_load(report)} on {os.cpu_count()} CPUs at the start): "
+                 "other processes bias even paired wall-clock figures (a model's many small ops wait for preempted "
+                 "threads more than the floor's few large GEMMs do); rerun on an idle machine, or with "
+                 "`--threads 1 --timer cpu`.")
+    return line
+
+
+def machine_busy(report: dict) -> bool:
+    """More runnable processes than CPUs when the run started (1-minute load average), with wall-clock timing."""
+    load = report["machine"].get("load_average")
+    return bool(load) and report.get("timer", "wall") == "wall" and load[0] >= (os.cpu_count() or 1)
+
+
+def _workload_description(w: dict) -> str:
+    longest = max(h * width for _, h, width in w["grids"])
+    return (f"{w['name']}: {w['images']} image(s), {w['tokens']:,} tokens, longest {longest:,} (padded to the "
+            f"longest, naflex computes {w['padded_flop_ratio']:.2f}× the FLOP)")
+
+
+def render_markdown(report: dict) -> str:
+    m = report["machine"]
+    peaks = ", ".join(f"{dtype} {_fmt_flops(p)}" for dtype, p in report["matmul_peak"].items())
+    lines = [
+        f"## {report['title']}",
+        "",
+        f"Machine: {m['cpu']}; {m.get('gpu', 'no GPU')}; torch {m['torch']}, "
+        f"transformers {m.get('transformers', '?')}, "
+        f"{m['threads']} threads, load average at start {_load(report)}. dtype(s) "
+        f"{', '.join(report['dtypes'])}. Config: {report['config_description']}. {report['repeats']} interleaved "
+        f"rounds after a memory-measuring call and {report['warmup']} warm-up ({report['timer']} time); figures are "
+        f"median (min–max) over the rounds. Matmul peak measured: {peaks}. Wall time of this run: "
+        f"{report['wall_s']:.0f} s.",
+        "",
+        "Workloads: " + "; ".join(_workload_description(w) for w in report["workloads"]) + ".",
+        "",
+        TABLE_HEADER,
+        "|" + "---|" * (TABLE_HEADER.count("|") - 1),
+    ]
+    for w in report["workloads"]:
+        lines += _workload_rows(w)
+    lines += _paired_lines(report) + _bf16_lines(report) + _token_dropping_lines(report) + _compile_lines(report)
+    lines += _memory_lines(report) + _target_lines(report)
+    lines += ["", summary_line(report),
+              "", "A ratio is printed as a result only when every round agrees on its side of 1; \"tie\": all rounds "
+              f"within ±{TIE_TOLERANCE:.0%}; \"noisy\": the rounds straddle 1 by more (not a result); a fraction of a "
+              "floor or peak above 100 % is a measurement error. Targets: met (every round meets it), MISSED (no round "
+              "does), noisy (the rounds straddle it)."]
+    return "\n".join(lines) + "\n"
+
+
+def plot(report: dict, path: Path) -> bool:
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        print("matplotlib not installed (pip install 'siglip2-navit[bench]'): skipping the plot")
+        return False
+    series: dict[str, list[tuple[int, float]]] = {}
+    for w in report["workloads"]:
+        for c in w["contenders"]:
+            if "error" not in c:
+                series.setdefault(_label(c["name"], c["dtype"]), []).append((w["tokens"], c["tokens_per_s"]))
+        for dtype, floor in w["floors"].items():
+            series.setdefault(f"matmul floor [{dtype}]", []).append((w["tokens"], w["tokens"] / floor["median"]))
+    fig, ax = plt.subplots(figsize=(8, 5))
+    for name, points in series.items():
+        points.sort()
+        ax.plot([p[0] for p in points], [p[1] for p in points], marker="o", label=name,
+                linestyle="--" if name.startswith("matmul floor") else "-")
+    ax.set_xscale("log")
+    ax.set_xlabel("total tokens in the batch")
+    ax.set_ylabel("tokens / s")
+    ax.set_title(report["title"])
+    ax.legend(fontsize=8)
+    ax.grid(True, alpha=0.3)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return True
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# Targets (issue #6: fp32 CPU; issue #15: bf16 CPU; GPU)
+# ----------------------------------------------------------------------------------------------------------------------
+
+
+def _contender(w: dict, name: str, dtype: str) -> Optional[dict]:
+    return next((c for c in w["contenders"] if c["name"] == name and c["dtype"] == dtype and "error" not in c), None)
+
+
+def _contender_figure(key: str) -> Callable[[dict, str], Optional[dict]]:
+    def figure(w: dict, dtype: str) -> Optional[dict]:
+        c = _contender(w, "packed-sdpa", dtype)
+        return None if c is None else c.get(key)
+
+    return figure
+
+
+@dataclass(frozen=True)
+class Target:
+    description: str
+    threshold: float
+    higher_is_better: bool
+    figure: Callable[[dict, str], Optional[dict]]  # (workload entry, dtype) -> the figure, None when not measured
+    dtypes: tuple[str, ...] = ("fp32", "bf16")
+    headline_only: bool = True  # only on the *mixed* workload (the issues' headline workload)
+    device: Optional[str] = None  # only on this device type
+    unit: str = "×"
+    full_only: bool = False  # stated for the full run's workload (quick's *mixed* pads far less, see padded_flop_ratio)
+
+
+TARGETS = (
+    Target("packed-sdpa ≥ 3× faster than naflex-padded (#6)", 3.0, True, _contender_figure("vs_naflex_padded"),
+           full_only=True),
+    Target("packing never slower than the per-image loop (#6)", 1.0, True,
+           lambda w, dtype: w.get("packed_vs_per_image", {}).get(dtype), headline_only=False),
+    Target("packed-sdpa ≥ 85 % of the fp32 matmul floor (#6)", 0.85, True, _contender_figure("of_floor"),
+           dtypes=("fp32",), unit="%"),
+    Target("bf16 packed-sdpa ≥ 80 % of the bf16 matmul floor (#15)", 0.80, True, _contender_figure("of_floor"),
+           dtypes=("bf16",), unit="%"),
+    Target("bf16 packed-sdpa ≥ 2.4× the fp32 forward (#15)", 2.4, True,
+           lambda w, dtype: w.get("bf16_vs_fp32", {}).get("speedup"), dtypes=("bf16",)),
+    Target("bf16 vs fp32 min per-token cosine ≥ 0.999 (#15)", 0.999, True,
+           lambda w, dtype: w.get("bf16_vs_fp32", {}).get("min_token_cosine"), dtypes=("bf16",),
+           headline_only=False, unit=""),
+    Target("GPU: packed-sdpa ≥ 55 % of the matmul peak (#6)", 0.55, True, _contender_figure("of_matmul_peak"),
+           dtypes=("bf16",), device="cuda", unit="%"),
+    Target("GPU: packed-sdpa ≥ 1.3× the sync-per-layer design (#6)", 1.3, True,
+           lambda w, dtype: w.get("packed_vs_sync_per_layer", {}).get(dtype), dtypes=("bf16",), device="cuda"),
+)
+TOKEN_DROPPING_TARGET = 0.65  # keep 50 %: at most 65 % of the full forward's time (#6)
+
+
+def _target_result(target: str, workload: str, figure: dict, threshold: float, higher: bool, unit: str) -> dict:
+    return {"target": target, "workload": workload, "figure": figure, "threshold": threshold, "unit": unit,
+            "status": target_status(figure, threshold, higher)}
+
+
+def evaluate_targets(report: dict) -> list[dict]:
+    """Every stated target that this run measured, with the figure it was judged on and its status."""
+    results = []
+    for target in TARGETS:
+        if (target.device is not None and target.device != report["device"]) or (target.full_only and report["quick"]):
+            continue
+        for w in report["workloads"]:
+            if target.headline_only and w["name"] != "mixed":
+                continue
+            for dtype in target.dtypes:
+                figure = target.figure(w, dtype)
+                if figure is not None:
+                    results.append(_target_result(f"{target.description} [{dtype}]", w["name"], figure,
+                                                  target.threshold, target.higher_is_better, target.unit))
+    d = report.get("token_dropping")
+    if d:
+        results.append(_target_result(f"keep 50 % of tokens: ≤ 65 % of the full forward (#6) [{d['dtype']}]",
+                                      d["workload"], d["time_fraction"], TOKEN_DROPPING_TARGET, False, "%"))
+    return results
+
+
+def summarize(report: dict) -> dict:
+    """The targets by status and the number of figures flagged noisy or as measurement errors."""
+    targets = report["targets"]
+    by = lambda status: [f"{t['target']} on {t['workload']}" for t in targets if t["status"] == status]  # noqa: E731
+    flagged = 0
+    for w in report["workloads"]:
+        figures = [f for c in w["contenders"] for f in (c.get("vs_naflex_padded"), c.get("of_floor"),
+                                                        c.get("of_matmul_peak")) if f]
+        figures += list(w.get("packed_vs_per_image", {}).values())
+        flagged += sum(f.get("verdict") in ("noisy", "measurement error") for f in figures)
+    return {"met": by("met"), "missed": by("MISSED"), "noisy": by("noisy"), "errors": by("measurement error"),
+            "flagged_figures": flagged}
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# Main
+# ----------------------------------------------------------------------------------------------------------------------
+
+DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
+DTYPE_ALIASES = {"float32": "fp32", "bfloat16": "bf16", "fp32": "fp32", "bf16": "bf16", "both": "both"}
+QUICK_CONTENDERS = ("packed-sdpa", "per-image-sdpa", "naflex-padded")
+QUICK_BF16_CONTENDERS = ("packed-sdpa", "per-image-sdpa")  # naflex-padded in bf16 only when asked for (--contenders)
+
+
+def parse_args(argv: Optional[list[str]] = None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--quick", action="store_true",
+                        help=f"so400m widths, {QUICK_LAYERS} layer, few images, the headline contenders only "
+                             f"({QUICK_MEASURED})")
+    parser.add_argument("--layers", type=int, default=None, help="override num_hidden_layers (widths unchanged)")
+    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--dtype", default=None, choices=sorted(DTYPE_ALIASES),
+                        help="fp32 (CPU default); bf16 (CUDA default): every contender in bf16 plus the fp32 "
+                             "packed-sdpa reference for the bf16 speed-up and accuracy; both: every contender in each")
+    parser.add_argument("--threads", type=int, default=None, help="torch.set_num_threads (default: torch's choice)")
+    parser.add_argument("--timer", choices=sorted(CLOCKS), default="wall",
+                        help="wall clock, or process CPU time (use with --threads 1 on a busy machine)")
+    parser.add_argument("--warmup", type=int, default=None, help="untimed calls after the memory call (default 1, "
+                        "0 with --quick: the memory call warms up)")
+    parser.add_argument("--repeats", type=int, default=5, help="interleaved timed rounds (default 5)")
+    parser.add_argument("--workloads", default=None, help="comma-separated names (default: all)")
+    parser.add_argument("--contenders", default=None,
+                        help="comma-separated names to run (default: all available; with --quick: "
+                             f"{','.join(QUICK_CONTENDERS)}, in bf16 {','.join(QUICK_BF16_CONTENDERS)})")
+    parser.add_argument("--all-contenders", action="store_true",
+                        help="also run the CUDA-only contenders on CPU (exercises their code path)")
+    parser.add_argument("--compile", action=argparse.BooleanOptionalAction, default=None,
+                        help="benchmark torch.compile (default: on, off with --quick)")
+    parser.add_argument("--eager-max-seq", type=int, default=8192,
+                        help="skip packed-eager when a sequence is longer (its [heads, L, L] maps)")
+    parser.add_argument("--fail-on-missed", action="store_true",
+                        help="exit with status 1 when a stated target is MISSED (default: exit 0, misses printed)")
+    parser.add_argument("--out", default=str(Path("out") / "benchmark"))
+    parser.add_argument("--title", default=None)
+    parser.add_argument("--seed", type=int, default=0)
+    args = parser.parse_args(argv)
+    if args.repeats < 1 or (args.warmup is not None and args.warmup < 0):
+        parser.error(f"--repeats must be ≥ 1 and --warmup ≥ 0, got {args.repeats} and {args.warmup}")
+    return args
+
+
+def _check_names(kind: str, names: set[str], known: list[str]) -> None:
+    unknown = names - set(known)
+    if unknown:
+        raise SystemExit(f"error: unknown --{kind} {sorted(unknown)}; choose from {', '.join(known)}")
+
+
+def selected_workloads(args: argparse.Namespace) -> list[Workload]:
+    selected = workloads(args.quick)
+    if args.workloads:
+        names = set(args.workloads.split(","))
+        _check_names("workloads", names, [w.name for w in selected])
+        selected = [w for w in selected if w.name in names]
+    return selected
+
+
+def selected_contenders(args: argparse.Namespace, dtypes: list[str]) -> list[tuple[str, str]]:
+    """(name, dtype) of every contender to run. With bf16 and packed-sdpa among them, the fp32 packed-sdpa runs too:
+    the reference of the bf16 speed-up and accuracy figures."""
+    if args.contenders is not None:
+        names = args.contenders.split(",")
+        _check_names("contenders", set(names), list(CONTENDER_NAMES))
+    else:
+        names = list(QUICK_CONTENDERS if args.quick else CONTENDER_NAMES)
+    chosen = [(name, dtype) for dtype in dtypes for name in names
+              if args.contenders is not None or not args.quick or dtype == "fp32" or name in QUICK_BF16_CONTENDERS]
+    if "bf16" in dtypes and "packed-sdpa" in names and ("packed-sdpa", "fp32") not in chosen:
+        chosen.insert(0, ("packed-sdpa", "fp32"))
+    return chosen
+
+
+def run_dtypes(args: argparse.Namespace, device: torch.device) -> list[str]:
+    choice = DTYPE_ALIASES[args.dtype] if args.dtype else ("bf16" if device.type == "cuda" else "fp32")
+    return ["fp32", "bf16"] if choice == "both" else [choice]
+
+
+@dataclass
+class Models:
+    """One dtype's copies of the three models (None where no contender of that dtype needs one)."""
+
+    navit: Siglip2NavitModel
+    naflex: Optional[torch.nn.Module]
+    ovis: Optional[Siglip2NavitModel]
+
+
+def models_by_dtype(args: argparse.Namespace, chosen: list[tuple[str, str]], device: torch.device) -> dict:
+    """The models each dtype's contenders need, all with the same (fp32-initialised) weights: fp32 uses the built
+    models themselves, bf16 casts copies (so a full so400m run holds one fp32 copy of each model, not two)."""
+    size = QUICK if args.quick else SO400M
+    layers = args.layers if args.layers is not None else (QUICK_LAYERS if args.quick else None)
+    needs = lambda name, dtype: (name, dtype) in chosen  # noqa: E731
+    model, naflex, ovis = build_models(size, layers, args.seed, any(n == "packed-sdpa-ovis" for n, _ in chosen))
+    result = {}
+    for dtype in dict.fromkeys(d for _, d in chosen):
+        cast = lambda m: (m if dtype == "fp32" else copy.deepcopy(m)).to(device=device, dtype=DTYPES[dtype])  # noqa
+        result[dtype] = Models(
+            navit=cast(model),
+            naflex=cast(naflex) if needs("naflex-padded", dtype) else None,
+            ovis=cast(ovis) if ovis is not None and needs("packed-sdpa-ovis", dtype) else None,
+        )
+    return result
+
+
+FLOOR_KINDS = ("floor-bmm", "floor-sdpa")
+
+
+def reference_runs(seq_lens: list[int], config, device: torch.device, dtypes: list[str]) -> tuple[dict, dict]:
+    """Per dtype, the callables timed in the same rounds as the contenders: both matmul floors (buffers made fresh
+    for each call) and the dense matmul that measures the device's peak. Returns them keyed by (kind, dtype), and
+    the FLOP of one peak call per dtype."""
+    runs, peak_flop = {}, {}
+    for dtype in dtypes:
+        for kind in FLOOR_KINDS:
+            runs[(kind, dtype)] = FreshEachCall(
+                lambda kind=kind, dtype=dtype: matmul_floor(seq_lens, config, device, DTYPES[dtype], kind))
+        runs[("matmul-peak", dtype)], peak_flop[dtype] = matmul_peak_run(device, DTYPES[dtype])
+    return runs, peak_flop
+
+
+def floors_of(timed: dict, dtypes: list[str]) -> dict:
+    """Per dtype: the floor is the faster of the two floors by median; both kept with their spreads."""
+    floors = {}
+    for dtype in dtypes:
+        kinds = {kind: timed[(kind, dtype)]["times_s"] for kind in FLOOR_KINDS if "times_s" in timed[(kind, dtype)]}
+        if not kinds:
+            continue
+        kind = min(kinds, key=lambda k: statistics.median(kinds[k]))
+        floors[dtype] = {"kind": kind, **spread(kinds[kind]), "times_s": kinds[kind],
+                         "all": {k: {**spread(v), "times_s": v} for k, v in kinds.items()}}
+    return floors
+
+
+def contender_runs(models: dict, chosen, pixel_values, grid_thws, seq_lens, args) -> tuple[dict, list]:
+    """The callables to time, keyed by (name, dtype), and the Contender objects with their skip reasons."""
+    runs, listed = {}, []
+    for dtype, m in models.items():
+        inputs = pixel_values.to(dtype=DTYPES[dtype])
+        for contender in contenders_for(m.navit, m.ovis, m.naflex, inputs, grid_thws, args.all_contenders):
+            key = (contender.name, dtype)
+            if key not in chosen:
+                continue
+            skipped = None
+            if contender.name == "packed-eager" and max(seq_lens) > args.eager_max_seq:
+                skipped = f"skipped (sequence > {args.eager_max_seq})"
+            else:
+                runs[key] = contender.run
+            listed.append((contender, dtype, skipped))
+    return runs, listed
+
+
+def contender_entry(contender: Contender, dtype: str, measured: dict, w: dict, timed: dict) -> dict:
+    """The figures of one timed contender: time spread, tokens/s, fraction of its dtype's floor and of the measured
+    matmul peak (both paired round by round: the floors and the peak matmul run in the same rounds)."""
+    times = measured["times_s"]
+    median = statistics.median(times)
+    entry = {
+        "name": contender.name, "dtype": dtype, "note": contender.note, "times_s": times, "median_s": median,
+        "time_s": spread(times), "peak_memory_bytes": measured["peak_memory_bytes"],
+        "tokens_per_s": w["tokens"] / median, "achieved_flops": w["flops"] / median,
+    }
+    peak = w["matmul_peak"].get(dtype)
+    if peak is not None:
+        fraction = paired_ratio(timed[("matmul-peak", dtype)], measured)
+        scale = w["flops"] / peak["flop"]
+        scaled = {**fraction, **{k: fraction[k] * scale for k in ("median", "min", "max")}}
+        entry["of_matmul_peak"] = with_verdict(scaled, bounded_by_one=True)
+    floor = w["floors"].get(dtype)
+    if floor is not None:
+        entry["of_floor"] = with_verdict(paired_ratio(floor, measured), bounded_by_one=True)
+    if contender.padded_tokens is not None:
+        entry["padded_tokens"] = contender.padded_tokens
+    return entry
+
+
+def add_paired_figures(w: dict, timed: dict, dtypes: list[str]) -> None:
+    """Ratios of contenders timed in the same rounds: vs naflex-padded, packed vs per-image, vs sync-per-layer,
+    bf16 vs fp32 speed."""
+    ok = lambda key: "times_s" in timed.get(key, {})  # noqa: E731
+    for c in w["contenders"]:
+        baseline = ("naflex-padded", c["dtype"])
+        if "error" not in c and ok(baseline):
+            c["vs_naflex_padded"] = with_verdict(paired_ratio(timed[baseline], timed[(c["name"], c["dtype"])]))
+    for dtype in dtypes:
+        packed = ("packed-sdpa", dtype)
+        for other, key in (("per-image-sdpa", "packed_vs_per_image"), ("packed-sdpa-sync-per-layer",
+                                                                        "packed_vs_sync_per_layer")):
+            if ok(packed) and ok((other, dtype)):
+                w.setdefault(key, {})[dtype] = with_verdict(paired_ratio(timed[(other, dtype)], timed[packed]))
+    if ok(("packed-sdpa", "fp32")) and ok(("packed-sdpa", "bf16")):
+        w.setdefault("bf16_vs_fp32", {})["speedup"] = with_verdict(
+            paired_ratio(timed[("packed-sdpa", "fp32")], timed[("packed-sdpa", "bf16")])
+        )
+
+
+def bf16_accuracy(models: dict, pixel_values: torch.Tensor, grid_thws: torch.Tensor) -> dict:
+    """The bf16 model's packed-sdpa output vs the fp32 model's on the same inputs: min per-token cosine similarity
+    (over every real token) and max abs difference."""
+    outputs = []
+    for dtype in ("fp32", "bf16"):
+        model = models[dtype].navit
+        model.config._attn_implementation = "sdpa"
+        outputs.append(model(pixel_values.to(DTYPES[dtype]), grid_thws).last_hidden_state.float())
+    cosine = F.cosine_similarity(outputs[0], outputs[1], dim=-1)
+    difference = float((outputs[0] - outputs[1]).abs().max())
+    return {"min_token_cosine": exact(float(cosine.min())), "max_abs_diff": difference}
+
+
+def run_workload(
+    workload: Workload, models: dict, chosen, args, device, dtypes: list[str], with_dropping: bool
+) -> tuple[dict, tuple]:
+    """Floors, then every contender in interleaved rounds (with token dropping in the primary dtype when
+    `with_dropping` and packed-sdpa runs), then the figures derived from them."""
+    pixel_values, grid_thws = make_inputs(workload, args.seed)
+    pixel_values = pixel_values.to(device)
+    grids = [tuple(g) for g in grid_thws.tolist()]
+    seq_lens = [h * w for t, h, w in grids for _ in range(t)]
+    cfg = next(iter(models.values())).navit.config
+    w = {"name": workload.name, "images": len(grids), "grids": grids, "tokens": sum(seq_lens),
+         "flops": model_flops(grids, cfg), "contenders": []}
+    w["padded_flop_ratio"] = model_flops([(1, 1, max(seq_lens))] * len(seq_lens), cfg) / w["flops"]
+    print(f"[{workload.name}] {len(grids)} images, {w['tokens']} tokens, longest {max(seq_lens)}", flush=True)
+    references, peak_flop = reference_runs(seq_lens, cfg, device, list(models))
+    runs, listed = contender_runs(models, chosen, pixel_values, grid_thws, seq_lens, args)
+    with_dropping = with_dropping and ("packed-sdpa", dtypes[0]) in runs
+    if with_dropping:
+        runs[("token-dropping", dtypes[0])], kept = token_dropping_run(
+            models[dtypes[0]].navit, dtypes[0], pixel_values, grid_thws, args.seed)
+    timed = time_interleaved({**references, **runs}, device, args.warmup, args.repeats, keep_going=True)
+    del references
+    w["floors"] = floors_of(timed, dtypes)
+    w["matmul_peak"] = {}
+    for dtype, flop in peak_flop.items():
+        times = timed[("matmul-peak", dtype)].get("times_s")
+        if times:
+            w["matmul_peak"][dtype] = {"flop": flop, "times_s": times, **spread([flop / t for t in times])}
+    for contender, dtype, skipped in listed:
+        error = skipped or timed[(contender.name, dtype)].get("error")
+        if error:
+            w["contenders"].append({"name": contender.name, "dtype": dtype, "error": error})
+        else:
+            w["contenders"].append(contender_entry(contender, dtype, timed[(contender.name, dtype)], w, timed))
+        print(f"  {_label(contender.name, dtype):36s} {error or _fmt_time(w['contenders'][-1]['time_s'])}", flush=True)
+    add_paired_figures(w, timed, dtypes)
+    if with_dropping:
+        w["token_dropping"] = token_dropping_figure(w, timed, dtypes[0], kept)
+    for dtype, m in models.items():
+        if m.naflex is not None and "error" not in timed.get(("naflex-padded", dtype), {"error": "not run"}):
+            try:  # the padded batch once more, outside the timed rounds: may still fail (out of memory)
+                w.setdefault("naflex_max_abs_diff", {})[dtype] = naflex_agreement(
+                    m.navit, m.naflex, pixel_values.to(DTYPES[dtype]), grid_thws)
+            except Exception as err:  # noqa: BLE001 - reported, not hidden
+                w.setdefault("naflex_agreement_error", {})[dtype] = _error_text(err)
+    if "speedup" in w.get("bf16_vs_fp32", {}):
+        w["bf16_vs_fp32"].update(bf16_accuracy(models, pixel_values, grid_thws))
+    return w, (pixel_values, grid_thws)
+
+
+def pooled_peaks(workloads: list[dict]) -> dict:
+    """Per dtype: the matmul peak's FLOP/s over every round of every workload."""
+    samples: dict[str, list[float]] = {}
+    for w in workloads:
+        for dtype, peak in w["matmul_peak"].items():
+            samples.setdefault(dtype, []).extend(peak["flop"] / t for t in peak["times_s"])
+    return {dtype: spread(values) for dtype, values in samples.items()}
+
+
+def memory_scaling(report: dict, dtype: str) -> Optional[dict]:
+    """packed-sdpa's peak memory over the scaling workloads: the largest vs linear growth from the next smaller."""
+    scaling = {}
+    for w in report["workloads"]:
+        c = _contender(w, "packed-sdpa", dtype)
+        if w["name"].startswith("scaling-") and c is not None and c.get("peak_memory_bytes"):
+            scaling[w["name"]] = c["peak_memory_bytes"]
+    if len(scaling) < 2:
+        return None
+    names = sorted(scaling, key=lambda n: int(n.split("-")[1]))
+    big, small = names[-1], names[-2]
+    factor = int(big.split("-")[1]) / int(small.split("-")[1])
+    return {"peaks": {n: scaling[n] for n in names}, "ratio_vs_linear": scaling[big] / (factor * scaling[small])}
+
+
+def token_dropping_run(model: Siglip2NavitModel, dtype: str, pixel_values, grid_thws, seed: int):
+    """packed-sdpa keeping 50 % of the tokens (a fixed random sample), to be timed in the same rounds as packed-sdpa."""
+    pixel_values = pixel_values.to(DTYPES[dtype])
+    keep = model.sample_keep_indices(grid_thws, 0.5, generator=torch.Generator().manual_seed(seed))
+
+    def run():
+        model.config._attn_implementation = "sdpa"
+        return model(pixel_values, grid_thws, keep_indices=keep).last_hidden_state
+
+    return run, keep.numel()
+
+
+def token_dropping_figure(w: dict, timed: dict, dtype: str, kept_tokens: int) -> Optional[dict]:
+    """Token dropping vs the full packed-sdpa forward of the same rounds (a paired ratio), or None if either failed."""
+    dropped, full = timed.get(("token-dropping", dtype), {}), timed.get(("packed-sdpa", dtype), {})
+    if "times_s" not in dropped or "times_s" not in full:
+        return None
+    result = {"workload": w["name"], "dtype": dtype, "keep_fraction": kept_tokens / w["tokens"],
+              "kept_tokens": kept_tokens, "tokens": w["tokens"], "time_s": spread(dropped["times_s"]),
+              "time_fraction": paired_ratio(dropped, full)}
+    print(f"  {'token dropping (keep 50 %)':36s} {_fmt_time(result['time_s'])}: "
+          f"{format_ratio(result['time_fraction'], '%')} of the full forward", flush=True)
+    return result
+
+
+def main(argv: Optional[list[str]] = None) -> dict:
+    started = time.perf_counter()
+    args = parse_args(argv)
+    global CLOCK
+    CLOCK = CLOCKS[args.timer]
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    if args.warmup is None:
+        args.warmup = 0 if args.quick else 1
+    device = torch.device(args.device)
+    dtypes = run_dtypes(args, device)
+    do_compile = (not args.quick) if args.compile is None else args.compile
+    chosen = selected_contenders(args, dtypes)
+    selected = selected_workloads(args)
+    models = models_by_dtype(args, chosen, device)
+    primary = models[dtypes[0]].navit
+    cfg = primary.config
+    description = (
+        f"so400m widths (hidden {cfg.hidden_size}, MLP {cfg.intermediate_size}, {cfg.num_attention_heads} heads, "
+        f"patch {cfg.patch_size}), {cfg.num_hidden_layers} layer(s), naflex-equivalent (no RoPE, bilinear+antialias "
+        f"16×16 PE), hidden_stride {cfg.hidden_stride}"
+    )
+    report = {
+        "title": args.title or f"siglip2-navit benchmark ({'quick' if args.quick else 'full'}, {device.type}, "
+                               f"{'+'.join(dtypes)})",
+        "machine": machine_description(device),
+        "dtypes": dtypes,
+        "device": device.type,
+        "config_description": description,
+        "config": {k: v for k, v in cfg.to_dict().items() if not k.startswith("_")},
+        "timer": args.timer, "warmup": args.warmup, "repeats": args.repeats, "quick": args.quick,
+        "workloads": [],
+    }
+    inputs_by_name = {}
+    with torch.inference_mode():
+        drop_name = "mixed" if any(w.name == "mixed" for w in selected) else selected[0].name
+        for workload in selected:
+            entry, inputs_by_name[workload.name] = run_workload(
+                workload, models, chosen, args, device, [d for d in dtypes if d in models],
+                with_dropping=workload.name == drop_name)
+            if entry.get("token_dropping"):
+                report["token_dropping"] = entry.pop("token_dropping")
+            report["workloads"].append(entry)
+            gc.collect()
+        report["memory_scaling"] = memory_scaling(report, dtypes[0])
+    report["matmul_peak"] = pooled_peaks(report["workloads"])
+    if do_compile and "mixed" in inputs_by_name:
+        report["compile"] = benchmark_compile(primary, *inputs_by_name["mixed"], dtypes[0], device, args)
+    report["targets"] = evaluate_targets(report)
+    report["summary"] = summarize(report)
+    report["wall_s"] = time.perf_counter() - started
+    write_report(report, Path(args.out))
+    return report
+
+
+def write_report(report: dict, out: Path) -> None:
+    """benchmark.json, benchmark.md (and .png), each written to a temporary name and then renamed into place."""
+    out.mkdir(parents=True, exist_ok=True)
+    markdown = render_markdown(report)
+    for name, text in (("benchmark.json", json.dumps(report, indent=1, default=str)), ("benchmark.md", markdown)):
+        tmp = out / f".{name}.tmp"
+        tmp.write_text(text)
+        os.replace(tmp, out / name)
+    plotted = plot(report, out / "benchmark.png")
+    print()
+    print(markdown)
+    print(f"wrote {out / 'benchmark.json'}, {out / 'benchmark.md'}" + (f", {out / 'benchmark.png'}" if plotted else ""))
+
+
+def _compiled_graph_count() -> int:
+    from torch._dynamo.utils import counters
+
+    return int(counters["stats"]["unique_graphs"])
+
+
+def benchmark_compile(model, pixel_values, grid_thws, dtype: str, device, args) -> dict:
+    """torch.compile(model, dynamic=True) on the packed sdpa path: compile time, speed vs eager (timed in the same
+    rounds), agreement with eager mode, and whether a batch of another composition (the same images minus the last)
+    reuses the compiled graphs."""
+    model.config._attn_implementation = "sdpa"
+    pixel_values = pixel_values.to(DTYPES[dtype])
+    other_rows = int(grid_thws[:-1].prod(dim=1).sum())
+    other = (pixel_values[:other_rows], grid_thws[:-1])
+    try:
+        compiled = torch.compile(model, dynamic=True)
+        with torch.inference_mode():
+            reference = model(pixel_values, grid_thws).last_hidden_state
+            _sync(device)
+            start = time.perf_counter()
+            out = compiled(pixel_values, grid_thws).last_hidden_state
+            _sync(device)
+            first = time.perf_counter() - start
+            diff = float((out.float() - reference.float()).abs().max())
+            timed = time_interleaved(  # no dispatch mode around a compiled graph
+                {"compiled": lambda: compiled(pixel_values, grid_thws).last_hidden_state,
+                 "eager": lambda: model(pixel_values, grid_thws).last_hidden_state},
+                device, args.warmup, args.repeats, measure_memory=False,
+            )
+            graphs = _compiled_graph_count()
+            start = time.perf_counter()
+            compiled(*other)
+            _sync(device)
+            other_first = time.perf_counter() - start
+            new_graphs = _compiled_graph_count() - graphs
+    except Exception as err:  # report, don't crash the whole benchmark
+        return {"workload": "mixed", "error": _error_text(err, 500)}
+    speedup = with_verdict(paired_ratio(timed["eager"], timed["compiled"]))
+    print(f"[compile] first call {first:.1f} s, then {_fmt_time(spread(timed['compiled']['times_s']))} s, "
+          f"vs eager {format_ratio(speedup)}; new composition: {other_first:.2f} s, {new_graphs} new graph(s)",
+          flush=True)
+    return {
+        "workload": "mixed", "dtype": dtype, "first_call_s": first, "time_s": spread(timed["compiled"]["times_s"]),
+        "eager_time_s": spread(timed["eager"]["times_s"]), "speedup_vs_eager": speedup, "max_abs_diff": diff,
+        "new_composition": {"images": len(other[1]), "tokens": other_rows, "first_call_s": other_first,
+                            "new_graphs": new_graphs},
+    }
+
+
+def cli(argv: Optional[list[str]] = None) -> int:
+    """Run the benchmark; exit status 1 with `--fail-on-missed` when a target was MISSED, else 0."""
+    report = main(argv)
+    fail = parse_args(argv).fail_on_missed and bool(report["summary"]["missed"])
+    return 1 if fail else 0
+
+
+if __name__ == "__main__":
+    sys.exit(cli())

@@ -1,0 +1,175 @@
+# Copyright 2026 The siglip2-navit authors. Licensed under the Apache License, Version 2.0.
+"""End-to-end throughput and memory of the encode job (navit-encode) against the model alone.
+
+On the same generated JPEG photos-like images and the same (randomly initialised) weights:
+
+    model alone     the images decoded and preprocessed beforehand (untimed), then only the forward passes, in the
+                    same token-budget batches the job uses
+    job, workers W  `encode.py FOLDER --out DIR --workers W` as a subprocess: decoding, preprocessing, batching,
+                    the forward passes and writing durable shards; its own timed loop ("wall time" it prints) and
+                    the whole process (imports and model loading included)
+    peak RSS        the job's process (workers 0) on 1x and on `--scale`x the images with the same --shard-size:
+                    flat when features stream to disk shard by shard
+
+    python -m siglip2_navit.tools.benchmark_encode                     # ~2 min on 2 CPU cores
+    python -m siglip2_navit.tools.benchmark_encode --images 200 --layers 27 --hidden 1152 --device cuda
+"""
+
+import argparse
+import json
+import os
+import re
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Dict, List, Tuple
+
+import numpy as np
+import PIL.Image
+import torch
+
+
+ROOT = Path(__file__).resolve().parents[1]  # the package: a model folder with the SigLIP2 config
+
+
+def parse_args() -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--images", type=int, default=48, help="images at 1x (default 48)")
+    parser.add_argument("--scale", type=int, default=5, help="the larger run for peak RSS: this many times the images")
+    parser.add_argument("--workers", type=int, nargs="+", default=[0, 2], help="worker counts to time (default 0 2)")
+    parser.add_argument("--hidden", type=int, default=384, help="hidden size (default 384; so400m: 1152)")
+    parser.add_argument("--layers", type=int, default=4, help="encoder layers (default 4; so400m: 27)")
+    parser.add_argument("--min-pixels", type=int, default=128 * 128)
+    parser.add_argument("--max-pixels", type=int, default=384 * 384)
+    parser.add_argument("--max-tokens", type=int, default=4096)
+    parser.add_argument("--shard-size", type=int, default=16, help="images per shard in every job run (default 16)")
+    parser.add_argument("--device", default="cpu")
+    parser.add_argument("--repeats", type=int, default=2,
+                        help="runs of each timing; the fastest is reported (robust to a loaded machine; default 2)")
+    parser.add_argument("--json", default=None, help="also write the results to this JSON file")
+    return parser.parse_args()
+
+
+def make_images(folder: Path, count: int, seed: int = 0) -> None:
+    """Photo-sized JPEGs (256-1024 px per side): smooth colour fields plus noise, so decoding costs what it does."""
+    rng = np.random.default_rng(seed)
+    folder.mkdir(parents=True)
+    for i in range(count):
+        height, width = (int(v) for v in rng.integers(256, 1025, size=2))
+        base = PIL.Image.fromarray(rng.integers(0, 256, size=(6, 6, 3)).astype(np.uint8)).resize((width, height))
+        noise = rng.normal(0, 12, size=(height, width, 3))
+        pixels = np.clip(np.asarray(base, dtype=np.float32) + noise, 0, 255).astype(np.uint8)
+        PIL.Image.fromarray(pixels).save(folder / f"img{i:05d}.jpg", quality=90)
+
+
+def replicate(source: Path, target: Path, times: int) -> None:
+    """`times` hard links of every file of `source` under new names (distinct ids, no extra disk)."""
+    target.mkdir(parents=True)
+    for k in range(times):
+        for path in sorted(source.iterdir()):
+            os.link(path, target / f"c{k}_{path.name}")
+
+
+def save_checkpoint(folder: Path, args: argparse.Namespace) -> None:
+    from transformers import AutoConfig, AutoModel
+
+    config = AutoConfig.from_pretrained(str(ROOT), trust_remote_code=True)
+    heads = max(1, args.hidden // 64)
+    for key, value in dict(hidden_size=args.hidden, num_hidden_layers=args.layers, num_attention_heads=heads,
+                           intermediate_size=4 * args.hidden).items():
+        setattr(config, key, value)
+    torch.manual_seed(0)
+    AutoModel.from_config(config, trust_remote_code=True).save_pretrained(str(folder))
+    for name in ("image_processing_siglip2_navit.py", "navit_image_utils.py", "navit_batching.py",
+                 "preprocessor_config.json", "processor_config.json"):
+        (folder / name).write_bytes((ROOT / name).read_bytes())
+
+
+def model_alone(model_dir: Path, images: Path, args: argparse.Namespace) -> Tuple[float, int]:
+    """Seconds for the forward passes only (inputs prepared beforehand) and the number of patches."""
+    from transformers import AutoImageProcessor, AutoModel
+
+    processor = AutoImageProcessor.from_pretrained(str(model_dir), trust_remote_code=True)
+    model = AutoModel.from_pretrained(str(model_dir), trust_remote_code=True).to(args.device).eval()
+    budget = dict(min_pixels=args.min_pixels, max_pixels=args.max_pixels)
+    samples = [processor(images=str(p), return_tensors="pt", **budget) for p in sorted(images.iterdir())]
+    counts = [int(s["grid_thws"].prod(-1).sum()) for s in samples]
+    batches = [processor.collate_packed([samples[i] for i in group])
+               for group in processor.pack_by_token_budget(counts, args.max_tokens)]
+    times = []
+    with torch.inference_mode():
+        model(batches[0]["pixel_values"].to(args.device), batches[0]["grid_thws"])  # warm-up
+        for _ in range(args.repeats):
+            if args.device.startswith("cuda"):
+                torch.cuda.synchronize()
+            start = time.perf_counter()
+            for batch in batches:
+                model(batch["pixel_values"].to(args.device), batch["grid_thws"])
+            if args.device.startswith("cuda"):
+                torch.cuda.synchronize()
+            times.append(time.perf_counter() - start)
+    return min(times), sum(counts)
+
+
+def run_job(model_dir: Path, images: Path, out: Path, workers: int, args: argparse.Namespace) -> Dict[str, float]:
+    """The fastest of `--repeats` fresh runs (`--overwrite`), as measured by `job_once`."""
+    runs = [job_once(model_dir, images, out, workers, args) for _ in range(args.repeats)]
+    return min(runs, key=lambda r: r["loop_s"])
+
+
+def job_once(model_dir: Path, images: Path, out: Path, workers: int, args: argparse.Namespace) -> Dict[str, float]:
+    """Run encode.py; its timed loop, the whole process's wall time and its peak RSS (MiB, from wait4)."""
+    cmd = [sys.executable, "-m", "siglip2_navit.tools.encode", str(images), "--out", str(out), "--model", str(model_dir),
+           "--workers", str(workers), "--min-pixels", str(args.min_pixels), "--max-pixels", str(args.max_pixels),
+           "--max-tokens", str(args.max_tokens), "--shard-size", str(args.shard_size), "--device", args.device,
+           "--overwrite"]
+    start = time.perf_counter()
+    with tempfile.TemporaryFile("w+") as stdout:
+        proc = subprocess.Popen(cmd, stdout=stdout, stderr=subprocess.DEVNULL)
+        _, status, usage = os.wait4(proc.pid, 0)
+        proc.returncode = os.waitstatus_to_exitcode(status)
+        total = time.perf_counter() - start
+        stdout.seek(0)
+        text = stdout.read()
+    if proc.returncode != 0:
+        raise SystemExit(f"encode.py failed ({proc.returncode}):\n{text}")
+    loop = float(re.search(r"wall time: ([\d.]+) s", text).group(1))
+    return {"loop_s": loop, "process_s": total, "peak_rss_mib": usage.ru_maxrss / 1024}
+
+
+def main() -> None:
+    args = parse_args()
+    results: Dict[str, object] = {"settings": vars(args), "cpu_count": os.cpu_count(), "torch": torch.__version__}
+    with tempfile.TemporaryDirectory() as tmp:
+        base = Path(tmp)
+        make_images(base / "images", args.images)
+        replicate(base / "images", base / "images_x", args.scale)
+        save_checkpoint(base / "model", args)
+        seconds, patches = model_alone(base / "model", base / "images", args)
+        rows: List[Tuple[str, float, str]] = [("model alone (inputs prepared beforehand)", args.images / seconds, "")]
+        results["model_alone"] = {"seconds": seconds, "images_per_s": args.images / seconds, "patches": patches}
+        for workers in args.workers:
+            job = run_job(base / "model", base / "images", base / f"out_w{workers}", workers, args)
+            results[f"job_workers_{workers}"] = job
+            rows.append((f"encode.py, --workers {workers}", args.images / job["loop_s"],
+                         f"{args.images / job['process_s']:.2f} img/s with start-up; peak RSS "
+                         f"{job['peak_rss_mib']:.0f} MiB"))
+        big = run_job(base / "model", base / "images_x", base / "out_x", 0, args)
+        results[f"job_workers_0_x{args.scale}"] = big
+    small = results["job_workers_0"] if 0 in args.workers else None
+    print(f"{args.images} images ({patches} patches), hidden {args.hidden}, {args.layers} layers, "
+          f"device {args.device}, {os.cpu_count()} CPUs\n")
+    print("| run | images/s | notes |\n|---|---|---|")
+    for name, rate, note in rows:
+        print(f"| {name} | {rate:.2f} | {note} |")
+    if small is not None:
+        print(f"\npeak RSS of the job (workers 0, --shard-size {args.shard_size}): {args.images} images "
+              f"{small['peak_rss_mib']:.0f} MiB, {args.images * args.scale} images {big['peak_rss_mib']:.0f} MiB")
+    if args.json:
+        Path(args.json).write_text(json.dumps(results, indent=2) + "\n")
+
+
+if __name__ == "__main__":
+    main()
