@@ -33,6 +33,7 @@ from .navit_core import (
     cpu_block_tokens,
     fused_linear,
     has_hooks,
+    linear,
     per_image_groups,
 )
 from .navit_core import build_packed_layout as build_core_layout
@@ -209,7 +210,7 @@ class Siglip2NavitAttention(PackedSelfAttention):
         self.out_proj = nn.Linear(self.embed_dim, self.embed_dim)
 
     def project_output(self, attn_output: torch.Tensor) -> torch.Tensor:
-        return self.out_proj(attn_output)  # [K, hidden]
+        return linear(self.out_proj, attn_output)  # [K, hidden]
 
 
 class Siglip2NavitMLP(nn.Module):
@@ -224,7 +225,7 @@ class Siglip2NavitMLP(nn.Module):
     def forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
         fused = fused_linear(self.fc1, hidden_states, self.hidden_act)  # CPU inference: GELU inside fc1's GEMM
         if fused is not None:
-            return self.fc2(fused)
+            return linear(self.fc2, fused)
         hidden_states = self.fc1(hidden_states)  # [K, intermediate]
         if (
             self.inplace_gelu_tanh

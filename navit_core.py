@@ -154,6 +154,13 @@ def fused_linear(linear: nn.Linear, hidden_states: torch.Tensor, activation: Opt
 # ----------------------------------------------------------------------------------------------------------------------
 
 
+def linear(module: nn.Linear, hidden_states: torch.Tensor) -> torch.Tensor:
+    """`module(hidden_states)`; in CPU inference one oneDNN GEMM with the bias in its epilogue (`fused_linear`), which
+    spares the pass that writes the broadcast bias into the output before the GEMM accumulates onto it."""
+    fused = fused_linear(module, hidden_states)
+    return module(hidden_states) if fused is None else fused
+
+
 class PackedPatchEmbedding(nn.Conv2d):
     """A family's patch embedding: Conv2d parameters (`[hidden, C·T, p, p]` + bias, the checkpoints' layout) applied
     to packed patch rows `[n, C·T·p·p]` as one matmul. A module call, so that hooks on `get_input_embeddings()` see it
@@ -201,9 +208,9 @@ class PackedSelfAttention(nn.Module):
         per-sequence maps when asked (eager)."""
         num_tokens = hidden_states.shape[0]
         shape = (num_tokens, self.num_heads, self.head_dim)
-        query = self.q_proj(hidden_states).view(shape)  # [S, heads, head_dim]
-        key = self.k_proj(hidden_states).view(shape)
-        value = self.v_proj(hidden_states).view(shape)
+        query = linear(self.q_proj, hidden_states).view(shape)  # [S, heads, head_dim]
+        key = linear(self.k_proj, hidden_states).view(shape)
+        value = linear(self.v_proj, hidden_states).view(shape)
         if position_embeddings is not None:
             query, key = apply_rotary_pos_emb(query, key, *position_embeddings)
         attn_output, attn_weights = attention_interface(

@@ -206,3 +206,21 @@ def test_preferred_dtype_on_cuda_follows_the_gpus_bf16_support(bf16_supported, m
     monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda *args, **kwargs: bf16_supported)
     assert navit_attention.preferred_dtype("cuda") == (torch.bfloat16 if bf16_supported else torch.float32)
     assert navit_attention.preferred_dtype("meta") == torch.float32
+
+
+@needs_onednn
+def test_inference_with_fused_linears_equals_the_autograd_forward(monkeypatch):
+    """Every projection of CPU inference (q, k, v, out, fc1 + GELU, fc2) through oneDNN with the bias fused: the
+    output equals the autograd forward, which runs the plain modules over all tokens."""
+    calls = []
+    kernel = navit_core._onednn_linear()
+    monkeypatch.setattr(navit_core, "_onednn_linear", lambda: lambda *args: calls.append(args[3]) or kernel(*args))
+    model = tiny_model(num_hidden_layers=2)
+    pixel_values, grid = packed_inputs(model.config, GRIDS)
+    with torch.inference_mode():
+        fast = model(pixel_values, grid).last_hidden_state
+    assert sorted(calls) == sorted(["none"] * 5 * 2 + ["gelu"] * 2)  # per layer: q, k, v, out, fc2 and fc1 + GELU
+    calls.clear()
+    reference = model(pixel_values, grid).last_hidden_state
+    assert not calls and reference.requires_grad
+    torch.testing.assert_close(fast, reference.detach(), atol=2e-5, rtol=1e-5)
