@@ -62,6 +62,18 @@ def cpu_has_bf16_matmul() -> bool:
         return any(bool(getattr(cpu, probe, lambda: False)()) for probe in probes)
 
 
+def preferred_dtype_reason(device: Union[torch.device, str]) -> str:
+    """Why `preferred_dtype(device)` is what it is, in a few words for a run's summary."""
+    device = torch.device(device)
+    if device.type == "cuda":
+        return "this GPU supports bf16" if torch.cuda.is_bf16_supported() else "this GPU has no bf16 support"
+    if device.type != "cpu":
+        return f"no bf16 detection for {device.type} devices"
+    if cpu_has_bf16_matmul():
+        return "this CPU multiplies bf16 natively (AVX512-BF16 or AMX)"
+    return "this CPU has no native bf16 matmuls (no AVX512-BF16 or AMX): bf16 would run slower than fp32"
+
+
 def preferred_dtype(device: Union[torch.device, str]) -> torch.dtype:
     """The dtype a forward runs fastest in on `device` at a bf16 accuracy cost that the benchmarks measure (min
     per-token cosine vs fp32 ≥ 0.999): bf16 on a CUDA GPU that supports it and on a CPU with native bf16 matmuls

@@ -30,6 +30,8 @@ from transformers.utils import logging
 from .navit_attention import (
     PACKED_ATTENTION_FUNCTIONS,
     cpu_has_bf16_matmul,
+    preferred_dtype,
+    preferred_dtype_reason,
     _flash_attn_varlen_func,
     _opaque_packed_attention,
     _use_opaque_attention,
@@ -132,6 +134,8 @@ def fused_linear(linear: nn.Linear, hidden_states: torch.Tensor, activation: Opt
     where that does not apply and the caller runs its modules: not a CPU, a dtype other than fp32 (or bf16 on a CPU
     with native bf16 matmuls), autograd, torch.compile tracing, an activation without a oneDNN post-op, hooks on
     `linear` (it is not called as a module), or a torch build without the op."""
+    if torch.compiler.is_compiling():  # checked first: the rest is host-side Python torch.compile must not trace
+        return None
     kernel = _onednn_linear()
     if (
         kernel is None
@@ -141,7 +145,6 @@ def fused_linear(linear: nn.Linear, hidden_states: torch.Tensor, activation: Opt
         or not (hidden_states.dtype == torch.float32 or (hidden_states.dtype == torch.bfloat16 and cpu_has_bf16_matmul()))
         or linear.weight.dtype != hidden_states.dtype
         or (torch.is_grad_enabled() and (hidden_states.requires_grad or linear.weight.requires_grad))
-        or torch.compiler.is_compiling()
         or has_hooks(linear)
     ):
         return None
@@ -661,6 +664,9 @@ __all__ = [
     "validate_packed_config",
     # attention backends (navit_attention.py)
     "PACKED_ATTENTION_FUNCTIONS",
+    "cpu_has_bf16_matmul",
+    "preferred_dtype",
+    "preferred_dtype_reason",
     "eager_packed_attention",
     "flash_packed_attention",
     "get_packed_attention_interface",
