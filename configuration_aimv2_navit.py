@@ -2,12 +2,16 @@
 """Configuration of the AIMv2 NaViT vision encoder: transformers' `Aimv2VisionConfig` fields and defaults, plus the
 packed-input fields (`hidden_stride`, `temporal_patch_size`, `cpu_block_tokens`)."""
 
-from typing import Optional
+from typing import TYPE_CHECKING, Optional
 
 from transformers import PretrainedConfig
-from transformers.activations import ACT2FN
 
-from .navit_core import validate_packed_config
+from .navit_core import check_dtype_settings, validate_packed_config
+
+if TYPE_CHECKING:  # never run: names the core's modules for transformers < 5, which copies a local folder's remote code
+    from .navit_attention import PACKED_ATTENTION_FUNCTIONS  # noqa: F401  (only the files each module imports itself)
+    from .navit_image_utils import block_order_position  # noqa: F401
+    from .navit_layout import MAX_CONFIG_INTS  # noqa: F401
 
 
 _BOOLS = ("qkv_bias", "mlp_bias", "use_head", "is_native")
@@ -38,7 +42,8 @@ class Aimv2NavitConfig(PretrainedConfig):
         is_native (`bool`, *optional*, defaults to `False`): native-resolution checkpoint: a fixed 2D sin-cos position
             embedding of each patch's (row, col), any grid. `False`: a learned table for the trained grid only.
         hidden_stride (`int`, *optional*, defaults to 1): token order of the packed input: 1 is raster order, s orders
-            every frame in `s × s` blocks (SPEC §3), ready for an LLM-side merger.
+            every frame in `s × s` blocks (blocks in raster order, each block's patches in raster order), ready for
+            an LLM-side merger.
         temporal_patch_size (`int`, *optional*, defaults to 1): frames per patch; AIMv2 is an image model, so 1.
         cpu_block_tokens (`int`, *optional*, defaults to 4096): CPU inference runs each layer over blocks of whole
             frames of at most this many tokens (same outputs, block-sized intermediates); `None` disables it.
@@ -68,6 +73,7 @@ class Aimv2NavitConfig(PretrainedConfig):
         cpu_block_tokens: Optional[int] = 4096,
         **kwargs,
     ):
+        check_dtype_settings(kwargs)  # before transformers resolves a dtype name to a torch attribute
         super().__init__(**kwargs)
         self.hidden_size = hidden_size
         self.intermediate_size = intermediate_size
@@ -97,12 +103,9 @@ class Aimv2NavitConfig(PretrainedConfig):
     def _validate(self) -> None:
         """Check every field (at init, and again when a model is built: `from_pretrained` overrides and direct
         assignments bypass `__init__`)."""
-        validate_packed_config(self, frames_per_patch=1)
-        for name in _BOOLS:
-            if not isinstance(getattr(self, name), bool):
-                raise ValueError(f"`{name}` must be True or False, got {getattr(self, name)!r}.")
-        if self.hidden_act not in ACT2FN:
-            raise ValueError(f"`hidden_act` must be one of transformers' activations (e.g. 'silu'), got {self.hidden_act!r}.")
+        validate_packed_config(
+            self, frames_per_patch=1, positive_floats=("rms_norm_eps",), fractions=("attention_dropout",), bools=_BOOLS
+        )
         if self.is_native and self.hidden_size % 4:
             raise ValueError(
                 f"The 2D sin-cos position embedding of native checkpoints needs `hidden_size` divisible by 4, got "
@@ -110,10 +113,6 @@ class Aimv2NavitConfig(PretrainedConfig):
             )
         if not self.is_native and self.image_size < self.patch_size:
             raise ValueError(f"`image_size` ({self.image_size}) must be at least `patch_size` ({self.patch_size}).")
-        if not self.rms_norm_eps > 0:
-            raise ValueError(f"`rms_norm_eps` must be positive, got {self.rms_norm_eps!r}.")
-        if not 0.0 <= self.attention_dropout < 1.0:
-            raise ValueError(f"`attention_dropout` must be in [0, 1), got {self.attention_dropout!r}.")
 
 
 Aimv2NavitConfig.register_for_auto_class()  # save_pretrained then writes auto_map for AutoConfig

@@ -2,16 +2,16 @@
 """Configuration of the DINOv3 NaViT vision encoder: transformers' `DINOv3ViTConfig` fields and defaults, plus the
 packed-input fields (`hidden_stride`, `temporal_patch_size`, `cpu_block_tokens`)."""
 
-from typing import Optional
+from typing import TYPE_CHECKING, Optional
 
 from transformers import PretrainedConfig
-from transformers.activations import ACT2FN
 
-from .navit_core import is_int, validate_packed_config
+from .navit_core import check_dtype_settings, is_int, is_real, validate_packed_config
 
-
-def _is_number(value) -> bool:
-    return isinstance(value, (int, float)) and not isinstance(value, bool)
+if TYPE_CHECKING:  # never run: names the core's modules for transformers < 5, which copies a local folder's remote code
+    from .navit_attention import PACKED_ATTENTION_FUNCTIONS  # noqa: F401  (only the files each module imports itself)
+    from .navit_image_utils import block_order_position  # noqa: F401
+    from .navit_layout import MAX_CONFIG_INTS  # noqa: F401
 
 
 class Dinov3NavitConfig(PretrainedConfig):
@@ -46,7 +46,8 @@ class Dinov3NavitConfig(PretrainedConfig):
         pos_embed_rescale (`float`, *optional*, defaults to 2.0): training-only: coordinates scaled by a log-uniform
             value in [1/rescale, rescale] (both axes alike, per image).
         hidden_stride (`int`, *optional*, defaults to 1): token order of the packed rows: 1 is raster order, s orders
-            each frame in s×s blocks (SPEC §3), ready for an LLM-side merger.
+            each frame in s×s blocks (blocks in raster order, each block's patches in raster order), ready for an
+            LLM-side merger.
         temporal_patch_size (`int`, *optional*, defaults to 1): frames per patch; DINOv3 embeds single frames (1).
         cpu_block_tokens (`int`, *optional*, defaults to 4096): CPU inference runs each layer block by block over
             whole frames of at most this many tokens (same outputs, block-sized intermediates); `None` disables it.
@@ -85,6 +86,7 @@ class Dinov3NavitConfig(PretrainedConfig):
         cpu_block_tokens: Optional[int] = 4096,
         **kwargs,
     ):
+        check_dtype_settings(kwargs)  # before transformers resolves a dtype name to a torch attribute
         super().__init__(**kwargs)
         self.patch_size = patch_size
         self.hidden_size = hidden_size
@@ -122,27 +124,27 @@ class Dinov3NavitConfig(PretrainedConfig):
 
     def _validate(self) -> None:
         """Check field values and their consistency (at init and again when a model is built from the config)."""
-        validate_packed_config(self, frames_per_patch=1)
+        validate_packed_config(
+            self,
+            frames_per_patch=1,
+            positive_floats=("layer_norm_eps", "rope_theta"),
+            fractions=("attention_dropout", "drop_path_rate"),
+            bools=("query_bias", "key_bias", "value_bias", "proj_bias", "mlp_bias", "use_gated_mlp"),
+        )
         head_dim = self.hidden_size // self.num_attention_heads
         if head_dim % 4:
             raise ValueError(f"DINOv3's 2D RoPE needs head_dim divisible by 4, got head_dim={head_dim}.")
         if not is_int(self.num_register_tokens) or self.num_register_tokens < 0:
             raise ValueError(f"`num_register_tokens` must be a non-negative integer, got {self.num_register_tokens!r}.")
-        if self.hidden_act not in ACT2FN:
-            raise ValueError(f"`hidden_act` {self.hidden_act!r} is not a known activation (transformers' ACT2FN).")
-        if not _is_number(self.rope_theta) or self.rope_theta <= 0:
-            raise ValueError(f"`rope_theta` must be a positive number, got {self.rope_theta!r}.")
-        if not _is_number(self.drop_path_rate) or not 0.0 <= self.drop_path_rate < 1.0:
-            raise ValueError(f"`drop_path_rate` must be in [0, 1), got {self.drop_path_rate!r}.")
         self._validate_augmentation()
 
     def _validate_augmentation(self) -> None:
         shift = self.pos_embed_shift
-        if shift is not None and (not _is_number(shift) or shift < 0):
+        if shift is not None and (not is_real(shift) or shift < 0):
             raise ValueError(f"`pos_embed_shift` must be None or a number >= 0, got {shift!r}.")
         for name in ("pos_embed_jitter", "pos_embed_rescale"):
             value = getattr(self, name)
-            if value is not None and (not _is_number(value) or value < 1):
+            if value is not None and (not is_real(value) or value < 1):
                 raise ValueError(
                     f"`{name}` must be None or a number >= 1 (a log-uniform factor in [1/{name[10:]}, {name[10:]}]), "
                     f"got {value!r}."

@@ -1,11 +1,16 @@
 # Copyright 2026 The siglip2-navit authors. Licensed under the Apache License, Version 2.0.
 """Configuration of the SigLIP2 NaViT vision encoder (the Ovis2.5 vision tower)."""
 
-from typing import Optional, Union
+from typing import TYPE_CHECKING, Optional, Union
 
 from transformers import PretrainedConfig
 
-from .navit_core import validate_packed_config
+from .navit_core import check_dtype_settings, validate_packed_config
+
+if TYPE_CHECKING:  # never run: names the core's modules for transformers < 5, which copies a local folder's remote code
+    from .navit_attention import PACKED_ATTENTION_FUNCTIONS  # noqa: F401  (only the files each module imports itself)
+    from .navit_image_utils import block_order_position  # noqa: F401
+    from .navit_layout import MAX_CONFIG_INTS  # noqa: F401
 
 
 _PE_INTERPOLATIONS = ("bicubic", "bilinear")
@@ -105,6 +110,7 @@ class Siglip2NavitConfig(PretrainedConfig):
         cpu_block_tokens: Optional[int] = 4096,
         **kwargs,
     ):
+        check_dtype_settings(kwargs)  # before transformers resolves a dtype name to a torch attribute
         super().__init__(**kwargs)
         self.hidden_size = hidden_size
         self.intermediate_size = intermediate_size
@@ -141,7 +147,13 @@ class Siglip2NavitConfig(PretrainedConfig):
     def _validate(self) -> None:
         """Check field values and their consistency (at init and again when a model is built from the config, since
         `from_pretrained` overrides and direct assignments bypass `__init__`)."""
-        validate_packed_config(self, extra_ints=("window_size",))
+        validate_packed_config(
+            self,
+            extra_ints=("window_size",),
+            positive_floats=("layer_norm_eps", "rope_theta"),
+            fractions=("attention_dropout",),
+            bools=("preserve_original_pe", "use_rope", "pe_antialias", "vision_use_head"),
+        )
         head_dim = self.hidden_size // self.num_attention_heads
         if self.use_rope and head_dim % 4 != 0:
             raise ValueError(f"2D RoPE needs head_dim divisible by 4, got head_dim={head_dim}.")

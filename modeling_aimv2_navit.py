@@ -12,7 +12,7 @@ unchanged. One forward (N packed patch rows, K kept tokens, K == N unless `keep_
       -> rms_norm            -> last_hidden_state [K, D], input order; attention-pooling head -> [n_images, D]
 """
 
-from typing import Callable, Optional, Sequence, Union
+from typing import TYPE_CHECKING, Callable, Optional, Sequence, Union
 
 import torch
 import torch.nn.functional as F
@@ -32,6 +32,11 @@ from .navit_core import (
     per_image_groups,
     never_specialize,
 )
+
+if TYPE_CHECKING:  # never run: names the core's modules for transformers < 5, which copies a local folder's remote code
+    from .navit_attention import PACKED_ATTENTION_FUNCTIONS  # noqa: F401  (only the files each module imports itself)
+    from .navit_image_utils import block_order_position  # noqa: F401
+    from .navit_layout import MAX_CONFIG_INTS  # noqa: F401
 
 
 RotaryPair = Optional[tuple[torch.Tensor, torch.Tensor]]  # AIMv2 has no RoPE: always None, kept for the core's API
@@ -249,7 +254,8 @@ class Aimv2NavitPreTrainedModel(PackedPreTrainedModel):
 class Aimv2NavitModel(Aimv2NavitPreTrainedModel):
     """AIMv2 vision encoder over packed images: `model(pixel_values, grid_thws)`.
 
-    Inputs (SPEC §3, §10): `pixel_values` [Σ h·w, C·p·p] patch rows (raster order, or hidden_stride-block order) and
+    Inputs: `pixel_values` [Σ h·w, C·p·p] patch rows, each flattened (channel, row-in-patch, col-in-patch), per
+    frame in raster order (hidden_stride 1) or in s × s blocks (blocks in raster order, patches in raster order), and
     `grid_thws` [n_images, 3] (t, h, w) in patches. Outputs: `last_hidden_state` [N, D] after the final RMSNorm, input
     order; `pooler_output` [n_images, D] from the attention-pooling head when `use_head`.
     """

@@ -18,7 +18,7 @@ Parameter names are those of transformers' checkpoint files (`embeddings.*`, `la
 
 import math
 from dataclasses import dataclass
-from typing import Optional, Sequence, Union
+from typing import TYPE_CHECKING, Optional, Sequence, Union
 
 import torch
 from torch import nn
@@ -36,6 +36,11 @@ from .navit_core import (
     PackedSelfAttention,
     assemble_sequence,
 )
+
+if TYPE_CHECKING:  # never run: names the core's modules for transformers < 5, which copies a local folder's remote code
+    from .navit_attention import PACKED_ATTENTION_FUNCTIONS  # noqa: F401  (only the files each module imports itself)
+    from .navit_image_utils import block_order_position  # noqa: F401
+    from .navit_layout import MAX_CONFIG_INTS  # noqa: F401
 
 
 @dataclass
@@ -312,7 +317,7 @@ def _check_masked_pos(bool_masked_pos: Optional[torch.Tensor], num_rows: int) ->
 class Dinov3NavitModel(Dinov3NavitPreTrainedModel):
     """DINOv3 ViT over packed images: `model(pixel_values, grid_thws)`.
 
-    Inputs (SPEC §3): `pixel_values` [Σ t·h·w, C·p·p] patch rows (raster order with `hidden_stride` 1, s×s blocks
+    Inputs: `pixel_values` [Σ t·h·w, C·p·p] patch rows (raster order with `hidden_stride` 1, s×s blocks
     with s) and `grid_thws` [n_images, 3] (t, h, w) in patches. `keep_indices` (optional) encodes only those patch
     rows (NaViT token dropping); the CLS and register tokens of every frame are always kept.
     """

@@ -14,7 +14,7 @@ shared core (`navit_core.py`). One forward (N packed patch rows, K kept tokens, 
 import functools
 import math
 from dataclasses import dataclass
-from typing import Optional, Sequence, Union
+from typing import TYPE_CHECKING, Optional, Sequence, Union
 
 import torch
 import torch.nn.functional as F
@@ -37,6 +37,11 @@ from .navit_core import (
     per_image_groups,
 )
 from .navit_core import build_packed_layout as build_core_layout
+
+if TYPE_CHECKING:  # never run: names the core's modules for transformers < 5, which copies a local folder's remote code
+    from .navit_attention import PACKED_ATTENTION_FUNCTIONS  # noqa: F401  (only the files each module imports itself)
+    from .navit_image_utils import block_order_position  # noqa: F401
+    from .navit_layout import MAX_CONFIG_INTS  # noqa: F401
 
 
 # ----------------------------------------------------------------------------------------------------------------------
@@ -368,8 +373,10 @@ class Siglip2NavitPreTrainedModel(PackedPreTrainedModel):
 class Siglip2NavitModel(Siglip2NavitPreTrainedModel):
     """SigLIP2 NaViT vision encoder over packed images: `model(pixel_values, grid_thws)`.
 
-    Inputs (SPEC §3): `pixel_values` [Σ t·h·w, C·T·p·p] patch rows in hidden_stride-block order and `grid_thws`
-    [n_images, 3] (t, h, w) in patches. `keep_indices` (optional) encodes only those rows (NaViT token dropping).
+    Inputs: `pixel_values` [Σ t·h·w, C·T·p·p] patch rows (each flattened (channel, frame, row-in-patch,
+    col-in-patch); per frame, hidden_stride × hidden_stride blocks in raster order, each block's patches in raster
+    order) and `grid_thws` [n_images, 3] (t, h, w) in patches. `keep_indices` (optional) encodes only those rows
+    (NaViT token dropping).
     """
 
     def __init__(self, config: Siglip2NavitConfig):

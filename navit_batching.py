@@ -18,7 +18,7 @@ import numpy as np
 
 from transformers.image_processing_utils import BatchFeature
 
-from .navit_image_utils import _as_int, _is_array, _positive_int, _to_numpy, torch
+from .navit_image_utils import _as_int, _is_array, _positive_int, _to_numpy, block_order_raster_index, torch
 
 
 # ----------------------------------------------------------------------------------------------------------------------
@@ -306,9 +306,10 @@ def naflex_to_packed(
                 f"Image {i} has a {h}x{w} patch grid, not divisible by hidden_stride={s}: use a hidden_stride=1 "
                 f"model, or preprocess with this repo's Siglip2NavitImageProcessor."
             )
-        patches = pixel_values[i, :n].reshape(h // s, s, w // s, s, patch_size, patch_size, num_channels)
-        # (block row, block col, r, c) token order; (channel, row-in-patch, col-in-patch) inside a row
-        patches = patches.permute(0, 2, 1, 3, 6, 4, 5).reshape(n, dim)
+        # naflex rows are raster-ordered patches flattened as (row-in-patch, col-in-patch, channel); packed rows are
+        # in s x s block order, flattened as (channel, row-in-patch, col-in-patch)
+        raster = pixel_values[i, :n].reshape(n, patch_size, patch_size, num_channels).permute(0, 3, 1, 2)
+        patches = raster.reshape(n, dim)[torch.from_numpy(block_order_raster_index(h, w, s))]
         rows.append(patches)
         grids.append((1, h, w))
     return torch.cat(rows, dim=0), torch.tensor(grids, dtype=torch.long)

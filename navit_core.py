@@ -51,7 +51,10 @@ from .navit_layout import (
     assemble_sequence,
     attention_blocks,
     build_packed_layout,
+    check_dtype_settings,
     is_int,
+    is_real,
+    split_per_image,
     validate_inputs,
     validate_packed_config,
 )
@@ -462,8 +465,32 @@ def segment_mean(rows: torch.Tensor, counts: Sequence[int]) -> torch.Tensor:
 
 
 class PackedPreTrainedModel(PreTrainedModel):
-    """What every packed family's PreTrainedModel shares. A family sets `config_class`, `base_model_prefix`,
-    `_no_split_modules`, `_init_weights`, and may override `_layout_options` and `_plan_family`."""
+    """What every packed family's PreTrainedModel shares: validation, planning, the forward, attention switching,
+    token dropping and per-image features. The family contract, everything a family file provides:
+
+    Class attributes: `config_class`, `base_model_prefix`, `_no_split_modules`.
+
+    Model methods (this class's defaults in brackets):
+      - `_init_weights(module)`: transformers' init of the family's modules (required).
+      - `get_input_embeddings()`: the patch embedding (required).
+      - `encode(pixel_values, layout, output_attentions, output_hidden_states, **family_inputs)`: embeddings, the
+        encoder stack and its final norm, in input order: a `BaseModelOutput` (required; the compiled part).
+      - `wrap_outputs(encoded, layout, return_dict)`: pooling and the family's output fields from `encode`'s result
+        (required; eager). `_wrap_outputs` is the base's dispatch to it, never overridden.
+      - `_layout_options()`: extra `build_packed_layout` arguments, e.g. prefix tokens per frame [none].
+      - `_plan_family(layout, grids)`: the family's host-side plan stored as `layout.family` [None].
+      - `_family_inputs(pixel_values, kwargs)`: forward kwargs the family accepts (e.g. `bool_masked_pos`) [none].
+      - `_has_pooler()`: whether `pooler_output` exists [False]; `_pools_per_image()`: one pooled row per image
+        rather than per frame [True].
+
+    Module hooks of the shared building blocks:
+      - `PackedSelfAttention.project_output(attn_output)`: the output projection.
+      - `PackedEncoderLayer.attention_branch(...)` and `.mlp_branch(hidden_states)`: the two residual branches
+        (norms, layer scale) around the shared attention and MLP.
+      - `PackedEncoder.rotary_embeddings(layout)`: cos/sin per token, or None without RoPE.
+
+    A family module imports only the names in `navit_core.__all__`.
+    """
 
     main_input_name = "pixel_values"
     supports_gradient_checkpointing = True
@@ -531,7 +558,7 @@ class PackedPreTrainedModel(PreTrainedModel):
     ):
         r"""
         Args:
-            pixel_values (`torch.FloatTensor` of shape `[Σ t·h·w, C·T·p·p]`): packed patch rows (SPEC §3 order), any
+            pixel_values (`torch.FloatTensor` of shape `[Σ t·h·w, C·T·p·p]`): packed patch rows, any
                 float dtype (cast to the model's dtype inside); may live on another device than the model.
             grid_thws (`torch.LongTensor` / list / array of shape `[n_images, 3]`): (t, h, w) per image in patches;
                 may live on any device.
@@ -658,8 +685,11 @@ __all__ = [
     "assemble_sequence",
     "attention_blocks",
     "build_packed_layout",
+    "check_dtype_settings",
     "is_int",
+    "is_real",
     "never_specialize",
+    "split_per_image",
     "validate_inputs",
     "validate_packed_config",
     # attention backends (navit_attention.py)

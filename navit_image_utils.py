@@ -11,7 +11,7 @@ import math
 import operator
 import os
 import re
-from typing import Any, List, Optional, Union
+from typing import Any, List, Optional, Tuple, Union
 
 import numpy as np
 import PIL.Image
@@ -30,6 +30,32 @@ except ImportError:  # pragma: no cover - torch is a hard dependency of the mode
 
 
 logger = logging.get_logger(__name__)
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# the packed token order
+# ----------------------------------------------------------------------------------------------------------------------
+
+
+def block_order_position(index: Any, width: Any, stride: int) -> Tuple[Any, Any]:
+    """(row, col) in its frame of the patch at position `index` of the frame's packed rows.
+
+    Inside a frame of `width` patches per row, rows are packed in `stride x stride` blocks: the blocks in raster
+    order, and inside each block its `stride * stride` patches in raster order (stride 1: plain raster order). This is
+    the one statement of that rule; the processor, the model's layout, the naflex interop and the benchmark all
+    derive their orders from it. Works elementwise on Python ints, numpy arrays and torch tensors alike.
+    """
+    block = index // (stride * stride)
+    blocks_per_row = width // stride
+    row = (block // blocks_per_row) * stride + (index // stride) % stride
+    col = (block % blocks_per_row) * stride + index % stride
+    return row, col
+
+
+def block_order_raster_index(height: int, width: int, stride: int) -> np.ndarray:
+    """For each packed row of a `height x width` frame, the raster index (`row * width + col`) of its patch."""
+    row, col = block_order_position(np.arange(height * width), width, stride)
+    return row * width + col
 
 
 # ----------------------------------------------------------------------------------------------------------------------

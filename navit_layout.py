@@ -9,10 +9,13 @@
 Also the configuration checks every family shares (`validate_packed_config`).
 """
 
+import math
 from dataclasses import dataclass
 from typing import Any, Optional, Sequence, Union
 
 import torch
+
+from .navit_image_utils import block_order_position
 
 
 GridLike = Union[torch.Tensor, Sequence[Sequence[int]]]
@@ -198,7 +201,8 @@ def attention_blocks(partition: AttentionPartition, max_tokens: int) -> tuple[At
 
 
 def _token_coordinates(grids: Sequence[tuple[int, int, int]], stride: int, window_blocks: int):
-    """(row, col, frame id, window id, image id) of every packed token, in the SPEC §3 order (CPU, int64)."""
+    """(row, col, frame id, window id, image id) of every packed token, in packed order: per frame, its
+    `stride x stride` blocks in raster order, each block's patches in raster order (CPU, int64)."""
     frame_h, frame_w, frame_image = [], [], []
     for image_id, (t, h, w) in enumerate(grids):
         frame_h += [h] * t
@@ -211,14 +215,9 @@ def _token_coordinates(grids: Sequence[tuple[int, int, int]], stride: int, windo
     frame_start = torch.cumsum(frame_sizes, 0) - frame_sizes
     within = torch.arange(int(frame_sizes.sum())) - frame_start[frame_ids]
 
-    # within-frame index -> (block row, block col, row in block, col in block): blocks of stride×stride patches
-    blocks_w = (frame_w_t // stride)[frame_ids]
-    col_in_block = within % stride
-    row_in_block = (within // stride) % stride
-    block = within // (stride * stride)
-    block_row, block_col = block // blocks_w, block % blocks_w
-    rows = block_row * stride + row_in_block
-    cols = block_col * stride + col_in_block
+    # within-frame packed index -> (row, col) in the frame: stride x stride blocks
+    rows, cols = block_order_position(within, frame_w_t[frame_ids], stride)
+    block_row, block_col = rows // stride, cols // stride
 
     # windows of window_blocks × window_blocks blocks, tiled from the top-left of each frame
     windows_w = (frame_w_t // stride + window_blocks - 1) // window_blocks
@@ -328,20 +327,71 @@ PACKED_CONFIG_INTS = (
     "image_size",
     "hidden_stride",
 )
+# Upper bounds of the sizes, far above any released encoder (so400m: width 1152, 27 layers; the largest ViTs: width
+# 6144-8192, 48-64 layers): a config beyond them is a typo or an attack (a 1e5-layer model would hang the machine while
+# it is built), refused before any weight is allocated.
+MAX_CONFIG_INTS = {
+    "hidden_size": 32768,
+    "intermediate_size": 131072,
+    "num_hidden_layers": 512,
+    "num_attention_heads": 512,
+    "num_channels": 16,
+    "patch_size": 256,
+    "temporal_patch_size": 16,
+    "image_size": 16384,
+    "hidden_stride": 16,
+}
+MAX_CONFIG_INT = 1 << 20  # any other integer size (e.g. window_size in pixels)
+# dtypes a model may be loaded in (config `dtype` / `torch_dtype`); float8 has no kernels for this encoder
+ALLOWED_DTYPES = ("float32", "float16", "bfloat16", "auto")
 
 
 def is_int(value: Any) -> bool:
     return isinstance(value, int) and not isinstance(value, bool)
 
 
-def validate_packed_config(config, extra_ints: Sequence[str] = (), frames_per_patch: Optional[int] = None) -> None:
+def is_real(value: Any) -> bool:
+    """A finite real number (an int or a float; a bool or a string is not one)."""
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+
+
+def validate_packed_config(
+    config,
+    extra_ints: Sequence[str] = (),
+    frames_per_patch: Optional[int] = None,
+    positive_floats: Sequence[str] = (),
+    fractions: Sequence[str] = (),
+    bools: Sequence[str] = (),
+) -> None:
     """ValueError unless the fields every packed encoder has are consistent: positive integer sizes (plus
-    `extra_ints`), `hidden_size` divisible by the heads, `cpu_block_tokens` a positive integer or None, and
-    `temporal_patch_size == frames_per_patch` for families that embed single frames."""
+    `extra_ints`) within `MAX_CONFIG_INTS`, `hidden_size` divisible by the heads, `cpu_block_tokens` a positive
+    integer or None, `temporal_patch_size == frames_per_patch` for families that embed single frames, a known
+    `hidden_act`, a loadable `dtype`; and the family's `positive_floats` (eps, RoPE base: finite numbers > 0),
+    `fractions` (dropout rates: numbers in [0, 1)) and `bools` (True or False; a string such as "no" is refused)."""
+    from transformers.activations import ACT2FN
+
     for name in (*PACKED_CONFIG_INTS, *extra_ints):
         value = getattr(config, name)
         if not is_int(value) or value <= 0:
             raise ValueError(f"`{name}` must be a positive integer, got {value!r}.")
+        limit = MAX_CONFIG_INTS.get(name, MAX_CONFIG_INT)
+        if value > limit:
+            raise ValueError(f"`{name}` = {value} is larger than this encoder supports (at most {limit}).")
+    for name in positive_floats:
+        value = getattr(config, name)
+        if not is_real(value) or value <= 0:
+            raise ValueError(f"`{name}` must be a finite number > 0, got {value!r}.")
+    for name in fractions:
+        value = getattr(config, name)
+        if not is_real(value) or not 0.0 <= value < 1.0:
+            raise ValueError(f"`{name}` must be a number in [0, 1), got {value!r}.")
+    for name in bools:
+        value = getattr(config, name)
+        if not isinstance(value, bool):
+            raise ValueError(f"`{name}` must be true or false, got {value!r} of type {type(value).__name__}.")
+    if not isinstance(config.hidden_act, str) or config.hidden_act not in ACT2FN:
+        raise ValueError(f"`hidden_act` must be one of transformers' activations (e.g. 'gelu'), got {config.hidden_act!r}.")
+    _validate_dtype(config)
     if frames_per_patch is not None and config.temporal_patch_size != frames_per_patch:
         raise ValueError(
             f"`temporal_patch_size` must be {frames_per_patch} ({type(config).__name__} embeds single frames), got "
@@ -352,9 +402,29 @@ def validate_packed_config(config, extra_ints: Sequence[str] = (), frames_per_pa
             f"`hidden_size` ({config.hidden_size}) must be divisible by `num_attention_heads` "
             f"({config.num_attention_heads})."
         )
+    auto_map = getattr(config, "auto_map", None)
+    if auto_map is not None and not isinstance(auto_map, dict):
+        raise ValueError(f"`auto_map` must be a mapping such as {{'AutoModel': 'module.Class'}}, got {auto_map!r}.")
     block = config.cpu_block_tokens
     if block is not None and (not is_int(block) or block <= 0):
         raise ValueError(f"`cpu_block_tokens` must be a positive integer or None, got {block!r}.")
+
+
+def _validate_dtype(config) -> None:
+    check_dtype_settings(config.__dict__)
+
+
+def check_dtype_settings(settings: dict) -> None:
+    """ValueError unless the `dtype` / `torch_dtype` entries of `settings` (a config's kwargs or attributes) name a
+    dtype this encoder runs in. Configs call it on their kwargs before transformers turns a string into a
+    `torch` attribute (an AttributeError for a name such as "evil")."""
+    for name in ("dtype", "torch_dtype"):  # transformers >= 4.56 names it `dtype`
+        value = settings.get(name)
+        if value is None:
+            continue
+        text = str(value).replace("torch.", "")
+        if text not in ALLOWED_DTYPES:
+            raise ValueError(f"`{name}` must be one of {ALLOWED_DTYPES} (or None), got {value!r}.")
 
 
 # ----------------------------------------------------------------------------------------------------------------------
@@ -379,6 +449,21 @@ def _grid_to_list(grid_thws: GridLike) -> list[tuple[int, int, int]]:
     return [tuple(int(v) for v in row) for row in grid.tolist()]  # the one host sync for the grid
 
 
+def split_per_image(rows: torch.Tensor, grid_thws: GridLike) -> tuple[torch.Tensor, ...]:
+    """Cut a packed output ([Σ t·h·w, ...], one row per input patch, images in input order) into one tensor per image.
+
+    The one place that knows how packed rows map to images: `last_hidden_state`, the pipeline's per-image features
+    and the encode job's shards all split here.
+    """
+    counts = [t * h * w for t, h, w in _grid_to_list(grid_thws)]
+    if rows.shape[0] != sum(counts):
+        raise ValueError(
+            f"The packed output has {rows.shape[0]} rows, but grid_thws describes {sum(counts)} patches "
+            f"({counts} per image, t·h·w each): splitting per image needs one row per input patch."
+        )
+    return rows.split(counts, dim=0)
+
+
 def _check_grids(grids: Sequence[tuple[int, int, int]], stride: int) -> None:
     for i, (t, h, w) in enumerate(grids):
         if t <= 0 or h <= 0 or w <= 0:
@@ -388,6 +473,11 @@ def _check_grids(grids: Sequence[tuple[int, int, int]], stride: int) -> None:
                 f"`grid_thws[{i}]` = {(t, h, w)}: h and w must be divisible by hidden_stride={stride} "
                 "(tokens are ordered in hidden_stride × hidden_stride blocks)."
             )
+
+
+# Normalised pixels (mean/std normalisation of [0, 1] values) lie within a few units; a pixel value beyond this is not
+# an image and overflows the patch embedding (fp16: at 1e5 already) into NaN features.
+MAX_ABS_PIXEL_VALUE = 1e3
 
 
 @torch.compiler.disable  # host-side checks, like build_packed_layout
@@ -427,8 +517,18 @@ def validate_inputs(
         )
     if keep_indices is not None:
         _validate_keep_indices(keep_indices, total, stride)  # on the host copy made by the caller
-    if not torch.compiler.is_compiling() and not bool(torch.isfinite(pixel_values).all()):
-        raise ValueError("`pixel_values` contains NaN or infinite values.")
+    if pixel_values.device.type == "meta":
+        raise ValueError("`pixel_values` is on the meta device (shapes only, no data): pass real values.")
+    if not torch.compiler.is_compiling():
+        largest = float(pixel_values.detach().abs().amax())  # the one host sync for the values
+        if not math.isfinite(largest):
+            raise ValueError("`pixel_values` contains NaN or infinite values.")
+        if largest > MAX_ABS_PIXEL_VALUE:
+            raise ValueError(
+                f"`pixel_values` holds a value of magnitude {largest:.3g}; normalised pixels lie within a few units "
+                f"(at most {MAX_ABS_PIXEL_VALUE:g} accepted), and such values overflow the model into NaN. Pass the "
+                "image processor's output."
+            )
     return grids
 
 

@@ -24,7 +24,7 @@ it in `config.json`:
 and `pipeline("image-feature-extraction", model=folder, trust_remote_code=True)` then builds this class.
 """
 
-from typing import Any, Dict, List, Optional, Sequence, Tuple, Union
+from typing import TYPE_CHECKING, Any, Dict, List, Optional, Sequence, Tuple, Union
 
 import torch
 
@@ -32,6 +32,13 @@ from transformers import AutoImageProcessor
 from transformers.image_processing_utils import BaseImageProcessor
 from transformers.image_utils import load_image
 from transformers.pipelines import ImageFeatureExtractionPipeline
+
+from .navit_layout import split_per_image
+
+if TYPE_CHECKING:  # never run: names the core's modules for transformers < 5, which copies a local folder's remote code
+    from .navit_attention import PACKED_ATTENTION_FUNCTIONS  # noqa: F401  (only the files each module imports itself)
+    from .navit_image_utils import block_order_position  # noqa: F401
+    from .navit_layout import MAX_CONFIG_INTS  # noqa: F401
 
 
 # Strings that transformers' `load_image` fetches or decodes; everything else goes to the image processor as is.
@@ -48,13 +55,6 @@ def _check_flag(name: str, value: Any, allowed: Sequence[Any] = (True, False)) -
         raise ValueError(f"`{name}` must be one of {list(allowed)}, got {value!r}.")
 
 
-def image_token_counts(grid_thws: torch.Tensor) -> List[int]:
-    """Tokens of each image in the packed output: `t·h·w` per `grid_thws` row ([n_images, 3])."""
-    if grid_thws.ndim != 2 or grid_thws.shape[-1] != 3:
-        raise ValueError(f"grid_thws must have shape [n_images, 3], got {tuple(grid_thws.shape)}.")
-    return [int(count) for count in grid_thws.prod(dim=-1).tolist()]
-
-
 def split_packed_outputs(
     last_hidden_state: torch.Tensor, pooler_output: Optional[torch.Tensor], grid_thws: torch.Tensor
 ) -> Dict[str, Any]:
@@ -64,13 +64,7 @@ def split_packed_outputs(
     images: a list of `[tokens, hidden]` tensors (images have different token counts), which the iterator hands out
     one by one as `[1, tokens, hidden]`. `pooler_output` is `[n_images, hidden]` or `None` either way.
     """
-    counts = image_token_counts(grid_thws)
-    if sum(counts) != last_hidden_state.shape[0]:
-        raise ValueError(
-            f"The model returned {last_hidden_state.shape[0]} token rows for images of {counts} tokens "
-            f"(t·h·w per grid_thws row, {sum(counts)} in all); this pipeline needs one output row per input patch."
-        )
-    per_image = list(last_hidden_state.split(counts, dim=0))
+    per_image = list(split_per_image(last_hidden_state, grid_thws))
     features: Union[torch.Tensor, List[torch.Tensor]] = per_image[0][None] if len(per_image) == 1 else per_image
     return {"last_hidden_state": features, "pooler_output": pooler_output}
 

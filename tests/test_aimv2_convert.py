@@ -21,7 +21,8 @@ from safetensors.torch import save_file
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 ROOT = Path(__file__).resolve().parent.parent
 
-from siglip2_navit.tools import checkpoint_utils as utils  # noqa: E402
+from siglip2_navit.tools import checkpoint_utils as utils
+from siglip2_navit.tools import safetensors_io  # noqa: E402
 from siglip2_navit.tools import convert_aimv2  # noqa: E402
 import transformers  # noqa: E402
 from transformers import AutoConfig, AutoImageProcessor, AutoModel  # noqa: E402
@@ -118,7 +119,7 @@ def test_conversion_writes_a_complete_hub_folder_that_loads_strictly(tmp_path, h
 
     names = {p.name for p in dst.iterdir()}
     assert names == {"model.safetensors", "config.json", "preprocessor_config.json", "processor_config.json", "README.md",
-                     "docs", "examples"} | CODE_FILES
+                     "examples", "pictures"} | CODE_FILES
     assert [p.name for p in dst.parent.iterdir()] == ["navit"], "no temp folder may be left behind"
     config = json.loads((dst / "config.json").read_text())
     assert config["auto_map"] == {
@@ -294,7 +295,7 @@ def test_aimv2model_folder_converts_its_vision_tower_only(tmp_path, monkeypatch)
     source = transformers.Aimv2Model(config)
     source.save_pretrained(tmp_path / "aimv2")
     touched = []
-    real_safe_open = utils.safe_open
+    real_safe_open = safetensors_io.safe_open
 
     class RecordingHandle:
         def __init__(self, *args, **kwargs):
@@ -318,7 +319,7 @@ def test_aimv2model_folder_converts_its_vision_tower_only(tmp_path, monkeypatch)
             touched.append(key)
             return self.handle.get_tensor(key)
 
-    monkeypatch.setattr(utils, "safe_open", RecordingHandle)
+    monkeypatch.setattr(safetensors_io, "safe_open", RecordingHandle)
     dst = convert_aimv2.convert(tmp_path / "aimv2", tmp_path / "navit", hidden_stride=2)
     assert touched and all(key.startswith("vision_model.") for key in touched), sorted(set(touched))
 

@@ -319,8 +319,8 @@ def test_unexpected_forward_arguments_are_refused():
         (dict(hidden_stride=0), "positive integer"),
         (dict(cpu_block_tokens=0), "positive integer or None"),
         (dict(hidden_act="no_such_act"), "hidden_act"),
-        (dict(is_native="yes"), "True or False"),
-        (dict(rms_norm_eps=0.0), "positive"),
+        (dict(is_native="yes"), "must be true or false"),
+        (dict(rms_norm_eps=0.0), "finite number > 0"),
         (dict(is_native=False, image_size=8, patch_size=14), "at least `patch_size`"),
     ],
 )

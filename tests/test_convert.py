@@ -24,7 +24,8 @@ from safetensors.torch import save_file
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 ROOT = Path(__file__).resolve().parent.parent
 
-from siglip2_navit.tools import checkpoint_utils as utils  # noqa: E402
+from siglip2_navit.tools import checkpoint_utils as utils
+from siglip2_navit.tools import atomic, safetensors_io  # noqa: E402
 from siglip2_navit.tools import convert_ovis as convert_ovis_checkpoint  # noqa: E402
 from siglip2_navit.tools import convert_siglip2_naflex  # noqa: E402
 import transformers  # noqa: E402
@@ -165,8 +166,8 @@ class _RecordingSafeOpen:
 def test_ovis_conversion_round_trip(tmp_path, monkeypatch):
     src, dst = tmp_path / "ovis", tmp_path / "out" / "vit"
     source = write_fake_ovis(src)
-    recorder = _RecordingSafeOpen(utils.safe_open)
-    monkeypatch.setattr(utils, "safe_open", recorder)
+    recorder = _RecordingSafeOpen(safetensors_io.safe_open)
+    monkeypatch.setattr(safetensors_io, "safe_open", recorder)
 
     assert convert_ovis_checkpoint.main([str(src), str(dst)]) == 0
 
@@ -187,11 +188,12 @@ def test_ovis_conversion_round_trip(tmp_path, monkeypatch):
         "image_processing_siglip2_navit.py",
         "pipeline_navit.py",
         "README.md",
-        "docs",
         "examples",
+        "pictures",
     } == {p.name for p in dst.iterdir()}
-    for folder in ("docs", "examples"):  # what the model card links to and its snippets open
-        assert sorted(p.name for p in (dst / folder).iterdir()) == sorted(p.name for p in (ROOT / folder).iterdir())
+    # the images the model card's code opens, and its picture (features only: this model has no pooling query)
+    assert sorted(p.name for p in (dst / "examples").iterdir()) == sorted(p.name for p in (ROOT / "examples").iterdir())
+    assert sorted(p.name for p in (dst / "pictures").iterdir()) == ["chelsea.features.png"]
     assert not [p for p in dst.parent.iterdir() if p.name != "vit"], "no temp folder may be left behind"
 
     config = json.loads((dst / "config.json").read_text())
@@ -232,9 +234,9 @@ def test_ovis_dtype_and_base_model(tmp_path):
     assert card.startswith("---\nbase_model: AIDC-AI/Ovis2.5-9B\n")
     assert "library_name: transformers" in card.split("\n---", 1)[0]
     assert "Weights converted from [AIDC-AI/Ovis2.5-9B](https://huggingface.co/AIDC-AI/Ovis2.5-9B)" in card
-    # the source repository's fresh-clone section (scripts/, pip install -e .) does not belong in a model folder
+    # the folder's own card (generated for its family), not the source repository's README
     assert "ci:demo" not in card and "source-repo-only" not in card and "No weights here" not in card
-    assert "## Quick start: processor → model → features" in card and "## Citation" in card
+    assert "# SigLIP2 (Ovis2.5 vision tower)" in card and "`navit-convert ovis`" in card and "## Usage" in card
     model = AutoModel.from_pretrained(dst, trust_remote_code=True, **{DTYPE_KWARG: "auto"})
     name = "vision_model.embeddings.patch_embedding.weight"
     assert model.state_dict()[name].dtype == torch.float32
@@ -500,8 +502,8 @@ def test_naflex_siglip2model_takes_only_the_vision_tower(tmp_path, monkeypatch):
     source = Siglip2Model(config)
     src, dst = tmp_path / "siglip2", tmp_path / "navit"
     source.save_pretrained(src)
-    recorder = _RecordingSafeOpen(utils.safe_open)
-    monkeypatch.setattr(utils, "safe_open", recorder)
+    recorder = _RecordingSafeOpen(safetensors_io.safe_open)
+    monkeypatch.setattr(safetensors_io, "safe_open", recorder)
     convert_siglip2_naflex.convert(src, dst, hidden_stride=2)
     assert recorder.touched and all(k.startswith("vision_model.") for k in recorder.touched)
 
@@ -621,8 +623,8 @@ def test_index_shards_must_stay_inside_src(tmp_path, capsys, monkeypatch, how):
         _repoint_shard(src, str(outside))
     else:
         (src / "model-00001-of-00002.safetensors").symlink_to(outside)
-    recorder = _RecordingSafeOpen(utils.safe_open)
-    monkeypatch.setattr(utils, "safe_open", recorder)
+    recorder = _RecordingSafeOpen(safetensors_io.safe_open)
+    monkeypatch.setattr(safetensors_io, "safe_open", recorder)
     err = _cli_error(capsys, src, tmp_path / "vit")
     assert "outside" in err and "shards must be inside SRC" in err
     assert not recorder.touched
@@ -655,6 +657,26 @@ def test_non_finite_source_weights_are_refused(tmp_path, capsys, bad):
     save_file(tensors, str(shard), metadata={"format": "pt"})
     err = _cli_error(capsys, src, tmp_path / "vit")
     assert f"Tensor {name!r} in {shard} holds 1 non-finite value(s)" in err
+
+
+@pytest.mark.parametrize("dtype", [torch.int32, torch.int64, torch.uint8, torch.bool])
+@pytest.mark.parametrize("extra", [[], ["--dtype", "float32"]])
+def test_non_float_source_weights_are_refused(tmp_path, capsys, monkeypatch, dtype, extra):
+    """An integer (or bool) weight would be stored as such and load as garbage, or be silently cast by --dtype:
+    refused from the header, naming it, before any tensor data is read."""
+    src = tmp_path / "ovis"
+    write_fake_ovis(src, dtype=torch.float32)
+    shard = src / "model-00002-of-00002.safetensors"
+    from safetensors.torch import load_file
+
+    tensors = load_file(shard)
+    name = next(k for k in sorted(tensors) if k.startswith("visual_tokenizer.vit.") and k.endswith(".weight"))
+    tensors[name] = (tensors[name] * 100).to(dtype)
+    save_file(tensors, str(shard), metadata={"format": "pt"})
+    monkeypatch.setattr(safetensors_io.SafetensorsCheckpoint, "read", lambda *a, **k: pytest.fail("data read"))
+    err = _cli_error(capsys, src, tmp_path / "vit", *extra)
+    header_dtype = {torch.int32: "I32", torch.int64: "I64", torch.uint8: "U8", torch.bool: "BOOL"}[dtype]
+    assert f"Tensor {name!r} in {shard} is {header_dtype}" in err and "floating-point" in err
 
 
 def test_cast_overflow_is_refused(tmp_path, capsys):
@@ -752,7 +774,7 @@ def _overwrite_killed_at(dst: Path, kill_at: int, exchange: bool) -> bool:
 
             os.rename = counted(os.rename)
             shutil.rmtree = rmtree
-            utils._exchange = counted(utils._exchange) if exchange else (lambda a, b: False)
+            atomic._exchange = counted(atomic._exchange) if exchange else (lambda a, b: False)
             utils.atomic_write_folder(dst, lambda tmp: _write_folder(tmp, NEW_FOLDER, step), overwrite=True)
             os._exit(0)
         except BaseException:
@@ -768,7 +790,7 @@ def test_overwrite_killed_at_every_step(tmp_path, exchange):
     if exchange:
         a, b = tmp_path / "a", tmp_path / "b"
         a.mkdir(), b.mkdir()
-        if not utils._exchange(a, b):
+        if not atomic._exchange(a, b):
             pytest.skip("renameat2(RENAME_EXCHANGE) is not available here")
         a.rmdir(), b.rmdir()
     kills = 0
@@ -808,7 +830,7 @@ def test_killed_overwrite_is_undone_by_the_next_conversion(tmp_path, monkeypatch
             os.rename = lambda a, b: (  # the second rename (new folder -> DST) never happens
                 os.kill(os.getpid(), signal.SIGKILL) if Path(b) == dst.absolute() else real_rename(a, b)
             )
-            utils._exchange = lambda a, b: False
+            atomic._exchange = lambda a, b: False
             convert_ovis_checkpoint.convert(src, dst, overwrite=True)
         finally:
             os._exit(3)

@@ -7,6 +7,8 @@ import json
 import os
 import re
 import stat
+import subprocess
+import sys
 from pathlib import Path
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
@@ -248,6 +250,17 @@ def test_dataset_input_save_to_disk_and_parquet(data, reference, tmp_path, monke
         encode.open_dataset(str(tmp_path / "saved"), None, "image")
 
 
+_HOLD_LOCK = """
+import fcntl, os, sys
+fd = os.open(sys.argv[1], os.O_RDWR)
+fcntl.lockf(fd, fcntl.LOCK_EX)  # as a running job holds it
+os.ftruncate(fd, 0)
+os.write(fd, f"{os.getpid()}\\n".encode())
+print("held", flush=True)
+sys.stdin.read()
+"""
+
+
 def test_rerun_with_other_settings_is_refused_and_overwrite_starts_over(data, tmp_path, capsys):
     out = tmp_path / "fp"
     one = [str(data["good"]["img003.png"])]
@@ -262,13 +275,15 @@ def test_rerun_with_other_settings_is_refused_and_overwrite_starts_over(data, tm
     assert _encode(data, out, "--workers", "1", "--max-tokens", "50", "--shard-size", "2", inputs=one) == 0
     assert _encode(data, out, "--features", "pooled", "--overwrite", inputs=one) == 0
     assert json.loads((out / "_manifest.json").read_text())["features"] == "pooled"
-    # a second job writing into the same folder at the same time is refused
-    import fcntl
-
-    with open(out / ".lock", "w") as held:
-        fcntl.flock(held, fcntl.LOCK_EX)
+    # a second job writing into the same folder at the same time is refused, naming the pid the lock file holds
+    holder = subprocess.Popen([sys.executable, "-c", _HOLD_LOCK, str(out / ".lock")], stdin=subprocess.PIPE,
+                              stdout=subprocess.PIPE, text=True)
+    try:
+        assert holder.stdout.readline().strip() == "held"
         assert _encode(data, out, "--features", "pooled", inputs=one) == 2
-        assert "another encode.py job is writing into" in capsys.readouterr().err
+        assert f"another navit-encode job (pid {holder.pid}) is writing into" in capsys.readouterr().err
+    finally:
+        holder.communicate("")
     assert len(readme_loader()(str(out))[one[0]].shape) == 1  # a file given directly: id = the path as given
 
 

@@ -648,7 +648,7 @@ def test_repo_root_is_loadable_as_hub_folder(tmp_path):
     """The .py files at the root import with relative imports only, as transformers' remote-code loader needs."""
     model_files = (
         "configuration_siglip2_navit.py", "modeling_siglip2_navit.py", "navit_core.py", "navit_layout.py",
-        "navit_attention.py",
+        "navit_attention.py", "navit_image_utils.py",
     )
     for name in model_files:
         source = (REPO_ROOT / name).read_text()

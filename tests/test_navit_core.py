@@ -121,3 +121,32 @@ def test_prefix_sequences_attend_exactly_within_their_frame(backend):
         torch.testing.assert_close(out[layout.prefix_index[frame]], expected[:2])
         torch.testing.assert_close(out[layout.restore_index[position : position + n]], expected[2:])
         position += n
+
+
+def test_split_per_image_follows_grid_thws_and_refuses_other_row_counts():
+    """Rows of a packed output go to images in input order, t·h·w rows each (a video: all its frames)."""
+    grids = torch.tensor([[1, 2, 4], [2, 2, 2], [1, 6, 2]])  # 8, 8 and 12 rows
+    rows = torch.arange(28 * 3, dtype=torch.float32).view(28, 3)
+    pieces = core.split_per_image(rows, grids)
+    assert [p.shape[0] for p in pieces] == [8, 8, 12]
+    torch.testing.assert_close(pieces[1], rows[8:16], rtol=0, atol=0)
+    torch.testing.assert_close(pieces[2], rows[16:], rtol=0, atol=0)
+    with pytest.raises(ValueError, match="27 rows.*28 patches"):
+        core.split_per_image(rows[:27], grids)
+
+
+@pytest.mark.parametrize("family_file", ["modeling_siglip2_navit.py", "modeling_aimv2_navit.py", "modeling_dinov3_navit.py",
+                                         "configuration_siglip2_navit.py", "configuration_aimv2_navit.py",
+                                         "configuration_dinov3_navit.py"])
+def test_families_import_only_the_core_public_names(family_file):
+    """The family contract: a family file reaches the core through `navit_core.__all__` only (never a private name,
+    never navit_layout / navit_attention directly at run time)."""
+    import ast
+    from pathlib import Path
+
+    tree = ast.parse((Path(core.__file__).parent / family_file).read_text(encoding="utf-8"))
+    for node in tree.body:  # what runs at import (an `if TYPE_CHECKING:` block only names files for the loader)
+        if isinstance(node, ast.ImportFrom) and node.level == 1 and node.module and node.module.startswith("navit_"):
+            assert node.module == "navit_core", f"{family_file} imports from .{node.module}"
+            names = {alias.name for alias in node.names}
+            assert names <= set(core.__all__), f"{family_file} imports {sorted(names - set(core.__all__))}"

@@ -511,7 +511,7 @@ def _tiny_benchmark(monkeypatch):
     benchmark = _load_benchmark()
     monkeypatch.setattr(benchmark, "QUICK", TINY_WIDTHS)
     monkeypatch.setattr(benchmark, "QUICK_LAYERS", 2)
-    monkeypatch.setattr(benchmark, "PEAK_MATMUL_SIDE", {True: 1024, False: 256})
+    monkeypatch.setattr(benchmark.bench_measure, "PEAK_MATMUL_SIDE", {True: 1024, False: 256})
     monkeypatch.setattr(
         benchmark,
         "workloads",
@@ -670,17 +670,17 @@ def test_ratios_whose_rounds_straddle_one_are_noisy_not_results():
 def test_a_floor_fraction_above_100_percent_is_a_measurement_error():
     benchmark = _load_benchmark()
     floor_times, contender_times = [1.0, 1.02, 1.04], [0.95, 0.96, 0.97]  # "faster than the bare matmuls"
-    fraction = benchmark.with_verdict(benchmark.unpaired_ratio(floor_times, contender_times), bounded_by_one=True)
+    fraction = benchmark.with_verdict(benchmark.bench_stats.unpaired_ratio(floor_times, contender_times), bounded_by_one=True)
     assert fraction["median"] == pytest.approx(1.02 / 0.96)
     assert fraction["min"] == pytest.approx(1.0 / 0.97) and fraction["max"] == pytest.approx(1.04 / 0.95)
     assert fraction["verdict"] == "measurement error"
     assert "measurement error" in benchmark.format_ratio(fraction, "%")
-    assert benchmark.target_status(fraction, 0.85, True) == "measurement error"  # cannot meet a target
-    below = benchmark.with_verdict(benchmark.unpaired_ratio([0.8, 0.9], [1.0, 1.1]), bounded_by_one=True)
+    assert benchmark.bench_stats.target_status(fraction, 0.85, True) == "measurement error"  # cannot meet a target
+    below = benchmark.with_verdict(benchmark.bench_stats.unpaired_ratio([0.8, 0.9], [1.0, 1.1]), bounded_by_one=True)
     assert below["verdict"] == "result" and benchmark.format_ratio(below, "%") == "81 % (73–90)"  # 0.85 ÷ 1.05
-    reaching = benchmark.with_verdict(benchmark.unpaired_ratio([0.9, 1.0], [0.95, 1.0]), bounded_by_one=True)
+    reaching = benchmark.with_verdict(benchmark.bench_stats.unpaired_ratio([0.9, 1.0], [0.95, 1.0]), bounded_by_one=True)
     assert reaching["verdict"] == "noisy"  # median below 100 %, but some pairing of samples above it
-    assert benchmark.target_status(reaching, 0.80, True) == "noisy"  # every round ≥ 80 %, but some are "> floor"
+    assert benchmark.bench_stats.target_status(reaching, 0.80, True) == "noisy"  # every round ≥ 80 %, but some are "> floor"
 
 
 @pytest.mark.parametrize(
@@ -697,7 +697,7 @@ def test_a_floor_fraction_above_100_percent_is_a_measurement_error():
 def test_target_status_needs_every_round(rounds, threshold, higher_is_better, expected):
     benchmark = _load_benchmark()
     figure = benchmark.paired_ratio({"times_s": rounds}, {"times_s": [1.0] * len(rounds)})
-    assert benchmark.target_status(figure, threshold, higher_is_better) == expected
+    assert benchmark.bench_stats.target_status(figure, threshold, higher_is_better) == expected
 
 
 def _synthetic_report(benchmark, dropping_rounds):
@@ -718,16 +718,16 @@ def test_missed_targets_are_printed_and_fail_the_run_only_when_asked(monkeypatch
     report = _synthetic_report(benchmark, [0.92, 0.94, 0.96])
     assert [t["status"] for t in report["targets"]] == ["met", "MISSED"]
     assert len(report["summary"]["missed"]) == 1 and "65 %" in report["summary"]["missed"][0]
-    line = benchmark.summary_line(report)
+    line = benchmark.bench_report.summary_line(report)
     assert "1 MISSED" in line and "keep 50 % of tokens" in line
-    lines = "\n".join(benchmark._target_lines(report))
+    lines = "\n".join(benchmark.bench_report._target_lines(report))
     assert "**MISSED**" in lines and "94 % (92–96)" in lines
     monkeypatch.setattr(benchmark, "main", lambda argv=None: report)
     assert benchmark.cli(["--quick"]) == 0  # printed, not fatal, by default
     assert benchmark.cli(["--quick", "--fail-on-missed"]) == 1
     assert "machine was busy" not in line  # load average 0.5
     report["machine"]["load_average"] = (2.0 * os.cpu_count(), 1.0, 1.0)
-    assert "**The machine was busy**" in benchmark.summary_line(report)
+    assert "**The machine was busy**" in benchmark.bench_report.summary_line(report)
     met = _synthetic_report(benchmark, [0.43, 0.45, 0.47])
     monkeypatch.setattr(benchmark, "main", lambda argv=None: met)
     assert met["summary"]["missed"] == [] and benchmark.cli(["--quick", "--fail-on-missed"]) == 0
@@ -817,12 +817,12 @@ def test_contenders_are_timed_round_robin_after_their_warm_up():
     benchmark = _load_benchmark()
     calls = []
     clock = iter(range(100))
-    benchmark.CLOCK = lambda: next(clock)  # every call "takes" 1 time unit
+    benchmark.bench_measure.CLOCK = lambda: next(clock)  # every call "takes" 1 time unit
     try:
         fns = {name: (lambda name=name: calls.append(name)) for name in ("a", "b", "c")}
         result = benchmark.time_interleaved(fns, torch.device("cpu"), warmup=2, repeats=3)
     finally:
-        benchmark.CLOCK = benchmark.CLOCKS["wall"]
+        benchmark.bench_measure.CLOCK = benchmark.CLOCKS["wall"]
     assert calls == ["a", "a", "a", "b", "b", "b", "c", "c", "c"] + ["a", "b", "c", "b", "c", "a", "c", "a", "b"]
     assert all(r["times_s"] == [1, 1, 1] and r["median_s"] == 1 for r in result.values())
     ratio = benchmark.paired_ratio({"times_s": [2.0, 3.0, 4.0]}, {"times_s": [1.0, 2.0, 4.0]})
@@ -853,12 +853,12 @@ def test_floor_buffers_are_made_untimed_before_each_call_and_freed_before_the_ne
         now[0] += 2
         events.append(("contender", len(live)))
 
-    benchmark.CLOCK = lambda: now[0]
+    benchmark.bench_measure.CLOCK = lambda: now[0]
     try:
         result = benchmark.time_interleaved({"floor": benchmark.FreshEachCall(make), "contender": contender},
                                             torch.device("cpu"), warmup=1, repeats=3)
     finally:
-        benchmark.CLOCK = benchmark.CLOCKS["wall"]
+        benchmark.bench_measure.CLOCK = benchmark.CLOCKS["wall"]
     assert result["floor"]["times_s"] == [1, 1, 1] and result["contender"]["times_s"] == [2, 2, 2]
     assert result["floor"]["peak_memory_bytes"] is None  # not measured under the dispatch mode
     assert events[-6:] == [("floor", 1, True), ("contender", 0), ("contender", 0), ("floor", 1, True)] + [

@@ -229,7 +229,7 @@ def test_split_refuses_rows_that_do_not_match_the_grids():
     grids = torch.tensor([[1, 2, 4], [1, 4, 4]])  # 8 + 16 tokens
     pieces = split_packed_outputs(torch.randn(24, 5), None, grids)["last_hidden_state"]
     assert [tuple(p.shape) for p in pieces] == [(8, 5), (16, 5)]
-    with pytest.raises(ValueError, match=r"returned 26 token rows for images of \[8, 16\] tokens"):
+    with pytest.raises(ValueError, match=r"26 rows, but grid_thws describes 24 patches \(\[8, 16\] per image"):
         split_packed_outputs(torch.randn(26, 5), None, grids)
 
 

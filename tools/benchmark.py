@@ -54,12 +54,9 @@ import importlib.util
 import json
 import math
 import os
-import platform
-import re
 import statistics
 import sys
 import time
-import weakref
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Optional
@@ -67,14 +64,28 @@ from typing import Callable, Optional
 import numpy as np
 import torch
 import torch.nn.functional as F
-from torch.utils._python_dispatch import TorchDispatchMode
 
 
 from . import convert_siglip2_naflex
-from .dtypes import resolve_dtype
 from ..configuration_siglip2_navit import Siglip2NavitConfig
 from ..image_processing_siglip2_navit import Siglip2NavitImageProcessor
 from ..modeling_siglip2_navit import Siglip2NavitModel
+from ..navit_image_utils import block_order_raster_index
+from .dtypes import resolve_dtype
+from . import bench_measure, bench_report, bench_stats  # noqa: F401  (bench_report, bench_stats: for tests and users)
+from .bench_measure import (  # noqa: F401  (PeakMemory: part of this module's API, as before the split)
+    CLOCKS,
+    FreshEachCall,
+    PeakMemory,
+    _error_text,
+    _sync,
+    matmul_floor,
+    matmul_peak_run,
+    model_flops,
+    time_interleaved,
+)
+from .bench_report import _fmt_time, _label, machine_description, plot, render_markdown
+from .bench_stats import _contender, evaluate_targets, exact, format_ratio, paired_ratio, spread, summarize, with_verdict
 
 
 # ----------------------------------------------------------------------------------------------------------------------
@@ -141,7 +152,8 @@ def make_inputs(workload: Workload, seed: int = 0) -> tuple[torch.Tensor, torch.
 
 
 def naflex_to_navit_state_dict(state_dict: dict, num_channels: int, patch_size: int) -> dict:
-    """SPEC §7: prefix `vision_model.`, Linear patch embedding [hidden, p·p·C] -> Conv2d layout [hidden, C, p, p]."""
+    """naflex weights -> this model's: prefix `vision_model.`, Linear patch embedding [hidden, p·p·C] -> Conv2d
+    layout [hidden, C, p, p]."""
     converted = {}
     for name, value in state_dict.items():
         name = name if name.startswith("vision_model.") else "vision_model." + name
@@ -187,14 +199,15 @@ def build_models(size: dict, layers: Optional[int], seed: int, with_ovis: bool):
 
 
 def raster_index(grids: list[tuple[int, int, int]], stride: int) -> list[torch.Tensor]:
-    """Per image: the packed rows (hidden_stride-block order, SPEC §3) of its patches in raster order."""
+    """Per image: the packed rows of its patches in raster order (each frame is packed in `stride x stride` blocks,
+    see `navit_image_utils.block_order_position`)."""
     indices, offset = [], 0
     for t, h, w in grids:
         assert t == 1, "the naflex baseline handles single-frame images only"
-        r = torch.arange(h)[:, None]
-        c = torch.arange(w)[None, :]
-        block = (r // stride) * (w // stride) + c // stride
-        indices.append((offset + (block * stride + r % stride) * stride + c % stride).flatten())
+        packed_to_raster = torch.from_numpy(block_order_raster_index(h, w, stride))
+        raster_to_packed = torch.empty_like(packed_to_raster)
+        raster_to_packed[packed_to_raster] = torch.arange(h * w)
+        indices.append(offset + raster_to_packed)
         offset += h * w
     return indices
 
@@ -212,336 +225,6 @@ def naflex_inputs(pixel_values: torch.Tensor, grids: list, num_channels: int, pa
         mask[b, : len(index)] = 1
     spatial_shapes = torch.tensor([[h, w] for _, h, w in grids], dtype=torch.long)
     return padded, mask, spatial_shapes, indices
-
-
-# ----------------------------------------------------------------------------------------------------------------------
-# Measurement
-# ----------------------------------------------------------------------------------------------------------------------
-
-
-class LiveTensorBytes(TorchDispatchMode):
-    """Peak bytes of live tensor storage created during a call: every op's output storage counts from the op that
-    creates it until it is freed. The CPU counterpart of `torch.cuda.max_memory_allocated`: independent of the
-    allocator (whether glibc keeps freed memory mapped or not), of other contenders and of the process's baseline.
-    Scratch buffers that a kernel allocates and frees internally are not seen (as on CUDA they would be)."""
-
-    def __init__(self):
-        super().__init__()
-        self.live = self.peak = 0
-        self._storages: set[int] = set()
-
-    def _freed(self, key: int, size: int) -> None:
-        self.live -= size
-        self._storages.discard(key)
-
-    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-        out = func(*args, **(kwargs or {}))
-        for tensor in torch.utils._pytree.tree_leaves(out):
-            if not isinstance(tensor, torch.Tensor):
-                continue
-            storage = tensor.untyped_storage()
-            key, size = storage.data_ptr(), storage.nbytes()
-            if size == 0 or key in self._storages:  # a view, or an in-place result
-                continue
-            self._storages.add(key)
-            self.live += size
-            self.peak = max(self.peak, self.live)
-            weakref.finalize(storage, self._freed, key, size)
-        return out
-
-
-class PeakMemory:
-    """Peak memory of one call, in bytes above what was allocated before it: CUDA `torch.cuda.max_memory_allocated`,
-    CPU `LiveTensorBytes` (the call runs under a dispatch mode, so it is never one of the timed calls)."""
-
-    def __init__(self, device: torch.device):
-        self.device = device
-        self.peak = None
-
-    def __enter__(self) -> "PeakMemory":
-        if self.device.type == "cuda":
-            torch.cuda.synchronize(self.device)
-            torch.cuda.reset_peak_memory_stats(self.device)
-            self.base = torch.cuda.memory_allocated(self.device)
-        else:
-            gc.collect()
-            self.mode = LiveTensorBytes().__enter__()
-        return self
-
-    def __exit__(self, *exc) -> None:
-        if self.device.type == "cuda":
-            torch.cuda.synchronize(self.device)
-            self.peak = torch.cuda.max_memory_allocated(self.device) - self.base
-        else:
-            self.mode.__exit__(*exc)
-            self.peak = self.mode.peak
-
-
-def _sync(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-
-
-CLOCKS = {"wall": time.perf_counter, "cpu": time.process_time}
-CLOCK = CLOCKS["wall"]  # set by --timer
-
-
-def _error_text(err: Exception, limit: int = 300) -> str:
-    """A failure as reported in the benchmark's results: exception type and message, cut to `limit` characters."""
-    return f"{type(err).__name__}: {err}"[:limit]
-
-
-@dataclass
-class FreshEachCall:
-    """A callable whose buffers are made (untimed) right before each call and freed right after it. A matmul floor's
-    scratch buffers (GBs at full size) are then never resident while a contender runs (a large resident set slows the
-    contenders' fresh allocations), yet the floor runs in the same rounds as the contenders, so a drift of the
-    machine's load hits both alike and their ratio is paired round by round. Its memory is not measured."""
-
-    make: Callable[[], Callable[[], object]]
-
-
-def _timed_call(fn, device: torch.device) -> float:
-    """One call of `fn` (made fresh first, untimed, when it is a FreshEachCall), its time on CLOCK."""
-    run = fn.make() if isinstance(fn, FreshEachCall) else fn
-    _sync(device)
-    start = CLOCK()
-    out = run()
-    _sync(device)
-    elapsed = CLOCK() - start
-    del out, run
-    return elapsed
-
-
-def time_interleaved(
-    fns: dict, device: torch.device, warmup: int, repeats: int, measure_memory: bool = True, keep_going: bool = False
-) -> dict:
-    """Time several callables side by side: each first runs once to measure its peak memory (unless not
-    `measure_memory`, or it is a FreshEachCall) and `warmup` more times untimed, then `repeats` rounds run every
-    callable once, in turn, each round starting one callable later than the last (so that no callable always runs
-    right after the same neighbour). A slow drift of the machine's load (other processes, thermal state) hits every
-    contender alike instead of whichever ran last, and each round gives paired ratios. Per name: the median, the
-    individual times (round order) and the peak memory of the first call.
-
-    The clock is wall time, or with `--timer cpu` this process's CPU time (robust on a busy machine when run with
-    `--threads 1`: time spent descheduled is not counted).
-
-    With `keep_going`, a callable that raises in its first calls (out of memory, a broken optional kernel) is reported
-    as `{"error": ...}` and left out of the rounds, so one failing contender does not cost the whole run."""
-    results, failed = {}, {}
-    for name, fn in fns.items():
-        memory = PeakMemory(device)
-        try:
-            if measure_memory and not isinstance(fn, FreshEachCall):
-                with memory:
-                    out = fn()
-                    del out
-            for _ in range(warmup):
-                _timed_call(fn, device)
-        except Exception as err:  # noqa: BLE001 - reported, not hidden
-            if not keep_going:
-                raise
-            failed[name] = {"error": _error_text(err)}
-            if device.type == "cuda":
-                torch.cuda.empty_cache()
-            continue
-        results[name] = {"times_s": [], "peak_memory_bytes": memory.peak}
-    order = [name for name in fns if name not in failed]
-    for round_index in range(repeats):
-        shift = round_index % max(1, len(order))  # each round starts one callable later: no fixed position in a round
-        for name in order[shift:] + order[:shift]:
-            results[name]["times_s"].append(_timed_call(fns[name], device))
-    for result in results.values():
-        result["median_s"] = statistics.median(result["times_s"])
-    return {**results, **failed}
-
-
-# ----------------------------------------------------------------------------------------------------------------------
-# Spreads, verdicts and targets: no figure is printed as a result unless its rounds agree on it
-# ----------------------------------------------------------------------------------------------------------------------
-
-TIE_TOLERANCE = 0.02  # a ratio whose every round lies within 1 ± this is reported as a tie, not as noise
-
-
-def spread(samples: list[float]) -> dict:
-    """min / median / max of a figure's samples (one per timed round), and how many there were."""
-    if not samples:
-        raise ValueError("spread() needs at least one sample")
-    return {"median": statistics.median(samples), "min": min(samples), "max": max(samples), "rounds": len(samples)}
-
-
-def exact(value: float) -> dict:
-    """A figure measured once, without timing noise (an accuracy metric): its spread is the value itself."""
-    return {**spread([value]), "rounds": 0}
-
-
-def paired_ratio(numerator: dict, denominator: dict) -> dict:
-    """Per-round ratios of two contenders timed by `time_interleaved` in the same rounds: median, min, max. Each
-    round's ratio compares two calls made back to back, so a drift of the machine's load cancels out."""
-    ratios = [a / b for a, b in zip(numerator["times_s"], denominator["times_s"])]
-    return {**spread(ratios), "paired": True}
-
-
-def unpaired_ratio(numerator: list[float], denominator: list[float]) -> dict:
-    """The ratio of two figures timed in different rounds (a matmul floor and a contender): median ÷ median, with the
-    widest range any pair of their samples allows (min ÷ max … max ÷ min), since no round pairs them."""
-    return {
-        "median": statistics.median(numerator) / statistics.median(denominator),
-        "min": min(numerator) / max(denominator),
-        "max": max(numerator) / min(denominator),
-        "rounds": min(len(numerator), len(denominator)),
-        "paired": False,
-    }
-
-
-def ratio_verdict(figure: dict, bounded_by_one: bool = False) -> str:
-    """What a ratio (× faster, fraction of a floor) may be reported as.
-
-    "result": every round agrees on the side of 1 it lies on, so the median is a result. "tie": the rounds straddle 1
-    but all lie within 1 ± TIE_TOLERANCE (no difference that this run can resolve). "noisy": the rounds straddle 1 by
-    more than that: the spread is wider than the effect the median would claim, so it is not a result.
-    With `bounded_by_one` (a fraction of a floor or a peak: nothing can run faster than the bare matmuls), a median
-    above 1 is a "measurement error"."""
-    low, median, high = figure["min"], figure["median"], figure["max"]
-    if bounded_by_one and median > 1:
-        return "measurement error"
-    if low < 1 < high:
-        return "tie" if 1 - TIE_TOLERANCE <= low and high <= 1 + TIE_TOLERANCE else "noisy"
-    return "result"
-
-
-def target_status(figure: dict, threshold: float, higher_is_better: bool) -> str:
-    """"met" when every round meets the target, "MISSED" when none does, "noisy" when the rounds straddle it (neither
-    can be claimed: rerun with more `--repeats` on a quieter machine). A figure that is a measurement error
-    (`verdict`) cannot meet anything, nor can a fraction of a floor whose rounds reach above 100 % ("noisy")."""
-    if figure.get("verdict") == "measurement error":
-        return "measurement error"
-    if figure.get("bounded_by_one") and figure["max"] > 1:
-        return "noisy"  # some rounds ran "faster than the floor": those rounds are not measurements of the model
-    low, high = figure["min"], figure["max"]
-    worst, best = (low, high) if higher_is_better else (-high, -low)
-    bound = threshold if higher_is_better else -threshold
-    if worst >= bound:
-        return "met"
-    if best < bound:
-        return "MISSED"
-    return "noisy"
-
-
-def with_verdict(figure: dict, bounded_by_one: bool = False) -> dict:
-    """The figure with its `verdict` (see ratio_verdict); a fraction of a floor or peak is marked `bounded_by_one`."""
-    return {**figure, "verdict": ratio_verdict(figure, bounded_by_one), "bounded_by_one": bounded_by_one}
-
-
-def format_ratio(figure: Optional[dict], unit: str = "×") -> str:
-    """A ratio as printed: the median with its spread when it is a result or a tie, otherwise only the spread and why.
-    `unit` "%" prints fractions as percentages."""
-    if figure is None:
-        return ""
-    scale, fmt = (100, "{:.0f}") if unit == "%" else (1, "{:.2f}")
-    suffix = " %" if unit == "%" else "×"
-    low, median, high = (fmt.format(scale * figure[k]) for k in ("min", "median", "max"))
-    rng = low if low == high else f"{low}–{high}"
-    verdict = figure.get("verdict", "result")
-    if verdict == "measurement error":
-        return f"measurement error ({median}{suffix} > 100 %)"
-    if verdict == "noisy":
-        return f"noisy ({rng}{suffix})"
-    if verdict == "tie":
-        return f"tie ({rng}{suffix})"
-    return f"{median}{suffix} ({rng})" if low != high else f"{median}{suffix}"
-
-
-def model_flops(grids: list, config: Siglip2NavitConfig, num_tokens: Optional[int] = None) -> float:
-    """Matmul FLOPs of one forward (docs/benchmarks.md derives it): patch embedding + per layer the projections,
-    MLP and attention (QKᵀ and PV) per sequence. Elementwise ops are not counted."""
-    hidden, inter, layers = config.hidden_size, config.intermediate_size, config.num_hidden_layers
-    seq_lens = [h * w for t, h, w in grids for _ in range(t)]
-    tokens = sum(seq_lens) if num_tokens is None else num_tokens
-    patch = config.num_channels * config.temporal_patch_size * config.patch_size**2
-    dense = tokens * (2 * patch * hidden + layers * (8 * hidden * hidden + 4 * hidden * inter))
-    attention = layers * sum(4 * n * n * hidden for n in seq_lens)
-    return float(dense + attention)
-
-
-PEAK_MATMUL_SIDE = {True: 8192, False: 2048}  # n of the n³ matmul that measures the peak: on CUDA, on CPU
-
-
-def matmul_peak_run(device: torch.device, dtype: torch.dtype) -> tuple[Callable[[], object], int]:
-    """One dense matmul of `dtype` into a preallocated output (8192³ on CUDA, 2048³ on CPU) and its FLOP: timed in
-    the workloads' rounds, it gives the device's measured matmul peak, paired round by round with the contenders."""
-    n = PEAK_MATMUL_SIDE[device.type == "cuda"]
-    a = torch.randn(n, n, device=device, dtype=dtype)
-    b = torch.randn(n, n, device=device, dtype=dtype)
-    out = torch.empty(n, n, device=device, dtype=dtype)
-    return (lambda: torch.mm(a, b, out=out)), 2 * n**3
-
-
-def matmul_floor(
-    seq_lens: list[int], config: Siglip2NavitConfig, device: torch.device, dtype: torch.dtype, kind: str
-) -> Callable[[], None]:
-    """A callable that runs exactly the unavoidable matmuls of one forward, bare, into preallocated outputs.
-
-    Per layer, on the K packed tokens: QKV (one fused [K, H] × [H, 3H]), out-proj, fc1, fc2 (no bias); and per group
-    of equal-length sequences QKᵀ and PV as batched matmuls (split into chunks of ≤ 256 MiB of scores so that long
-    sequences fit in memory). Nothing else: no bias, norm, activation, softmax, RoPE, PE, reordering.
-
-    `kind` "floor-bmm" is that; "floor-sdpa" runs the same dense matmuls with the attention done by one bare
-    `scaled_dot_product_attention` call per group instead. On CPU, torch's fused flash kernel can beat the bare
-    QKᵀ/PV matmuls (it never writes the [L, L] scores to memory), so a model could run above 100 % of the bmm floor;
-    the benchmark takes the faster of the two floors as the floor.
-    """
-    hidden, inter, heads = config.hidden_size, config.intermediate_size, config.num_attention_heads
-    head_dim = hidden // heads
-    tokens = sum(seq_lens)
-    make = lambda *shape: torch.empty(*shape, device=device, dtype=dtype).normal_(0, 0.02)  # noqa: E731
-    x, w_qkv, w_o, w_1, w_2 = (
-        make(tokens, hidden), make(hidden, 3 * hidden), make(hidden, hidden), make(hidden, inter), make(inter, hidden)
-    )
-    zeros = lambda *shape: torch.zeros(*shape, device=device, dtype=dtype)  # noqa: E731 - outputs, paged in untimed
-    qkv_out, o_out, h_out = zeros(tokens, 3 * hidden), zeros(tokens, hidden), zeros(tokens, inter)
-
-    groups: dict[int, int] = {}
-    for n in seq_lens:
-        groups[n] = groups.get(n, 0) + 1
-    element_bytes = torch.finfo(dtype).bits // 8
-    if kind == "floor-sdpa":
-        sdpa_jobs = [tuple(make(count, heads, length, head_dim) for _ in range(3)) for length, count in groups.items()]
-    bmm_jobs = []  # (q, kᵀ, v, scores, out) per chunk of (sequences × heads); chunks of one shape share buffers
-    buffers: dict = {}
-    for length, count in groups.items() if kind == "floor-bmm" else ():
-        chunk = max(1, min(count * heads, (256 << 20) // (length * length * element_bytes)))
-        remaining = count * heads
-        while remaining > 0:
-            b = min(chunk, remaining)
-            if (b, length) not in buffers:
-                buffers[(b, length)] = (
-                    make(b, length, head_dim), make(b, head_dim, length), make(b, length, head_dim),
-                    zeros(b, length, length), zeros(b, length, head_dim),
-                )
-            bmm_jobs.append(buffers[(b, length)])
-            remaining -= b
-
-    def dense():
-        torch.mm(x, w_qkv, out=qkv_out)
-        torch.mm(x, w_o, out=o_out)
-        torch.mm(x, w_1, out=h_out)
-        torch.mm(h_out, w_2, out=o_out)
-
-    def bmm_forward():
-        for _ in range(config.num_hidden_layers):
-            dense()
-            for q, kt, v, scores, out in bmm_jobs:
-                torch.bmm(q, kt, out=scores)
-                torch.bmm(scores, v, out=out)
-
-    def sdpa_forward():
-        for _ in range(config.num_hidden_layers):
-            dense()
-            for q, k, v in sdpa_jobs:
-                F.scaled_dot_product_attention(q, k, v)
-
-    return {"floor-bmm": bmm_forward, "floor-sdpa": sdpa_forward}[kind]
 
 
 # ----------------------------------------------------------------------------------------------------------------------
@@ -651,376 +334,6 @@ def naflex_agreement(model, naflex, pixel_values, grid_thws) -> float:
         theirs = naflex(pixel_values=padded.to(model.device), pixel_attention_mask=mask.to(model.device),
                         spatial_shapes=shapes).last_hidden_state.float().cpu()
     return max(float((ours[index] - theirs[b, : len(index)]).abs().max()) for b, index in enumerate(indices))
-
-
-# ----------------------------------------------------------------------------------------------------------------------
-# Main
-# ----------------------------------------------------------------------------------------------------------------------
-
-
-def machine_description(device: torch.device) -> dict:
-    info = {
-        "platform": platform.platform(),
-        "python": platform.python_version(),
-        "torch": torch.__version__,
-        "threads": torch.get_num_threads(),
-        "cpu": platform.processor() or platform.machine(),
-    }
-    try:
-        import transformers
-
-        info["transformers"] = transformers.__version__
-    except ImportError:
-        pass
-    try:
-        with open("/proc/cpuinfo") as f:
-            names = re.findall(r"^model name\s*:\s*(.+)$", f.read(), re.MULTILINE)
-        if names:
-            info["cpu"] = f"{names[0]} × {len(names)} logical CPUs"
-    except OSError:
-        pass
-    try:
-        info["load_average"] = os.getloadavg()
-    except OSError:
-        pass
-    if device.type == "cuda":
-        info["gpu"] = torch.cuda.get_device_name(device)
-    return info
-
-
-def _fmt_bytes(n: Optional[int]) -> str:
-    return "n/a" if n is None else f"{n / 2**20:,.0f} MiB"
-
-
-def _fmt_time(figure: dict) -> str:
-    """A time with its spread over the rounds: median (min–max)."""
-    return f"{figure['median']:.3f} ({figure['min']:.3f}–{figure['max']:.3f})"
-
-
-def _fmt_flops(figure: dict) -> str:
-    return f"{figure['median'] / 1e9:,.0f} GFLOP/s ({figure['min'] / 1e9:,.0f}–{figure['max'] / 1e9:,.0f})"
-
-
-def _label(name: str, dtype: str) -> str:
-    return f"{name} [{dtype}]"
-
-
-TABLE_HEADER = (
-    "| workload | images | tokens | contender | time (s): median (min–max) | tokens/s | × vs naflex-padded (paired) "
-    "| of floor | of matmul peak | peak memory |"
-)
-
-
-def _floor_rows(w: dict) -> list[str]:
-    rows = []
-    for dtype, floor in w["floors"].items():
-        rows.append(
-            f"| {w['name']} | {w['images']} | {w['tokens']} | *matmul floor [{dtype}]* ({floor['kind']}) | "
-            f"{_fmt_time(floor)} | {w['tokens'] / floor['median']:,.0f} | | 100 % | "
-            f"{w['flops'] / floor['median'] / 1e9:,.0f} GFLOP/s | |"
-        )
-    return rows
-
-
-def _contender_row(w: dict, c: dict) -> str:
-    label = _label(c["name"], c["dtype"])
-    if "error" in c:
-        return f"| {w['name']} | | | {label} | {c['error']} | | | | | |"
-    return (
-        f"| {w['name']} | | | {label} | {_fmt_time(c['time_s'])} | {c['tokens_per_s']:,.0f} | "
-        f"{format_ratio(c.get('vs_naflex_padded'))} | {format_ratio(c.get('of_floor'), '%')} | "
-        f"{format_ratio(c.get('of_matmul_peak'), '%')} | {_fmt_bytes(c['peak_memory_bytes'])} |"
-    )
-
-
-def _workload_rows(w: dict) -> list[str]:
-    rows = _floor_rows(w) + [_contender_row(w, c) for c in w["contenders"]]
-    for dtype, diff in w.get("naflex_max_abs_diff", {}).items():
-        rows.append(f"| {w['name']} | | | *max abs diff ours vs naflex [{dtype}]* | {diff:.1e} | | | | | |")
-    return rows
-
-
-def _paired_lines(report: dict) -> list[str]:
-    lines = []
-    for w in report["workloads"]:
-        for dtype, ratio in w.get("packed_vs_per_image", {}).items():
-            lines.append(f"{w['name']} [{dtype}] {format_ratio(ratio)}")
-    if not lines:
-        return []
-    return ["", "Packing vs the per-image loop (per-image time ÷ packed time, paired round by round; > 1 = packing "
-            "wins): " + ", ".join(lines) + "."]
-
-
-def _bf16_lines(report: dict) -> list[str]:
-    lines = []
-    for w in report["workloads"]:
-        b = w.get("bf16_vs_fp32")
-        if not b:
-            continue
-        kept = ""
-        if "speedup_of_floor_ratio" in b:
-            kept = (f", while the bare matmuls (the floors) run {format_ratio(b['floor_ratio'])} faster in bf16: the "
-                    f"model keeps {format_ratio(b['speedup_of_floor_ratio'], '%')} of what the hardware gives bf16")
-        lines.append(
-            f"- {w['name']}: packed-sdpa bf16 is {format_ratio(b.get('speedup'))} the fp32 forward's speed (paired)"
-            f"{kept}; min per-token cosine vs fp32 {b['min_token_cosine']['median']:.5f}, max abs diff "
-            f"{b['max_abs_diff']:.2e}"
-        )
-    return ["", "bf16 vs fp32 (same weights, same inputs, same rounds):", *lines] if lines else []
-
-
-def _token_dropping_lines(report: dict) -> list[str]:
-    d = report.get("token_dropping")
-    if not d:
-        return []
-    return [
-        "",
-        f"Token dropping ({d['workload']} [{d['dtype']}], keep {d['keep_fraction']:.0%}: {d['kept_tokens']} of "
-        f"{d['tokens']} tokens, timed in the same rounds as the full packed-sdpa forward): "
-        f"{format_ratio(d['time_fraction'], '%')} of the full forward's time.",
-    ]
-
-
-def _compile_lines(report: dict) -> list[str]:
-    c = report.get("compile")
-    if not c:
-        return []
-    if "error" in c:
-        return ["", f"torch.compile: failed: {c['error']}"]
-    return [
-        "",
-        f"torch.compile(model, dynamic=True) ({c['workload']}, sdpa): first call (compile) {c['first_call_s']:.1f} s, "
-        f"then {_fmt_time(c['time_s'])} s, speed vs eager (paired) {format_ratio(c['speedup_vs_eager'])}, "
-        f"max abs diff vs eager {c['max_abs_diff']:.1e}. A batch of another composition "
-        f"({c['new_composition']['images']} of the images, {c['new_composition']['tokens']:,} tokens) right after: "
-        f"first call {c['new_composition']['first_call_s']:.2f} s, **{c['new_composition']['new_graphs']} new "
-        f"graph(s)** compiled.",
-    ]
-
-
-def _memory_lines(report: dict) -> list[str]:
-    s = report.get("memory_scaling")
-    if not s:
-        return []
-    return [
-        "",
-        "Memory scaling (packed-sdpa peak): " + ", ".join(f"{k}: {_fmt_bytes(v)}" for k, v in s["peaks"].items())
-        + f"; largest / (its image factor × the next smaller) = {s['ratio_vs_linear']:.2f} (≤ ~1 means linear).",
-    ]
-
-
-def _target_lines(report: dict) -> list[str]:
-    targets = report.get("targets", [])
-    if not targets:
-        return []
-    lines = ["", "| target | workload | measured | status |", "|---|---|---|---|"]
-    for t in targets:
-        unit = "%" if t["unit"] == "%" else "×"
-        measured = (f"{t['figure']['median']:.5f}" if t["unit"] == "" else format_ratio(t["figure"], unit))
-        lines.append(f"| {t['target']} | {t['workload']} | {measured} | **{t['status']}** |")
-    return lines
-
-
-def _load(report: dict) -> str:
-    """The 1-minute load average when the run started (how busy the machine was), or "?" where unknown."""
-    load = report["machine"].get("load_average")
-    return "?" if not load else f"{load[0]:.1f}"
-
-
-def summary_line(report: dict) -> str:
-    """One line: how many targets were met, MISSED, noisy or measurement errors, and how many figures were flagged."""
-    s = report["summary"]
-    parts = [f"{len(s['met'])} met", f"{len(s['missed'])} MISSED", f"{len(s['noisy'])} noisy (undecided)"]
-    if s["errors"]:
-        parts.append(f"{len(s['errors'])} measurement error(s)")
-    line = f"Targets: {', '.join(parts)}."
-    if s["missed"]:
-        line += " MISSED: " + "; ".join(s["missed"]) + "."
-    if s["flagged_figures"]:
-        line += (f" {s['flagged_figures']} figure(s) flagged noisy or as measurement errors (machine load average at "
-                 f"start {_load(report)}).")
-    if machine_busy(report):
-        line += " " + busy_note(report)
-    return line
-
-
-def busy_note(report: dict) -> str:
-    """What a wall-clock report on a busy machine is worth, and how to measure instead."""
-    return (f"**The machine was busy** (load average {_load(report)} on {os.cpu_count()} CPUs at the start): other "
-            "processes bias even paired wall-clock figures (a model's many small ops wait for preempted threads more "
-            "than the floor's few large GEMMs do); rerun on an idle machine, or with `--threads 1 --timer cpu` "
-            "(process CPU time of one thread: time spent descheduled is not counted).")
-
-
-def machine_busy(report: dict) -> bool:
-    """More runnable processes than CPUs when the run started (1-minute load average), with wall-clock timing."""
-    load = report["machine"].get("load_average")
-    return bool(load) and report.get("timer", "wall") == "wall" and load[0] >= (os.cpu_count() or 1)
-
-
-def _workload_description(w: dict) -> str:
-    longest = max(h * width for _, h, width in w["grids"])
-    return (f"{w['name']}: {w['images']} image(s), {w['tokens']:,} tokens, longest {longest:,} (padded to the "
-            f"longest, naflex computes {w['padded_flop_ratio']:.2f}× the FLOP)")
-
-
-def render_markdown(report: dict) -> str:
-    m = report["machine"]
-    peaks = ", ".join(f"{dtype} {_fmt_flops(p)}" for dtype, p in report["matmul_peak"].items())
-    lines = [
-        f"## {report['title']}",
-        "",
-        f"Machine: {m['cpu']}; {m.get('gpu', 'no GPU')}; torch {m['torch']}, "
-        f"transformers {m.get('transformers', '?')}, "
-        f"{m['threads']} threads, load average at start {_load(report)}. dtype(s) "
-        f"{', '.join(report['dtypes'])}. Config: {report['config_description']}. {report['repeats']} interleaved "
-        f"rounds after a memory-measuring call and {report['warmup']} warm-up ({report['timer']} time); figures are "
-        f"median (min–max) over the rounds. Matmul peak measured: {peaks}. Wall time of this run: "
-        f"{report['wall_s']:.0f} s.",
-        "",
-        report.get("dtype_line", ""),
-        *([f"", busy_note(report)] if machine_busy(report) else []),
-        "",
-        "Workloads: " + "; ".join(_workload_description(w) for w in report["workloads"]) + ".",
-        "",
-        TABLE_HEADER,
-        "|" + "---|" * (TABLE_HEADER.count("|") - 1),
-    ]
-    for w in report["workloads"]:
-        lines += _workload_rows(w)
-    lines += _paired_lines(report) + _bf16_lines(report) + _token_dropping_lines(report) + _compile_lines(report)
-    lines += _memory_lines(report) + _target_lines(report)
-    lines += ["", summary_line(report),
-              "", "A ratio is printed as a result only when every round agrees on its side of 1; \"tie\": all rounds "
-              f"within ±{TIE_TOLERANCE:.0%}; \"noisy\": the rounds straddle 1 by more (not a result); a fraction of a "
-              "floor or peak above 100 % is a measurement error. Targets: met (every round meets it), MISSED (no round "
-              "does), noisy (the rounds straddle it)."]
-    return "\n".join(lines) + "\n"
-
-
-def plot(report: dict, path: Path) -> bool:
-    try:
-        import matplotlib
-
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-    except ImportError:
-        print("matplotlib not installed (pip install 'siglip2-navit[bench]'): skipping the plot")
-        return False
-    series: dict[str, list[tuple[int, float]]] = {}
-    for w in report["workloads"]:
-        for c in w["contenders"]:
-            if "error" not in c:
-                series.setdefault(_label(c["name"], c["dtype"]), []).append((w["tokens"], c["tokens_per_s"]))
-        for dtype, floor in w["floors"].items():
-            series.setdefault(f"matmul floor [{dtype}]", []).append((w["tokens"], w["tokens"] / floor["median"]))
-    fig, ax = plt.subplots(figsize=(8, 5))
-    for name, points in series.items():
-        points.sort()
-        ax.plot([p[0] for p in points], [p[1] for p in points], marker="o", label=name,
-                linestyle="--" if name.startswith("matmul floor") else "-")
-    ax.set_xscale("log")
-    ax.set_xlabel("total tokens in the batch")
-    ax.set_ylabel("tokens / s")
-    ax.set_title(report["title"])
-    ax.legend(fontsize=8)
-    ax.grid(True, alpha=0.3)
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
-    return True
-
-
-# ----------------------------------------------------------------------------------------------------------------------
-# Targets: fp32 and bf16 on CPU, GPU
-# ----------------------------------------------------------------------------------------------------------------------
-
-
-def _contender(w: dict, name: str, dtype: str) -> Optional[dict]:
-    return next((c for c in w["contenders"] if c["name"] == name and c["dtype"] == dtype and "error" not in c), None)
-
-
-def _contender_figure(key: str) -> Callable[[dict, str], Optional[dict]]:
-    def figure(w: dict, dtype: str) -> Optional[dict]:
-        c = _contender(w, "packed-sdpa", dtype)
-        return None if c is None else c.get(key)
-
-    return figure
-
-
-@dataclass(frozen=True)
-class Target:
-    description: str
-    threshold: float
-    higher_is_better: bool
-    figure: Callable[[dict, str], Optional[dict]]  # (workload entry, dtype) -> the figure, None when not measured
-    dtypes: tuple[str, ...] = ("fp32", "bf16")
-    headline_only: bool = True  # only on the *mixed* workload (the headline workload)
-    device: Optional[str] = None  # only on this device type
-    unit: str = "×"
-    full_only: bool = False  # stated for the full run's workload (quick's *mixed* pads far less, see padded_flop_ratio)
-
-
-TARGETS = (
-    Target("≥ 3× padded naflex (transformers' Siglip2VisionModel, same weights)", 3.0, True, _contender_figure("vs_naflex_padded"),
-           full_only=True),
-    Target("packing never slower than the per-image loop", 1.0, True,
-           lambda w, dtype: w.get("packed_vs_per_image", {}).get(dtype), headline_only=False),
-    Target("fp32 ≥ 85 % of its matmul floor", 0.85, True, _contender_figure("of_floor"),
-           dtypes=("fp32",), unit="%"),
-    Target("bf16 ≥ 85 % of its matmul floor", 0.85, True, _contender_figure("of_floor"),
-           dtypes=("bf16",), unit="%"),
-    Target("bf16 speed-up over fp32 ≥ 85 % of the floors' own ratio (fp32 floor ÷ bf16 floor)", 0.85, True,
-           lambda w, dtype: w.get("bf16_vs_fp32", {}).get("speedup_of_floor_ratio"), dtypes=("bf16",), unit="%"),
-    Target("bf16 vs fp32 min per-token cosine ≥ 0.999", 0.999, True,
-           lambda w, dtype: w.get("bf16_vs_fp32", {}).get("min_token_cosine"), dtypes=("bf16",),
-           headline_only=False, unit=""),
-    Target("GPU: ≥ 55 % of the bf16 matmul peak (MFU)", 0.55, True, _contender_figure("of_matmul_peak"),
-           dtypes=("bf16",), device="cuda", unit="%"),
-    Target("GPU: ≥ 1.3× the sync-per-layer design", 1.3, True,
-           lambda w, dtype: w.get("packed_vs_sync_per_layer", {}).get(dtype), dtypes=("bf16",), device="cuda"),
-)
-TOKEN_DROPPING_TARGET = 0.65  # keep 50 %: at most 65 % of the full forward's time
-
-
-def _target_result(target: str, workload: str, figure: dict, threshold: float, higher: bool, unit: str) -> dict:
-    return {"target": target, "workload": workload, "figure": figure, "threshold": threshold, "unit": unit,
-            "status": target_status(figure, threshold, higher)}
-
-
-def evaluate_targets(report: dict) -> list[dict]:
-    """Every stated target that this run measured, with the figure it was judged on and its status."""
-    results = []
-    for target in TARGETS:
-        if (target.device is not None and target.device != report["device"]) or (target.full_only and report["quick"]):
-            continue
-        for w in report["workloads"]:
-            if target.headline_only and w["name"] != "mixed":
-                continue
-            for dtype in target.dtypes:
-                figure = target.figure(w, dtype)
-                if figure is not None:
-                    results.append(_target_result(f"{target.description} [{dtype}]", w["name"], figure,
-                                                  target.threshold, target.higher_is_better, target.unit))
-    d = report.get("token_dropping")
-    if d:
-        results.append(_target_result(f"keep 50 % of tokens: ≤ 65 % of the full forward [{d['dtype']}]",
-                                      d["workload"], d["time_fraction"], TOKEN_DROPPING_TARGET, False, "%"))
-    return results
-
-
-def summarize(report: dict) -> dict:
-    """The targets by status and the number of figures flagged noisy or as measurement errors."""
-    targets = report["targets"]
-    by = lambda status: [f"{t['target']} on {t['workload']}" for t in targets if t["status"] == status]  # noqa: E731
-    flagged = 0
-    for w in report["workloads"]:
-        figures = [f for c in w["contenders"] for f in (c.get("vs_naflex_padded"), c.get("of_floor"),
-                                                        c.get("of_matmul_peak")) if f]
-        figures += list(w.get("packed_vs_per_image", {}).values())
-        flagged += sum(f.get("verdict") in ("noisy", "measurement error") for f in figures)
-    return {"met": by("met"), "missed": by("MISSED"), "noisy": by("noisy"), "errors": by("measurement error"),
-            "flagged_figures": flagged}
 
 
 # ----------------------------------------------------------------------------------------------------------------------
@@ -1350,8 +663,7 @@ def token_dropping_figure(w: dict, timed: dict, dtype: str, kept_tokens: int) ->
 def main(argv: Optional[list[str]] = None) -> dict:
     started = time.perf_counter()
     args = parse_args(argv)
-    global CLOCK
-    CLOCK = CLOCKS[args.timer]
+    bench_measure.CLOCK = CLOCKS[args.timer]
     if args.threads:
         torch.set_num_threads(args.threads)
     if args.warmup is None:

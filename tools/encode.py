@@ -10,18 +10,23 @@ INPUT: image files (id = the path as given), folders (walked recursively for ima
 relative to the folder), quoted globs (id = each match as written by the glob) and `@list.txt` (one INPUT per
 line; relative paths are relative to the current directory). `--dataset PATH`: a local Hugging Face `datasets`
 dataset (a `save_to_disk` folder, or parquet file(s) / a folder of parquet files) with an image column; id = the
-row index. Ids must be unique (a clash is refused, never renamed).
+row index. Ids must be unique (a clash is refused, never renamed); bytes of a file name that are not UTF-8 appear in
+its id as backslash escapes (`caf\\xe9.png`). A `**` glob does not descend through symlinks to folders.
 
 Without `--out` nothing is written: the images are encoded and a table of what each costs is printed (the demo).
 With `--out DIR`, every `--shard-size` images of a process become one shard `DIR/train-r<rank>-<seq>.<ext>`,
 written to a temporary name, fsynced and renamed: the ids in complete shards are the done set, so rerunning the
 same command after a crash or a kill encodes exactly the rest. `DIR/_manifest.json` fingerprints the settings that
-change the features (model config and weights, processor settings, features, pool, normalize, format, dtype: the
-one `--dtype auto` resolved to on this machine);
-a rerun with other settings is refused (`--overwrite` starts over). Unreadable inputs are recorded in
-`DIR/errors.jsonl` (`{"id", "error", "source"}` per line) and skipped; the run goes on (`--strict`: exit status 1
-when any input has an error record). Under `torchrun` / `accelerate launch` each rank takes the ids whose stable
-hash falls to it and writes its own shards; any world size resumes any other's output.
+change the features (model config and weights, processor settings, features, pool, normalize, format, dtype);
+a rerun with other settings is refused (`--overwrite` starts over). A safetensors shard holds the sha256 of its
+content in its metadata (`sha256`), a parquet shard page checksums: a rerun verifies every shard first and encodes
+the images of a corrupt one again. Unreadable inputs, inputs that are not regular files (FIFOs, devices: never
+opened) and images whose features come out NaN/Inf (never stored) are recorded in `DIR/errors.jsonl`
+(`{"id", "error", "source"}` per line) and skipped; the run goes on (`--strict`: exit status 1 when any input has
+an error record). A model that gives NaN/Inf for every image of its first batch is broken: the job stops there,
+recording nothing. A failure of the job itself (disk full, a dead worker) is one line with exit status 1; complete
+shards are kept and the same command resumes. Under `torchrun` / `accelerate launch` each rank takes the ids whose
+stable hash falls to it and writes its own shards; any world size resumes any other's output.
 
 Loads the processor and model through the Auto API with `trust_remote_code=True`; a folder without safetensors
 weights runs randomly initialised weights (seeded, announced loudly).
@@ -29,41 +34,48 @@ weights runs randomly initialised weights (seeded, announced loudly).
 
 import argparse
 import dataclasses
-import glob
 import hashlib
-import io
 import json
 import os
-import re
-import signal
 import sys
 import time
 from pathlib import Path
-from typing import Any, Dict, Iterator, List, Optional, Sequence, Set, Tuple
+from typing import Any, Dict, List, Optional, Tuple
+
+from .encode_inputs import (  # noqa: F401  (glob_matches, expand_input, ...: this module's API, as before the cut)
+    EncodeInputs,
+    Item,
+    JobError,
+    TokenBudgetBatches,
+    UsageError,
+    collate,
+    collect_inputs,
+    decode_image,
+    expand_input,
+    glob_matches,
+    header_size,
+    open_dataset,
+    owner_rank,
+    quiet_worker_threads,
+)
+from .encode_output import (
+    DEFAULT_SHARD_SIZE,
+    ERRORS,
+    FORMAT_EXT,
+    MANIFEST_VERSION,
+    ShardSink,
+    done_ids,
+    maybe_kill,
+    prepare_output,
+    release_locks,
+)
 
 
 PACKAGE_DIR = Path(__file__).resolve().parents[1]  # a loadable model folder itself: its config.json, random weights
 WEIGHT_FILES = ("model.safetensors", "model.safetensors.index.json")
 DTYPES = {"fp32": "float32", "bf16": "bfloat16", "fp16": "float16"}
-IMAGE_EXTENSIONS = frozenset(
-    ".jpg .jpeg .jpe .jfif .png .webp .bmp .gif .tif .tiff .ppm .pgm .pbm .pnm .tga .avif .heic".split()
-)
-FORMAT_EXT = {"safetensors": ".safetensors", "parquet": ".parquet"}
-MANIFEST = "_manifest.json"
-ERRORS = "errors.jsonl"
 SHOWN_ERRORS = 20  # bad inputs named in the summary (all of them are in DIR/errors.jsonl)
-LOCK = ".lock"
-SHARD_RE = re.compile(r"^train-r(\d{5,})-(\d{6,})\.(safetensors|parquet)$")  # zero-padded, may outgrow the padding
-TMP_PREFIX = ".tmp-"
-MANIFEST_VERSION = 1
-DEFAULT_SHARD_SIZE = {"pooled": 10000, "tokens": 100}  # a shard is held in memory until it is written
-# Test hook: "<point>:<n>" SIGKILLs this process at the n-th occurrence of a point (after_shard, before_rename,
-# mid_error, after_batch). Used by the kill-and-resume tests; never set it otherwise.
-KILL_ENV = "SIGLIP2_NAVIT_ENCODE_KILL_AT"
 
-
-class UsageError(Exception):
-    """A problem with the command line or the output folder: reported as one line, exit status 2."""
 
 
 # ----------------------------------------------------------------------------------------------------------------------
@@ -159,475 +171,6 @@ def parse_overrides(text: Optional[str]) -> Dict[str, Any]:
 
 
 # ----------------------------------------------------------------------------------------------------------------------
-# inputs
-# ----------------------------------------------------------------------------------------------------------------------
-
-
-@dataclasses.dataclass(frozen=True)
-class Item:
-    """One input: a stable id and where its bytes are (a file path, or a row of the --dataset)."""
-
-    id: str
-    path: Optional[str] = None
-    row: Optional[int] = None
-
-    @property
-    def source(self) -> str:
-        return self.path if self.path is not None else f"dataset row {self.row}"
-
-
-def is_image_name(name: str) -> bool:
-    return os.path.splitext(name)[1].lower() in IMAGE_EXTENSIONS and not name.startswith(".")
-
-
-def walk_folder(folder: str) -> List[Item]:
-    """Image files under `folder` (recursively, hidden entries skipped), sorted by id = relative POSIX path."""
-    items = []
-    for root, dirs, files in os.walk(folder):
-        dirs[:] = [d for d in dirs if not d.startswith(".")]
-        for name in files:
-            if is_image_name(name):
-                path = os.path.join(root, name)
-                items.append(Item(Path(os.path.relpath(path, folder)).as_posix(), path=path))
-    return sorted(items, key=lambda item: item.id)
-
-
-def expand_input(token: str, from_list: bool = False) -> List[Item]:
-    """Files, folders, globs and (not nested) @lists, in the order given."""
-    if token.startswith("@") and not from_list:
-        list_path = token[1:]
-        if not os.path.isfile(list_path):
-            raise UsageError(f"no such list file: {list_path}")
-        with open(list_path, encoding="utf-8") as f:
-            lines = [line.strip() for line in f]
-        return [item for line in lines if line and not line.startswith("#") for item in expand_input(line, True)]
-    if os.path.isdir(token):
-        return walk_folder(token)
-    if os.path.isfile(token):
-        return [Item(token, path=token)]
-    if glob.has_magic(token):
-        matches = sorted(glob.glob(token, recursive=True))
-        return [item for m in matches for item in (walk_folder(m) if os.path.isdir(m) else [Item(m, path=m)])]
-    raise UsageError(f"no such file or folder: {token}")
-
-
-def check_unique(items: Sequence[Item], reserved: Sequence[str] = ()) -> None:
-    seen: Dict[str, Item] = {}
-    for item in items:
-        if item.id in reserved:
-            raise UsageError(f"input {item.source!r} has the id {item.id!r}, which this output format reserves")
-        if item.id in seen:
-            raise UsageError(
-                f"two inputs have the same id {item.id!r} ({seen[item.id].source} and {item.source}); ids must be "
-                "unique: pass the common parent folder instead, or encode them into separate --out folders"
-            )
-        seen[item.id] = item
-
-
-def open_dataset(path: str, split: Optional[str], column: str):
-    """The --dataset as a datasets.Dataset holding only the image column (not decoded: bytes/path per row)."""
-    try:
-        import datasets
-    except ImportError:
-        raise UsageError('--dataset needs the datasets package: pip install "siglip2-navit[encode]"') from None
-    if os.path.isdir(path) and os.path.isfile(os.path.join(path, "dataset_dict.json")):
-        saved = datasets.load_from_disk(path)
-        splits = list(saved)
-        chosen = split or (splits[0] if len(splits) == 1 else "train")
-        if chosen not in saved:
-            raise UsageError(f"--dataset {path} has splits {splits}; choose one with --split")
-        ds = saved[chosen]
-    elif os.path.isdir(path) and os.path.isfile(os.path.join(path, "state.json")):
-        ds = datasets.load_from_disk(path)
-    else:
-        files = sorted(glob.glob(os.path.join(path, "**", "*.parquet"), recursive=True)) if os.path.isdir(path) else (
-            [path] if path.endswith(".parquet") and os.path.isfile(path) else sorted(glob.glob(path))
-        )
-        if not files:
-            raise UsageError(f"--dataset {path}: not a save_to_disk folder and no parquet files found")
-        ds = datasets.load_dataset("parquet", data_files=files, split="train")
-    if column not in ds.column_names:
-        raise UsageError(f"--dataset {path} has no column {column!r} (columns: {ds.column_names}); "
-                         "choose one with --image-column")
-    ds = ds.select_columns([column])
-    if isinstance(ds.features[column], datasets.Image):
-        ds = ds.cast_column(column, datasets.Image(decode=False))
-    return ds
-
-
-def collect_inputs(args: argparse.Namespace) -> Tuple[List[Item], Any]:
-    items = [item for token in args.inputs for item in expand_input(token)]
-    dataset = None
-    if args.dataset is not None:
-        dataset = open_dataset(args.dataset, args.split, args.image_column)
-        items += [Item(str(row), row=row) for row in range(len(dataset))]
-    if not items:
-        raise UsageError("the inputs hold no images (folders are searched for " +
-                         " ".join(sorted(IMAGE_EXTENSIONS)) + ")")
-    check_unique(items, reserved=("__metadata__",) if args.format == "safetensors" else ())
-    return items, dataset
-
-
-def owner_rank(item_id: str, world_size: int) -> int:
-    """The rank that encodes an id: a stable hash (independent of input order and of Python's hash seed)."""
-    digest = hashlib.sha1(item_id.encode("utf-8")).digest()
-    return int.from_bytes(digest[:8], "big") % world_size
-
-
-# ----------------------------------------------------------------------------------------------------------------------
-# decoding (runs in DataLoader workers)
-# ----------------------------------------------------------------------------------------------------------------------
-
-
-def open_source(item: Item, dataset: Any) -> Any:
-    """A file-like object or path for PIL."""
-    if item.path is not None:
-        return item.path
-    value = dataset[item.row][dataset.column_names[0]]
-    if isinstance(value, dict):
-        if value.get("bytes"):
-            return io.BytesIO(value["bytes"])
-        value = value.get("path")
-    if isinstance(value, (bytes, bytearray)):
-        return io.BytesIO(value)
-    if isinstance(value, str):
-        return value
-    raise ValueError(f"unsupported image value of type {type(value).__name__}")
-
-
-def header_size(item: Item, dataset: Any) -> Optional[Tuple[int, int]]:
-    """(width, height) after EXIF orientation from the header only, or None when the header is unreadable."""
-    import PIL.Image
-
-    try:
-        with PIL.Image.open(open_source(item, dataset)) as image:
-            width, height = image.size
-            orientation = image.getexif().get(0x0112, 1)
-    except Exception:  # the worker decodes it again and records the error
-        return None
-    return (height, width) if orientation in (5, 6, 7, 8) else (width, height)
-
-
-def decode_image(item: Item, dataset: Any):
-    import PIL.Image
-    import PIL.ImageOps
-
-    with PIL.Image.open(open_source(item, dataset)) as image:
-        image.load()
-        return PIL.ImageOps.exif_transpose(image)
-
-
-class EncodeInputs:
-    """Map-style dataset over the pending items: decode + preprocess one image, or return its error."""
-
-    def __init__(self, items: Sequence[Item], dataset: Any, processor: Any, budget: Dict[str, int]) -> None:
-        self.items, self.dataset, self.processor, self.budget = items, dataset, processor, budget
-
-    def __len__(self) -> int:
-        return len(self.items)
-
-    def __getitem__(self, index: int) -> Dict[str, Any]:
-        item = self.items[index]
-        try:
-            image = decode_image(item, self.dataset)
-            size = image.size
-            batch = self.processor(images=[image], return_tensors="pt", **self.budget)
-        except Exception as error:  # noqa: BLE001 - any failure of one input is recorded, the run goes on
-            return {"index": index, "error": f"{type(error).__name__}: {error}"}
-        return {"index": index, "pixel_values": batch["pixel_values"], "grid": batch["grid_thws"], "size": size}
-
-
-def collate(samples: List[Dict[str, Any]]) -> Dict[str, Any]:
-    import torch
-
-    good = [s for s in samples if "error" not in s]
-    return {
-        "indices": [s["index"] for s in good],
-        "sizes": [s["size"] for s in good],
-        "errors": [(s["index"], s["error"]) for s in samples if "error" in s],
-        "pixel_values": torch.cat([s["pixel_values"] for s in good]) if good else None,
-        "grid_thws": torch.cat([s["grid"] for s in good]) if good else None,
-    }
-
-
-class TokenBudgetBatches:
-    """Batches of indices into the pending list, shard by shard: each chunk of `shard_size` items is packed by
-    token budget from header sizes (an unreadable header gets a batch of its own; its worker records the error)."""
-
-    def __init__(self, items: Sequence[Item], dataset: Any, processor: Any, budget: Dict[str, int],
-                 max_tokens: int, shard_size: int) -> None:
-        self.items, self.dataset, self.processor, self.budget = items, dataset, processor, budget
-        self.max_tokens, self.shard_size = max_tokens, shard_size
-
-    def _cost(self, item: Item) -> Optional[int]:
-        size = header_size(item, self.dataset)
-        if size is None:
-            return None
-        try:
-            return int(self.processor.get_num_tokens(size[1], size[0], **self.budget).num_patches)
-        except Exception:  # noqa: BLE001 - e.g. a degenerate size: let the worker report it
-            return None
-
-    def __iter__(self) -> Iterator[List[int]]:
-        for start in range(0, len(self.items), self.shard_size):
-            chunk = range(start, min(start + self.shard_size, len(self.items)))
-            costs = [self._cost(self.items[i]) for i in chunk]
-            known = [i for i, c in zip(chunk, costs) if c is not None]
-            for i, c in zip(chunk, costs):
-                if c is None:
-                    yield [i]
-            if known:
-                groups = self.processor.pack_by_token_budget([c for c in costs if c is not None], self.max_tokens)
-                for group in groups:
-                    yield [known[j] for j in group]
-
-
-# ----------------------------------------------------------------------------------------------------------------------
-# output folder: manifest, shards, errors
-# ----------------------------------------------------------------------------------------------------------------------
-
-
-def maybe_kill(point: str, count: int) -> None:
-    if os.environ.get(KILL_ENV) == f"{point}:{count}":
-        os.kill(os.getpid(), signal.SIGKILL)
-
-
-def fsync_dir(path: str) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
-def write_durable(path: str, write: Any, kill_point: Optional[Tuple[str, int]] = None) -> None:
-    """Write through `write(fileobj)` to a temporary name in the same folder, fsync, rename, fsync the folder.
-    The file gets the umask's normal permissions (0644), and either exists complete or not at all."""
-    folder, name = os.path.split(path)
-    tmp = os.path.join(folder, f"{TMP_PREFIX}{os.getpid()}-{name}")
-    try:
-        with open(tmp, "wb") as f:
-            write(f)
-            f.flush()
-            os.fsync(f.fileno())
-        if kill_point is not None:
-            maybe_kill(*kill_point)
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.remove(tmp)
-    fsync_dir(folder or ".")
-
-
-def write_json_durable(path: str, content: Dict[str, Any]) -> None:
-    write_durable(path, lambda f: f.write((json.dumps(content, indent=2, sort_keys=True) + "\n").encode("utf-8")))
-
-
-def shard_ids(path: str) -> List[str]:
-    """The ids a complete shard holds (reads only the safetensors header / the parquet id column)."""
-    if path.endswith(".safetensors"):
-        from safetensors import safe_open
-
-        with safe_open(path, "pt") as f:
-            return json.loads(f.metadata()["ids"])
-    import pyarrow.parquet as pq
-
-    return pq.read_table(path, columns=["id"]).column("id").to_pylist()
-
-
-def list_shards(out: str) -> List[str]:
-    return sorted(os.path.join(out, n) for n in os.listdir(out) if SHARD_RE.match(n))
-
-
-def read_errors(out: str) -> Tuple[Dict[str, Dict[str, Any]], bool]:
-    """Records of DIR/errors.jsonl by id (first wins), and whether the file needs repair (a torn or bad line)."""
-    path = os.path.join(out, ERRORS)
-    records: Dict[str, Dict[str, Any]] = {}
-    damaged = False
-    if not os.path.isfile(path):
-        return records, False
-    with open(path, "rb") as f:
-        data = f.read()
-    damaged = bool(data) and not data.endswith(b"\n")
-    for line in data.splitlines():
-        try:
-            record = json.loads(line)
-            item_id = record["id"]
-        except (ValueError, KeyError, TypeError):
-            damaged = True
-            continue
-        damaged = damaged or item_id in records
-        records.setdefault(item_id, record)
-    return records, damaged
-
-
-def error_line(record: Dict[str, Any]) -> bytes:
-    return (json.dumps(record, ensure_ascii=False) + "\n").encode("utf-8")
-
-
-def append_error(out: str, record: Dict[str, Any], count: int) -> None:
-    """One O_APPEND write per record (ranks may share the file), fsynced. The kill hook can tear the line."""
-    line = error_line(record)
-    fd = os.open(os.path.join(out, ERRORS), os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o666)
-    try:
-        if os.environ.get(KILL_ENV) == f"mid_error:{count}":
-            os.write(fd, line[: len(line) // 2])
-            os.fsync(fd)
-            maybe_kill("mid_error", count)
-        os.write(fd, line)
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
-def describe_differences(old: Dict[str, Any], new: Dict[str, Any]) -> str:
-    keys = sorted(k for k in set(old) | set(new) if old.get(k) != new.get(k))
-    return "; ".join(f"{k}: {old.get(k)!r} -> {new.get(k)!r}" for k in keys)
-
-
-_HELD_LOCKS: List[int] = []
-
-
-def lock_output(out: str) -> None:
-    """Hold an exclusive advisory lock on DIR/.lock for the life of this process (rank 0 of a job), so that a
-    second job writing into the same folder at the same time is refused. The kernel drops it when the process
-    ends, even by SIGKILL (local filesystems; NFS may not honour it)."""
-    import fcntl
-
-    fd = os.open(os.path.join(out, LOCK), os.O_RDWR | os.O_CREAT, 0o666)
-    try:
-        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-    except OSError:
-        os.close(fd)
-        raise UsageError(f"another encode.py job is writing into {out}; wait for it or use another --out") from None
-    _HELD_LOCKS.append(fd)
-
-
-def release_locks() -> None:
-    while _HELD_LOCKS:
-        os.close(_HELD_LOCKS.pop())
-
-
-def prepare_output(out: str, fingerprint: Dict[str, Any], overwrite: bool, retry_errors: bool) -> None:
-    """Rank 0, before any other rank touches the folder: take the folder's lock, start over if asked, check or
-    write the manifest, remove temporary files of killed runs, repair errors.jsonl."""
-    os.makedirs(out, exist_ok=True)
-    lock_output(out)
-    ours = [n for n in os.listdir(out) if SHARD_RE.match(n) or n.startswith(TMP_PREFIX) or n in (MANIFEST, ERRORS)]
-    if overwrite:  # the manifest goes last: a kill half-way leaves a folder that still describes itself
-        for name in sorted(ours, key=lambda n: n == MANIFEST):
-            os.remove(os.path.join(out, name))
-        ours = []
-    manifest_path = os.path.join(out, MANIFEST)
-    if os.path.isfile(manifest_path):
-        with open(manifest_path, encoding="utf-8") as f:
-            old = json.load(f)
-        if old != fingerprint:
-            raise UsageError(f"{out} holds features made with other settings ({describe_differences(old, fingerprint)});"
-                             " rerun with the same settings to resume, --overwrite to start over, or another --out")
-    elif any(SHARD_RE.match(n) or n == ERRORS for n in ours):
-        raise UsageError(f"{out} holds shards but no {MANIFEST}: not written by this tool, or damaged; "
-                         "use --overwrite to start over, or another --out")
-    else:
-        write_json_durable(manifest_path, fingerprint)
-    for name in os.listdir(out):
-        if name.startswith(TMP_PREFIX):
-            os.remove(os.path.join(out, name))
-    records, damaged = read_errors(out)
-    if retry_errors and records:
-        records, damaged = {}, True
-    if damaged:
-        write_durable(os.path.join(out, ERRORS), lambda f: f.write(b"".join(error_line(r) for r in records.values())))
-
-
-def done_ids(out: str) -> Tuple[Set[str], Set[str], int]:
-    """(ids in complete shards, ids with an error record, number of shards)."""
-    done: Set[str] = set()
-    shards = list_shards(out)
-    for path in shards:
-        try:
-            ids = shard_ids(path)
-        except Exception as error:  # noqa: BLE001
-            raise UsageError(f"cannot read shard {path} ({error}); delete it to encode its images again") from error
-        duplicates = done.intersection(ids)
-        if duplicates:
-            raise UsageError(f"{path} repeats ids of other shards (e.g. {sorted(duplicates)[0]!r}): two runs wrote "
-                             "into this folder at once; delete the newer shard")
-        done.update(ids)
-    return done, set(read_errors(out)[0]), len(shards)
-
-
-def next_shard_seq(out: str, rank: int) -> int:
-    seqs = [int(m.group(2)) for m in map(SHARD_RE.match, os.listdir(out)) if m and int(m.group(1)) == rank]
-    return max(seqs, default=0) + 1
-
-
-def safetensors_writer(records: List[Dict[str, Any]], meta: Dict[str, str]):
-    from safetensors.torch import save
-
-    tensors = {r["id"]: r["feature"].contiguous() for r in records}
-    metadata = dict(meta, ids=json.dumps([r["id"] for r in records]),
-                    grid_thws=json.dumps([r["grid"] for r in records]), sizes=json.dumps([r["size"] for r in records]))
-    return lambda f: f.write(save(tensors, metadata=metadata))
-
-
-def parquet_writer(records: List[Dict[str, Any]], meta: Dict[str, str]):
-    import numpy as np
-    import pyarrow as pa
-    import pyarrow.parquet as pq
-
-    def int_lists(rows: List[List[int]]) -> Any:
-        return pa.array(rows, type=pa.list_(pa.int32()))
-
-    flat = [r["feature"].float().reshape(-1).numpy() for r in records]
-    offsets = np.concatenate([[0], np.cumsum([len(x) for x in flat])])
-    values = pa.array(np.concatenate(flat), type=pa.float32())
-    list_type = pa.ListArray if offsets[-1] < 2**31 else pa.LargeListArray  # int32 offsets while they fit
-    table = pa.table({
-        "id": pa.array([r["id"] for r in records], type=pa.string()),
-        "embedding": list_type.from_arrays(pa.array(offsets.astype(np.int32 if list_type is pa.ListArray else np.int64)),
-                                           values),
-        "shape": int_lists([list(r["feature"].shape) for r in records]),
-        "grid_thws": int_lists([r["grid"] for r in records]),
-        "width": pa.array([r["size"][0] for r in records], type=pa.int32()),
-        "height": pa.array([r["size"][1] for r in records], type=pa.int32()),
-    }).replace_schema_metadata({k.encode(): v.encode() for k, v in meta.items()})
-    return lambda f: pq.write_table(table, f)
-
-
-class ShardSink:
-    """Collects one chunk's features and writes them as one durable shard; records errors as they come."""
-
-    def __init__(self, out: Optional[str], fmt: str, rank: int, meta: Dict[str, str]) -> None:
-        self.out, self.fmt, self.rank, self.meta = out, fmt, rank, meta
-        self.records: List[Dict[str, Any]] = []
-        self.seq = next_shard_seq(out, rank) if out else 0
-        self.shards_written = 0
-        self.errors_written = 0
-
-    def add(self, record: Dict[str, Any]) -> None:
-        if self.out is not None:
-            self.records.append(record)
-
-    def error(self, record: Dict[str, Any]) -> None:
-        if self.out is not None:
-            self.errors_written += 1
-            append_error(self.out, record, self.errors_written)
-
-    def flush(self) -> None:
-        if self.out is None or not self.records:
-            return
-        writer = safetensors_writer if self.fmt == "safetensors" else parquet_writer
-        name = f"train-r{self.rank:05d}-{self.seq:06d}{FORMAT_EXT[self.fmt]}"
-        self.shards_written += 1
-        write_durable(os.path.join(self.out, name), writer(self.records, self.meta),
-                      kill_point=("before_rename", self.shards_written))
-        maybe_kill("after_shard", self.shards_written)
-        self.seq += 1
-        self.records = []
-
-
-# ----------------------------------------------------------------------------------------------------------------------
 # model, settings fingerprint, distributed setup
 # ----------------------------------------------------------------------------------------------------------------------
 
@@ -660,8 +203,14 @@ def load_model(args: argparse.Namespace, config: Any, device: str, announce: boo
     dtype_kw = "dtype" if (major, minor) >= (4, 56) else "torch_dtype"  # renamed in transformers 4.56
     if has_weights(args.model):
         transformers.utils.logging.disable_progress_bar()  # this job shows its own progress; errors stay one line
-        model = AutoModel.from_pretrained(args.model, trust_remote_code=True, attn_implementation=args.attn,
-                                          use_safetensors=True, **{dtype_kw: dtype})
+        verbosity = transformers.utils.logging.get_verbosity()
+        transformers.utils.logging.set_verbosity_error()  # its load report: check_loading_info says it in one line
+        try:
+            model, info = AutoModel.from_pretrained(args.model, trust_remote_code=True, attn_implementation=args.attn,
+                                                    use_safetensors=True, output_loading_info=True, **{dtype_kw: dtype})
+        finally:
+            transformers.utils.logging.set_verbosity(verbosity)
+        check_loading_info(info, args.model)
         source = "pretrained weights"
     else:
         if announce:
@@ -674,6 +223,17 @@ def load_model(args: argparse.Namespace, config: Any, device: str, announce: boo
         model = AutoModel.from_config(config, trust_remote_code=True, attn_implementation=args.attn).to(dtype)
         source = f"random init (seed {args.seed})"
     return model.to(device).eval(), source
+
+
+def check_loading_info(info: Dict[str, Any], model_dir: str) -> None:
+    """Weights missing from the files (they would run randomly initialised), left over (dropped) or of another shape
+    than config.json says: the folder is damaged or its config was edited; refused before anything is encoded."""
+    problems = [f"{len(info[key])} {what} (e.g. {sorted(map(str, info[key]))[0]})"
+                for key, what in (("missing_keys", "missing"), ("unexpected_keys", "unexpected"),
+                                  ("mismatched_keys", "of another shape")) if info.get(key)]
+    if problems:
+        raise UsageError(f"the weights in {model_dir} do not match its config.json: {', '.join(problems)}; "
+                         "reconvert the model or restore its config.json")
 
 
 def sha256_json(value: Any) -> str:
@@ -891,6 +451,7 @@ class Stats:
     patches: int = 0
     tokens: int = 0
     errors: int = 0
+    nonfinite: int = 0  # images whose features hold NaN/Inf (also counted in errors)
     seconds: float = 0.0
     failed: List[Tuple[str, str]] = dataclasses.field(default_factory=list)  # the first (id, error) of this run
 
@@ -947,7 +508,7 @@ class EncodeJob:
             batch_sampler=TokenBudgetBatches(pending, self.dataset, self.processor, budget, self.args.max_tokens,
                                              self.args.shard_size),
             num_workers=self.args.workers, collate_fn=collate, pin_memory=self.device.startswith("cuda"),
-            prefetch_factor=4 if self.args.workers else None,
+            prefetch_factor=4 if self.args.workers else None, worker_init_fn=quiet_worker_threads,
         )
 
     def run(self, pending: List[Item], show_progress: bool) -> None:
@@ -956,7 +517,24 @@ class EncodeJob:
 
         progress = tqdm(total=len(pending), unit="img", file=sys.stderr, disable=not show_progress,
                         mininterval=1.0, desc="encoding")
-        start, chunk = time.perf_counter(), 0
+        start = time.perf_counter()
+        try:
+            self.encode_all(pending, progress, start)
+        except (RuntimeError, ConnectionError) as error:  # a worker process died: the DataLoader says so, or the
+            # connection that hands a batch over from that worker is reset first
+            if isinstance(error, RuntimeError) and not str(error).startswith("DataLoader worker"):
+                raise
+            raise JobError(f"a DataLoader worker process died ({str(error).strip()}; e.g. out of memory: fewer "
+                           "--workers may help); complete shards are kept: rerun the same command to resume") from None
+        if self.device.startswith("cuda"):
+            torch.cuda.synchronize()
+        progress.close()
+        self.stats.seconds = time.perf_counter() - start
+
+    def encode_all(self, pending: List[Item], progress: Any, start: float) -> None:
+        import torch
+
+        chunk = 0
         with torch.inference_mode():
             for step, batch in enumerate(self.loader(pending), 1):
                 first = (batch["indices"] or [i for i, _ in batch["errors"]])[0]
@@ -973,27 +551,35 @@ class EncodeJob:
                                          f"{self.stats.patches / elapsed:.0f} tok/s, errors {self.stats.errors}",
                                          refresh=False)
             self.sink.flush()
-        if self.device.startswith("cuda"):
-            torch.cuda.synchronize()
-        progress.close()
-        self.stats.seconds = time.perf_counter() - start
 
     def record_errors(self, batch: Dict[str, Any], pending: List[Item]) -> None:
         for index, message in batch["errors"]:
-            self.stats.errors += 1
-            item = pending[index]
-            self.sink.error({"id": item.id, "error": message, "source": item.source})
-            if len(self.stats.failed) < SHOWN_ERRORS:
-                self.stats.failed.append((item.id, message))
+            self.record_error(pending[index], message)
+
+    def record_error(self, item: Item, message: str) -> None:
+        self.stats.errors += 1
+        self.sink.error({"id": item.id, "error": message, "source": item.source})
+        if len(self.stats.failed) < SHOWN_ERRORS:
+            self.stats.failed.append((item.id, message))
 
     def encode_batch(self, batch: Dict[str, Any], pending: List[Item]) -> None:
+        import torch
+
         grids = batch["grid_thws"]
         pixels = batch["pixel_values"].to(self.device, self.model.dtype, non_blocking=True)
         output = self.model(pixels, grids)
         feats = per_image_features(output, grids, self.args.features, self.pool, self.args.normalize)
         feats = [f.to("cpu", copy=True) for f in feats]  # own storage: shards never hold views of the batch
+        finite = [bool(torch.isfinite(f).all()) for f in feats]
+        if not any(finite) and self.stats.images == self.stats.nonfinite == 0:
+            raise JobError(f"the model gives NaN/Inf features for all {len(feats)} images of its first batch: its "
+                           "config or weights are broken (e.g. rope_theta, layer_norm_eps); nothing was stored")
         budget = budget_of(self.args)
-        for index, feature, grid, size in zip(batch["indices"], feats, grids.tolist(), batch["sizes"]):
+        for index, feature, grid, size, ok in zip(batch["indices"], feats, grids.tolist(), batch["sizes"], finite):
+            if not ok:
+                self.stats.nonfinite += 1
+                self.record_error(pending[index], "non-finite features (NaN/Inf) from the model: not stored")
+                continue
             item_id = pending[index].id
             self.sink.add({"id": item_id, "feature": feature, "grid": grid, "size": list(size)})
             row = table_row(item_id, size, grid, self.processor, budget)
@@ -1001,7 +587,7 @@ class EncodeJob:
             self.stats.tokens += row["tokens"]
             if self.keep_rows:
                 self.rows.append(row)
-        self.stats.images += len(batch["indices"])
+        self.stats.images += sum(finite)
 
 
 def run(args: argparse.Namespace, dist: Dist) -> int:
@@ -1021,7 +607,7 @@ def run(args: argparse.Namespace, dist: Dist) -> int:
         torch.set_num_threads(max(1, (os.cpu_count() or 1) // dist.world_size))
     try:
         model, source = load_model(args, config, device, announce=dist.rank == 0)
-    except ImportError as error:  # e.g. --attn flash_attention_2 without flash-attn
+    except (ImportError, ValueError) as error:  # --attn flash_attention_2 without flash-attn; a refused config value
         raise UsageError(str(error).strip().splitlines()[0]) from None
     pool = resolve_pool(args, model, processor, device)
     if args.out is not None:
@@ -1072,6 +658,13 @@ def main(argv: Optional[List[str]] = None) -> int:
     except UsageError as error:
         print(f"{parser.prog}: error: {error}", file=sys.stderr)
         return 2
+    except JobError as error:
+        print(f"{parser.prog}: error: {error}", file=sys.stderr)
+        return 1
+    except OSError as error:  # e.g. the disk is full: nothing half-written stays (temporary names), shards are kept
+        print(f"{parser.prog}: error: {error}; complete shards are kept: rerun the same command to resume",
+              file=sys.stderr)
+        return 1
 
 
 if __name__ == "__main__":

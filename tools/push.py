@@ -3,11 +3,15 @@
 
 Validation (everything must pass before anything is sent). First, statically (nothing of the folder is imported or
 run yet):
-  * its only Python files are this project's remote code (`CODE_FILES` in _checkpoint_utils.py), each
-    byte-identical to this checkout's copy; every `auto_map` (config.json, the processor configs, any top-level
+  * its only Python files are this project's remote code (`CODE_FILES` in checkpoint_utils.py), each
+    byte-identical to the installed package's copy; every `auto_map` (config.json, the processor configs, any top-level
     JSON) and `custom_pipelines` reference names a class of those files, none another repository's code;
-  * the folder holds safetensors weights and no pickle files, recognised by name (*.bin, *.pt, *.pkl, ...) and by
-    content (pickle opcodes; torch.save zip archives; numpy object arrays; gzip/zlib/bz2/xz-compressed pickles);
+  * every other file is of a published format, checked by its content (`file_safety`: safetensors whose header
+    and size agree, JSON, UTF-8 text such as Markdown, PNG/JPEG/WebP/GIF images); anything else (pickles however
+    disguised, archives, native modules, unknown formats) is refused by name, and so are credentials (credential file
+    names, Hub tokens and private keys in any file, JSON strings included), unreadable files and hard links to files
+    outside the folder;
+  * the folder holds safetensors weights;
   * config.json, both processor configs, the remote-code files named by auto_map (and those they import) and the
     model card are present;
   * every tensor in the safetensors headers is one the config implies, with its shape, and none is missing;
@@ -19,10 +23,11 @@ Then, loading the folder's (now verified) code:
   * one forward pass on a sample image (processor -> model) gives finite features of the expected shapes.
 
 Then the repository is created if needed and exactly the validated files are uploaded in one commit
-(`huggingface_hub.HfApi().create_repo` + `upload_folder`). Files already on the Hub that are not among them are kept,
-unless `--delete-stale` (then that same commit deletes them, so that the repository mirrors the folder: no leftover
-shards, index or pickle files from an earlier upload; `.gitattributes` is always kept). Authenticate beforehand with `hf auth login` (or
-`huggingface-cli login`) or the HF_TOKEN environment variable. `--dry-run` does everything but the upload and prints
+(`huggingface_hub.HfApi().create_repo` + `create_commit` with one operation per file: names are never glob patterns).
+Files already on the Hub that are not among them are kept, unless `--delete-stale` (then that same commit deletes
+them, so that the repository mirrors the folder: no leftover shards, index or pickle files from an earlier upload;
+`.gitattributes` is always kept). Authenticate beforehand with `hf auth login` (or `huggingface-cli login`) or the
+HF_TOKEN environment variable. `--dry-run` does everything but the upload and prints
 the file list.
 
 Example:
@@ -37,6 +42,7 @@ from pathlib import Path
 from typing import Any, Iterator, List, Optional, Tuple
 
 from . import checkpoint_utils as utils
+from . import file_safety
 from huggingface_hub import HfApi
 
 
@@ -190,13 +196,12 @@ def _check_code_references(folder: Path, files: List[str]) -> List[str]:
 
 
 def _check_files(folder: Path, files: List[str]) -> None:
-    """No pickle (by name or content), safetensors weights, the configs and a model card with front matter."""
-    pickles = [f"{name} ({reason})" for name in files for reason in [utils.pickle_reason(folder / name)] if reason]
-    if pickles:
-        raise ValidationError(
-            f"Pickle files are not published (loading them runs arbitrary code): {', '.join(pickles)}. "
-            f"Keep only safetensors weights."
-        )
+    """Every file of a published format and no credential (see file_safety), safetensors weights, the configs and a
+    model card with front matter."""
+    try:
+        file_safety.check_publishable(folder, files, utils.CODE_FILES)
+    except file_safety.UnpublishableFiles as err:
+        raise ValidationError(f"{folder}: {err}") from None
     if utils.WEIGHTS_NAME not in files and utils.WEIGHTS_INDEX_NAME not in files:
         raise ValidationError(f"No {utils.WEIGHTS_NAME} (or {utils.WEIGHTS_INDEX_NAME}) in {folder}.")
     required = ["config.json", "preprocessor_config.json", "processor_config.json", utils.MODEL_CARD]
@@ -299,6 +304,20 @@ def validate(folder, image: Optional[Path] = None) -> List[str]:
     return files
 
 
+def _operations(api, repo_id: str, folder: Path, files: List[str], delete_stale: bool) -> list:
+    """One commit's operations: add exactly `files` (names taken literally, never as glob patterns: `*` or
+    `photo[1].png` is that one file) and, with `delete_stale`, delete every other file of the repository except
+    .gitattributes."""
+    from huggingface_hub import CommitOperationAdd, CommitOperationDelete
+
+    operations = [CommitOperationAdd(path_in_repo=name, path_or_fileobj=str(folder / name)) for name in files]
+    if delete_stale:
+        kept = {*files, ".gitattributes"}
+        remote = api.list_repo_files(repo_id=repo_id, repo_type="model")
+        operations += [CommitOperationDelete(path_in_repo=name) for name in sorted(remote) if name not in kept]
+    return operations
+
+
 def push(
     folder, repo_id: str, private: bool = False, dry_run: bool = False, image=None, commit_message=None, delete_stale=False
 ):
@@ -320,12 +339,10 @@ def push(
         return None
     api = HfApi()
     repo_url = api.create_repo(repo_id=repo_id, repo_type="model", private=private, exist_ok=True)
-    commit = api.upload_folder(
+    commit = api.create_commit(
         repo_id=repo_id,
         repo_type="model",
-        folder_path=str(folder),
-        allow_patterns=files,
-        delete_patterns=["*"] if delete_stale else None,  # huggingface_hub never deletes the files it uploads
+        operations=_operations(api, repo_id, folder, files, delete_stale),
         commit_message=commit_message or "Upload siglip2-navit model",
     )
     print(f"Uploaded to {repo_url}")
