@@ -33,7 +33,9 @@ from .navit_core import (
     PackedPreTrainedModel,
     PackedSelfAttention,
     cpu_block_tokens,
+    fused_linear,
     has_hooks,
+    linear,
     per_image_groups,
 )
 
@@ -200,18 +202,22 @@ class Siglip2NavitAttention(PackedSelfAttention):
         self.out_proj = nn.Linear(self.embed_dim, self.embed_dim)
 
     def project_output(self, attn_output: torch.Tensor) -> torch.Tensor:
-        return self.out_proj(attn_output)  # [K, hidden]
+        return linear(self.out_proj, attn_output)  # [K, hidden]
 
 
 class Siglip2NavitMLP(nn.Module):
     def __init__(self, config: Siglip2NavitConfig):
         super().__init__()
         self.activation_fn = ACT2FN[config.hidden_act]
+        self.hidden_act = config.hidden_act
         self.inplace_gelu_tanh = config.hidden_act == "gelu_pytorch_tanh"
         self.fc1 = nn.Linear(config.hidden_size, config.intermediate_size)
         self.fc2 = nn.Linear(config.intermediate_size, config.hidden_size)
 
     def forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
+        fused = fused_linear(self.fc1, hidden_states, self.hidden_act)  # CPU inference: GELU inside fc1's GEMM
+        if fused is not None:
+            return linear(self.fc2, fused)
         hidden_states = self.fc1(hidden_states)  # [K, intermediate]
         if (
             self.inplace_gelu_tanh

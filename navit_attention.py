@@ -1,16 +1,20 @@
 # Copyright 2026 The siglip2-navit authors. Licensed under the Apache License, Version 2.0.
 """Packed attention backends: one interface, dispatched once per model, over `cu_seqlens` (never a dense mask).
 
-`flash_attention_2` runs flash-attn's varlen kernel; `sdpa` uses torch's varlen kernel on CUDA or one
-`scaled_dot_product_attention` call per group of equal-length sequences; `eager` does matmul + softmax per sequence
-(and can return the attention maps); any function registered with transformers' `AttentionInterface` runs per
-sequence. Under torch.compile the built-in backends run inside one opaque custom op.
+`flash_attention_2` runs flash-attn's varlen kernel; `sdpa` uses torch's varlen kernel on CUDA, chunked bf16
+matmuls on a CPU that multiplies bf16 natively (see `cpu_has_bf16_matmul`), else one `scaled_dot_product_attention`
+call per group of equal-length sequences; `eager` does matmul + softmax per sequence (and can return the attention
+maps); any function registered with transformers' `AttentionInterface` runs per sequence. Under torch.compile the
+built-in backends run inside one opaque custom op.
+
+Also here: which dtype runs fast on a device (`preferred_dtype`), the one place that reads the CPU's features.
 """
 
+import functools
 import inspect
 import math
 import re
-from typing import Callable, Optional
+from typing import Callable, Optional, Union
 
 import torch
 import torch.nn.functional as F
@@ -22,6 +26,64 @@ from .navit_layout import AttentionPartition, _partition_from_tensors
 
 
 logger = logging.get_logger(__name__)
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# Which dtype is fast here: bf16 where the hardware multiplies it natively, else fp32
+# ----------------------------------------------------------------------------------------------------------------------
+
+CPUINFO_PATH = "/proc/cpuinfo"
+# x86 feature flags (as /proc/cpuinfo spells them) of native bf16 dot products: AVX512-BF16 (Zen 4, Cooper Lake and
+# later) and AMX (Sapphire Rapids and later). Without them torch converts bf16 to fp32 around every GEMM, and a bf16
+# matmul runs several times *slower* than an fp32 one.
+BF16_CPU_FLAGS = ("avx512_bf16", "amx_bf16")
+
+
+def cpu_flags(cpuinfo: str) -> frozenset[str]:
+    """The feature flags of the first processor listed in a /proc/cpuinfo text (x86 `flags`, Arm `Features`)."""
+    for line in cpuinfo.splitlines():
+        name, _, value = line.partition(":")
+        if name.strip() in ("flags", "Features"):
+            return frozenset(value.split())
+    return frozenset()
+
+
+@functools.lru_cache(maxsize=None)
+def cpu_has_bf16_matmul() -> bool:
+    """Whether this machine's CPU computes bf16 matmuls natively (AVX512-BF16 or AMX-BF16), read once per process from
+    /proc/cpuinfo; where that file does not exist (macOS, Windows), from torch's own CPU feature probes."""
+    try:
+        with open(CPUINFO_PATH) as f:
+            flags = cpu_flags(f.read())
+        return any(flag in flags for flag in BF16_CPU_FLAGS)
+    except OSError:
+        probes = ("_is_avx512_bf16_supported", "_is_amx_tile_supported")
+        cpu = getattr(torch._C, "_cpu", None)
+        return any(bool(getattr(cpu, probe, lambda: False)()) for probe in probes)
+
+
+def preferred_dtype_reason(device: Union[torch.device, str]) -> str:
+    """Why `preferred_dtype(device)` is what it is, in a few words for a run's summary."""
+    device = torch.device(device)
+    if device.type == "cuda":
+        return "this GPU supports bf16" if torch.cuda.is_bf16_supported() else "this GPU has no bf16 support"
+    if device.type != "cpu":
+        return f"no bf16 detection for {device.type} devices"
+    if cpu_has_bf16_matmul():
+        return "this CPU multiplies bf16 natively (AVX512-BF16 or AMX)"
+    return "this CPU has no native bf16 matmuls (no AVX512-BF16 or AMX): bf16 would run slower than fp32"
+
+
+def preferred_dtype(device: Union[torch.device, str]) -> torch.dtype:
+    """The dtype a forward runs fastest in on `device` at a bf16 accuracy cost that the benchmarks measure (min
+    per-token cosine vs fp32 ≥ 0.999): bf16 on a CUDA GPU that supports it and on a CPU with native bf16 matmuls
+    (`cpu_has_bf16_matmul`), fp32 everywhere else (a bf16 forward is slower there, not faster)."""
+    device = torch.device(device)
+    if device.type == "cuda":
+        return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float32
+    if device.type == "cpu":
+        return torch.bfloat16 if cpu_has_bf16_matmul() else torch.float32
+    return torch.float32
 
 
 # ----------------------------------------------------------------------------------------------------------------------
@@ -118,6 +180,54 @@ def _torch_varlen_usable(query: torch.Tensor, dropout: float) -> bool:
     )
 
 
+# On a CPU with native bf16 matmuls, torch's fused SDPA kernel still runs bf16 at fp32 speed, while explicit bf16
+# matmuls run ~2.5× faster: QKᵀ, softmax and PV then take ~0.6-0.7× the SDPA time (so400m heads, 196-4,096 tokens).
+# The scores are computed a chunk at a time, sized to stay in the CPU caches (a whole [heads, L, L] score tensor would
+# make the softmax memory-bound and take GiBs for long sequences).
+_CPU_ATTENTION_CHUNK_BYTES = 8 * 2**20  # scores of one chunk: (sequence, head) pairs × query rows × keys
+
+
+def _cpu_matmul_attention_usable(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, dropout: float) -> bool:
+    """Chunked bf16 matmul attention: CPU bf16 inference (it writes into reused buffers, so nothing may need
+    gradients), no dropout, not traced, on a CPU that multiplies bf16 natively."""
+    return (
+        query.device.type == "cpu"
+        and query.dtype == torch.bfloat16
+        and dropout == 0.0
+        and not (torch.is_grad_enabled() and (query.requires_grad or key.requires_grad or value.requires_grad))
+        and not torch.compiler.is_compiling()
+        and cpu_has_bf16_matmul()
+    )
+
+
+def chunked_matmul_attention(
+    query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, scaling: float
+) -> torch.Tensor:
+    """softmax(q·kᵀ·scaling)·v for `[n, heads, L, head_dim]` inputs (any strides) by explicit matmuls, one chunk of
+    (sequence, head) pairs and query rows at a time: the chunk's scores `[pairs, rows, L]` stay within
+    `_CPU_ATTENTION_CHUNK_BYTES`. The scale is applied in the matmul's accumulator; softmax accumulates in fp32 and
+    writes probabilities in the input dtype. Returns `[n, heads, L, head_dim]`, contiguous."""
+    n, heads, length, head_dim = query.shape
+    pairs_total = n * heads
+    q, k, v = (x.reshape(pairs_total, length, head_dim) for x in (query, key, value))  # [n·heads, L, head_dim]
+    out = torch.empty_like(q)
+    rows = max(1, _CPU_ATTENTION_CHUNK_BYTES // (length * q.element_size()))  # query rows of one chunk, all pairs
+    pairs = max(1, rows // length)  # whole (sequence, head) pairs per chunk when they fit, else one pair
+    rows = min(rows, length)
+    scores = q.new_empty(pairs, rows, length)
+    probs = torch.empty_like(scores)
+    for p0 in range(0, pairs_total, pairs):
+        p1 = min(p0 + pairs, pairs_total)
+        keys_t = k[p0:p1].transpose(1, 2)  # [pairs, head_dim, L]
+        for r0 in range(0, length, rows):
+            r1 = min(r0 + rows, length)
+            s, p = scores[: p1 - p0, : r1 - r0], probs[: p1 - p0, : r1 - r0]  # [pairs, rows, L]
+            torch.baddbmm(s, q[p0:p1, r0:r1], keys_t, beta=0.0, alpha=scaling, out=s)
+            torch.ops.aten._softmax.out(s, -1, False, out=p)
+            torch.bmm(p, v[p0:p1], out=out[p0:p1, r0:r1])
+    return out.view(n, heads, length, head_dim)
+
+
 def sdpa_packed_attention(
     module: nn.Module,
     query: torch.Tensor,
@@ -128,7 +238,8 @@ def sdpa_packed_attention(
     dropout: float = 0.0,
     output_attentions: bool = False,
 ) -> tuple[torch.Tensor, None]:
-    """torch varlen kernel on CUDA half precision; else one SDPA call per group of equal-length sequences."""
+    """torch varlen kernel on CUDA half precision; chunked bf16 matmuls on a CPU with native bf16 matmuls (inference);
+    else one SDPA call per group of equal-length sequences."""
     if _torch_varlen_usable(query, dropout):
         cu = partition.cu_seqlens
         out = _torch_varlen_attention()(
@@ -136,8 +247,15 @@ def sdpa_packed_attention(
         )
         return out, None
 
-    def kernel(q, k, v):
-        return F.scaled_dot_product_attention(q, k, v, dropout_p=dropout, scale=scaling), None
+    if _cpu_matmul_attention_usable(query, key, value, dropout):
+
+        def kernel(q, k, v):
+            return chunked_matmul_attention(q, k, v, scaling), None
+
+    else:
+
+        def kernel(q, k, v):
+            return F.scaled_dot_product_attention(q, k, v, dropout_p=dropout, scale=scaling), None
 
     return _grouped_attention(query, key, value, partition, kernel)
 

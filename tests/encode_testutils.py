@@ -20,7 +20,9 @@ SCRIPT = ROOT / "scripts" / "encode.py"  # the documented shim: runs siglip2_nav
 TINY = {"hidden_size": 64, "num_hidden_layers": 2, "num_attention_heads": 2, "intermediate_size": 128}
 # small pixel budgets keep every image at 16-64 patches (factor 32: 1-4 blocks of 2x2 patches per side)
 BUDGET = {"min_pixels": 32 * 32, "max_pixels": 128 * 128}
-BUDGET_ARGS = ["--min-pixels", str(BUDGET["min_pixels"]), "--max-pixels", str(BUDGET["max_pixels"])]
+# ... and fp32 pinned: the features are compared with an fp32 reference, and `--dtype auto` (the default) picks bf16
+# on a CPU with native bf16 matmuls (tests that want another dtype pass `--dtype` after these: the last one counts)
+BUDGET_ARGS = ["--min-pixels", str(BUDGET["min_pixels"]), "--max-pixels", str(BUDGET["max_pixels"]), "--dtype", "fp32"]
 PROCESSOR_FILES = (
     "image_processing_siglip2_navit.py", "navit_image_utils.py", "navit_batching.py", "preprocessor_config.json",
     "processor_config.json",

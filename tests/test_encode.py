@@ -434,6 +434,26 @@ def test_pooled_features_per_image_or_per_frame_and_token_split():
         encode.per_image_features(out, grids, "pooled", "head", False)
 
 
+@pytest.mark.parametrize("has_bf16", [True, False])
+def test_dtype_auto_is_bf16_exactly_on_a_cpu_with_native_bf16_matmuls(has_bf16, data, tmp_path, capsys, monkeypatch):
+    """The default `--dtype auto`: bf16 where the CPU multiplies bf16 natively, else fp32; the summary says which
+    and why in one line, and the manifest records the dtype it resolved to (a rerun elsewhere is compared with it)."""
+    from siglip2_navit import navit_attention
+
+    monkeypatch.setattr(navit_attention, "cpu_has_bf16_matmul", lambda: has_bf16)
+    out = tmp_path / "auto"
+    one = [str(data["good"]["img003.png"])]
+    argv = [*one, "--out", str(out), "--model", str(data["model"]), *BUDGET_ARGS[:4]]  # no --dtype: auto
+    assert encode.main(argv) == 0
+    name = "bf16" if has_bf16 else "fp32"
+    lines = [line for line in capsys.readouterr().out.splitlines() if line.startswith("dtype: ")]
+    assert len(lines) == 1 and lines[0].startswith(f"dtype: {name} (--dtype auto: this CPU ")
+    assert next(iter(readme_loader()(str(out)).values())).dtype == getattr(torch, encode.DTYPES[name])
+    other = "fp32" if has_bf16 else "bf16"
+    assert encode.main([*argv, "--dtype", other]) == 2
+    assert f"dtype: '{name}' -> '{other}'" in capsys.readouterr().err
+
+
 def test_bf16_run_stores_bf16_tokens_close_to_fp32(data, reference, tmp_path, capsys):
     out = tmp_path / "bf16"
     some = ["img000.jpg", "sub/s003.png"]

@@ -121,9 +121,14 @@ def _bf16_lines(report: dict) -> list[str]:
         b = w.get("bf16_vs_fp32")
         if not b:
             continue
+        kept = ""
+        if "speedup_of_floor_ratio" in b:
+            kept = (f", while the bare matmuls (the floors) run {format_ratio(b['floor_ratio'])} faster in bf16: the "
+                    f"model keeps {format_ratio(b['speedup_of_floor_ratio'], '%')} of what the hardware gives bf16")
         lines.append(
-            f"- {w['name']}: packed-sdpa bf16 is {format_ratio(b.get('speedup'))} the fp32 forward's speed (paired); "
-            f"min per-token cosine vs fp32 {b['min_token_cosine']['median']:.5f}, max abs diff {b['max_abs_diff']:.2e}"
+            f"- {w['name']}: packed-sdpa bf16 is {format_ratio(b.get('speedup'))} the fp32 forward's speed (paired)"
+            f"{kept}; min per-token cosine vs fp32 {b['min_token_cosine']['median']:.5f}, max abs diff "
+            f"{b['max_abs_diff']:.2e}"
         )
     return ["", "bf16 vs fp32 (same weights, same inputs, same rounds):", *lines] if lines else []
 
@@ -199,11 +204,16 @@ def summary_line(report: dict) -> str:
         line += (f" {s['flagged_figures']} figure(s) flagged noisy or as measurement errors (machine load average at "
                  f"start {_load(report)}).")
     if machine_busy(report):
-        line += (f" **The machine was busy** (load average {_load(report)} on {os.cpu_count()} CPUs at the start): "
-                 "other processes bias even paired wall-clock figures (a model's many small ops wait for preempted "
-                 "threads more than the floor's few large GEMMs do); rerun on an idle machine, or with "
-                 "`--threads 1 --timer cpu`.")
+        line += " " + busy_note(report)
     return line
+
+
+def busy_note(report: dict) -> str:
+    """What a wall-clock report on a busy machine is worth, and how to measure instead."""
+    return (f"**The machine was busy** (load average {_load(report)} on {os.cpu_count()} CPUs at the start): other "
+            "processes bias even paired wall-clock figures (a model's many small ops wait for preempted threads more "
+            "than the floor's few large GEMMs do); rerun on an idle machine, or with `--threads 1 --timer cpu` "
+            "(process CPU time of one thread: time spent descheduled is not counted).")
 
 
 def machine_busy(report: dict) -> bool:
@@ -231,6 +241,9 @@ def render_markdown(report: dict) -> str:
         f"rounds after a memory-measuring call and {report['warmup']} warm-up ({report['timer']} time); figures are "
         f"median (min–max) over the rounds. Matmul peak measured: {peaks}. Wall time of this run: "
         f"{report['wall_s']:.0f} s.",
+        "",
+        report.get("dtype_line", ""),
+        *(["", busy_note(report)] if machine_busy(report) else []),
         "",
         "Workloads: " + "; ".join(_workload_description(w) for w in report["workloads"]) + ".",
         "",

@@ -2,7 +2,7 @@
 
     navit-encode INPUT... [--out DIR] [--model M] [--format safetensors|parquet]
         [--features tokens|pooled] [--pool auto|head|mean] [--normalize] [--shard-size N] [--workers N]
-        [--max-tokens N] [--min-pixels N] [--max-pixels N] [--dtype fp32|bf16|fp16] [--attn sdpa|eager|...]
+        [--max-tokens N] [--min-pixels N] [--max-pixels N] [--dtype auto|fp32|bf16|fp16] [--attn sdpa|eager|...]
         [--device cuda] [--dataset PATH [--image-column image] [--split S]] [--strict] [--overwrite]
         [--retry-errors] [--config-overrides k=v,...] [--table | --no-table]
 
@@ -108,7 +108,9 @@ def build_parser() -> argparse.ArgumentParser:
     add("--max-tokens", type=int, default=16384, help="patch (ViT token) budget per batch (default 16384)")
     add("--min-pixels", type=int, default=None, help="per-image lower pixel budget (default: processor's)")
     add("--max-pixels", type=int, default=None, help="per-image upper pixel budget (default: processor's)")
-    add("--dtype", default="fp32", choices=sorted(DTYPES), help="model dtype (default fp32)")
+    add("--dtype", default="auto", choices=["auto", *sorted(DTYPES)],
+        help="model dtype; auto (default): bf16 on a CUDA GPU or a CPU with native bf16 matmuls (AVX512-BF16/AMX), "
+        "fp32 elsewhere")
     add("--attn", default="sdpa", choices=["sdpa", "eager", "flash_attention_2"], help="attention backend")
     add("--device", default=None, help="device (default: cuda:<LOCAL_RANK> when CUDA is available, else cpu)")
     add("--strict", action="store_true", help="exit with status 1 when any input could not be encoded")
@@ -592,7 +594,10 @@ def run(args: argparse.Namespace, dist: Dist) -> int:
     import torch
     from transformers import AutoImageProcessor
 
+    from .dtypes import resolve_dtype
+
     device = choose_device(args.device, dist)
+    args.dtype, dtype_line = resolve_dtype(args.dtype, device)  # concrete before the manifest records it
     items, dataset = collect_inputs(args)
     config = load_config(args)
     processor = AutoImageProcessor.from_pretrained(args.model, trust_remote_code=True)
@@ -632,7 +637,7 @@ def run(args: argparse.Namespace, dist: Dist) -> int:
         total_errors = len(errored_now & {item.id for item in items})
     header = (f"model: {args.model} ({source}), attn={args.attn}, dtype={args.dtype}, device={device}, "
               f"processes={dist.world_size}, features={args.features}" + (f", pool={pool}" if pool else ""))
-    print_summary(args, all_stats, all_rows, header, skipped, total_errors, shards)
+    print_summary(args, all_stats, all_rows, f"{header}\n{dtype_line}", skipped, total_errors, shards)
     return 1 if args.strict and total_errors else 0
 
 
