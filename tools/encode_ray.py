@@ -77,15 +77,19 @@ def check_ray_args(args: argparse.Namespace) -> None:
 
 
 def connect(ray: Any) -> bool:
-    """Join the cluster at RAY_ADDRESS, or start a local one; True when this process started it (and stops it)."""
+    """Join the cluster at RAY_ADDRESS, or start a local one (saying which); True when this call connected (the job
+    disconnects at its end, which also stops a local cluster it started)."""
     if ray.is_initialized():
-        return False
-    quiet = dict(logging_level=logging.WARNING, configure_logging=True)
-    if os.environ.get("RAY_ADDRESS"):
-        ray.init(address=os.environ["RAY_ADDRESS"], **quiet)
+        where, started = "the running Ray session", False
+    elif os.environ.get("RAY_ADDRESS"):
+        ray.init(address=os.environ["RAY_ADDRESS"], logging_level=logging.WARNING)
+        where, started = f"the Ray cluster at RAY_ADDRESS={os.environ['RAY_ADDRESS']}", True
     else:
-        ray.init(include_dashboard=False, **quiet)
-    return True
+        ray.init(address="local", include_dashboard=False, logging_level=logging.WARNING)  # never a stale cluster
+        where, started = "a local Ray cluster (RAY_ADDRESS is not set)", True
+    resources = ray.cluster_resources()
+    print(f"ray: on {where}: {resources.get('CPU', 0):g} CPUs, {resources.get('GPU', 0):g} GPUs", file=sys.stderr)
+    return started
 
 
 # ----------------------------------------------------------------------------------------------------------------------
