@@ -95,6 +95,8 @@ def test_shard_ids_given_directly_by_glob_and_by_url(data):
     assert image.size == PIL.Image.open(data["expected"]["a/shard-00000/k001"]).size
     with pytest.raises(encode.UsageError, match="must be WebDataset .tar shards"):
         encode.expand_input(f"file://{data['base']}/images/*.png")
+    with pytest.raises(encode.UsageError, match="no such file"):
+        encode.expand_input(f"file://{data['base']}/missing.tar")
 
 
 def test_id_column_gives_the_ids(data, tmp_path, capsys):

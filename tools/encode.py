@@ -688,8 +688,9 @@ def run(args: argparse.Namespace, dist: Dist) -> int:
     if args.out is not None:
         _, errored_now, shards = done_ids(args.out)
         total_errors = len(errored_now & {item.id for item in items})
-    header = (f"model: {args.model} ({source}), attn={args.attn}, dtype={args.dtype}, device={device}, "
-              f"processes={dist.world_size}, features={args.features}" + (f", pool={pool}" if pool else ""))
+    where = f"device={device}, processes={dist.world_size}" if args.engine == "local" else "engine=ray"
+    header = (f"model: {args.model} ({source}), attn={args.attn}, dtype={args.dtype}, {where}, "
+              f"features={args.features}" + (f", pool={pool}" if pool else ""))
     print_summary(args, all_stats, all_rows, header, skipped, total_errors, shards)
     return 1 if args.strict and total_errors else 0
 

@@ -13,6 +13,7 @@ under its id while the rest of the shard is encoded.
 """
 
 import dataclasses
+import glob
 import os
 import posixpath
 import tarfile
@@ -51,9 +52,9 @@ def open_binary(path: str) -> IO[bytes]:
 def expand_url(token: str) -> List[Item]:
     """The samples of a `.tar` URL, or of every `.tar` a URL glob matches (sorted)."""
     fsspec = fsspec_module()
-    fs, _, paths = fsspec.get_fs_token_paths(token)
+    fs, _, paths = fsspec.get_fs_token_paths(token)  # a glob is expanded (listing); a plain URL is checked once
     urls = sorted(fs.unstrip_protocol(p) for p in paths)
-    if not urls:
+    if not urls or (not glob.has_magic(token) and not fs.exists(paths[0])):
         raise UsageError(f"no such file: {token}")
     not_tar = [u for u in urls if not is_tar_name(u)]
     if not_tar:
