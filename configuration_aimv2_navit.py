@@ -42,7 +42,8 @@ class Aimv2NavitConfig(PretrainedConfig):
         is_native (`bool`, *optional*, defaults to `False`): native-resolution checkpoint: a fixed 2D sin-cos position
             embedding of each patch's (row, col), any grid. `False`: a learned table for the trained grid only.
         hidden_stride (`int`, *optional*, defaults to 1): token order of the packed input: 1 is raster order, s orders
-            every frame in `s × s` blocks (SPEC §3), ready for an LLM-side merger.
+            every frame in `s × s` blocks (blocks in raster order, each block's patches in raster order), ready for
+            an LLM-side merger.
         temporal_patch_size (`int`, *optional*, defaults to 1): frames per patch; AIMv2 is an image model, so 1.
         cpu_block_tokens (`int`, *optional*, defaults to 4096): CPU inference runs each layer over blocks of whole
             frames of at most this many tokens (same outputs, block-sized intermediates); `None` disables it.

@@ -46,7 +46,8 @@ class Dinov3NavitConfig(PretrainedConfig):
         pos_embed_rescale (`float`, *optional*, defaults to 2.0): training-only: coordinates scaled by a log-uniform
             value in [1/rescale, rescale] (both axes alike, per image).
         hidden_stride (`int`, *optional*, defaults to 1): token order of the packed rows: 1 is raster order, s orders
-            each frame in s×s blocks (SPEC §3), ready for an LLM-side merger.
+            each frame in s×s blocks (blocks in raster order, each block's patches in raster order), ready for an
+            LLM-side merger.
         temporal_patch_size (`int`, *optional*, defaults to 1): frames per patch; DINOv3 embeds single frames (1).
         cpu_block_tokens (`int`, *optional*, defaults to 4096): CPU inference runs each layer block by block over
             whole frames of at most this many tokens (same outputs, block-sized intermediates); `None` disables it.

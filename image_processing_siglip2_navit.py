@@ -20,9 +20,10 @@ Input conversion lives in `navit_image_utils.py`; the NaViT batching utilities (
 reachable as static methods of the processor.
 """
 
+import functools
 import math
 import os
-from typing import Any, Dict, List, NamedTuple, Optional, Tuple, Union
+from typing import Any, Callable, Dict, List, NamedTuple, Optional, Tuple, Union
 
 import numpy as np
 import PIL.Image
@@ -84,6 +85,8 @@ class Siglip2NavitImagesKwargs(_ImagesKwargsBase, total=False):
     patch_size: Optional[int]
     temporal_patch_size: Optional[int]
     hidden_stride: Optional[int]
+    resize_rule: Optional[str]
+    max_num_patches: Optional[int]
 
 
 class TokenCount(NamedTuple):
@@ -209,6 +212,124 @@ def smart_resize(height: int, width: int, factor: int, min_pixels: int, max_pixe
     return h_bar, w_bar
 
 
+# ----------------------------------------------------------------------------------------------------------------------
+# the other resize rules: SigLIP2 naflex, and a fixed-size centre crop (CLIP / AIMv2 224-px checkpoints)
+# ----------------------------------------------------------------------------------------------------------------------
+
+# How an image is sized before it is cut into patches (the processor's `resize_rule`):
+#   "ovis":        `smart_resize` (keep the aspect ratio, area within [min_pixels, max_pixels]);
+#   "naflex":      `naflex_resize` (keep the aspect ratio, at most `max_num_patches` patches), as SigLIP2 naflex;
+#   "center_crop": `center_crop_plan` (short side to `shortest_edge`, then a centred `crop_size` window), as CLIP.
+RESIZE_RULES = ("ovis", "naflex", "center_crop")
+
+# naflex's search for the scale of an image (transformers' `get_image_size_for_max_num_patches`): a bisection on
+# [NAFLEX_SCALE_TOLERANCE / 10, NAFLEX_MAX_SCALE) that stops once the interval is narrower than the tolerance.
+NAFLEX_SCALE_TOLERANCE = 1e-5
+NAFLEX_MAX_SCALE = 100.0
+
+
+class ResizePlan(NamedTuple):
+    """How one image (or every frame of a video) is sized: resized to `height x width`, then, with a `crop`, cut to
+    the window `(top, left, crop_height, crop_width)` of the resized image."""
+
+    height: int
+    width: int
+    crop: Optional[Tuple[int, int, int, int]] = None
+
+    @property
+    def size(self) -> Tuple[int, int]:
+        """`(height, width)` of the image the patches are cut from."""
+        return (self.crop[2], self.crop[3]) if self.crop else (self.height, self.width)
+
+
+def naflex_resize(
+    height: int, width: int, patch_size: int, max_num_patches: int, hidden_stride: int = 1
+) -> Tuple[int, int]:
+    """Target `(height, width)` of SigLIP2 naflex's resize: the largest aspect-preserving grid with at most
+    `max_num_patches` patches.
+
+    A scale `r` maps each side to `max(1, ceil(r * side / cell))` cells of `cell = patch_size * hidden_stride` pixels;
+    the rule takes the largest `r` in `(0, 100)` whose grid has at most `max_num_patches // hidden_stride**2` cells,
+    found, as transformers' `Siglip2ImageProcessor` finds it, by bisection to a tolerance of 1e-5. Consequences: both
+    sides are rounded *up* to whole cells (a side is at least one cell), and an image is enlarged at most 100-fold
+    (a 1x1 image becomes 7x7 patches of 16 px, not 16x16).
+
+    With `hidden_stride = 1` this is naflex's rule exactly (the grid equals naflex's `spatial_shapes`). With
+    `hidden_stride = s > 1` the same rule runs on `s x s` blocks of patches, so both sides are multiples of `s`
+    patches and the patch count stays within `max_num_patches`.
+
+    Returns:
+        `Tuple[int, int]`: `(height, width)` in pixels, both positive multiples of `patch_size * hidden_stride`.
+    """
+    height = _positive_int(height, "height")
+    width = _positive_int(width, "width")
+    cell = _positive_int(patch_size, "patch_size") * _positive_int(hidden_stride, "hidden_stride")
+    max_num_patches = _positive_int(max_num_patches, "max_num_patches")
+    max_cells = max_num_patches // (hidden_stride * hidden_stride)
+    if max_cells < 1:
+        raise ValueError(
+            f"`max_num_patches` ({max_num_patches}) must be at least hidden_stride**2 = {hidden_stride**2}: one "
+            f"{hidden_stride}x{hidden_stride} block of patches."
+        )
+
+    def cells(scale: float, side: int) -> int:
+        return max(1, math.ceil(side * scale / cell))
+
+    low, high = NAFLEX_SCALE_TOLERANCE / 10, NAFLEX_MAX_SCALE
+    while high - low >= NAFLEX_SCALE_TOLERANCE:
+        scale = (low + high) / 2
+        if cells(scale, height) * cells(scale, width) <= max_cells:
+            low = scale
+        else:
+            high = scale
+    return cells(low, height) * cell, cells(low, width) * cell
+
+
+def center_crop_plan(height: int, width: int, shortest_edge: int, crop_size: Tuple[int, int]) -> ResizePlan:
+    """CLIP's fixed-size preprocessing (what AIMv2's 224-px checkpoints were trained with): the short side is
+    resized to `shortest_edge` and the long side to `int(shortest_edge * long / short)`, then the centred window of
+    `crop_size = (crop_height, crop_width)` is kept (its top-left corner at `((H - crop_height) // 2,
+    (W - crop_width) // 2)` of the resized `H x W` image), as transformers' `CLIPImageProcessor` does."""
+    height = _positive_int(height, "height")
+    width = _positive_int(width, "width")
+    short, long = (width, height) if width <= height else (height, width)
+    new_long = int(shortest_edge * long / short)
+    resized_h, resized_w = (new_long, shortest_edge) if width <= height else (shortest_edge, new_long)
+    crop_h, crop_w = crop_size
+    return ResizePlan(resized_h, resized_w, ((resized_h - crop_h) // 2, (resized_w - crop_w) // 2, crop_h, crop_w))
+
+
+def check_center_crop(shortest_edge: Any, crop_size: Any, factor: int) -> Tuple[int, Tuple[int, int]]:
+    """`shortest_edge` as an int and `crop_size` as `(height, width)` (an int, a pair or a `{"height", "width"}`
+    dict); the crop must fit inside every resized image (sides at most `shortest_edge`) and be cut into whole
+    `factor x factor` tiles (`factor = patch_size * hidden_stride`)."""
+    if shortest_edge is None or crop_size is None:
+        raise ValueError(
+            "resize_rule='center_crop' needs `shortest_edge` (the short side after resizing) and `crop_size` (the "
+            f"centred window kept), got shortest_edge={shortest_edge!r} and crop_size={crop_size!r}."
+        )
+    shortest_edge = _positive_int(shortest_edge, "shortest_edge")
+    if isinstance(crop_size, dict):
+        if set(crop_size) != {"height", "width"}:
+            raise ValueError(f"`crop_size` as a dict must have the keys 'height' and 'width', got {sorted(crop_size)}.")
+        crop_size = (crop_size["height"], crop_size["width"])
+    elif np.ndim(crop_size) == 0:
+        crop_size = (crop_size, crop_size)
+    if len(crop_size) != 2:
+        raise ValueError(f"`crop_size` must be one side or a (height, width) pair, got {crop_size!r}.")
+    crop = (_positive_int(crop_size[0], "crop_size[0]"), _positive_int(crop_size[1], "crop_size[1]"))
+    if max(crop) > shortest_edge:
+        raise ValueError(
+            f"`crop_size` {crop} does not fit in an image whose short side is resized to shortest_edge="
+            f"{shortest_edge}; each crop side must be at most shortest_edge."
+        )
+    if crop[0] % factor or crop[1] % factor:
+        raise ValueError(
+            f"`crop_size` {crop} must be cut into whole patches: both sides must be multiples of patch_size * "
+            f"hidden_stride = {factor}."
+        )
+    return shortest_edge, crop
+
 
 # ----------------------------------------------------------------------------------------------------------------------
 # the processor
@@ -217,17 +338,31 @@ def smart_resize(height: int, width: int, factor: int, min_pixels: int, max_pixe
 
 class Siglip2NavitImageProcessor(BaseImageProcessor):
     r"""
-    Constructs a native-resolution SigLIP2 NaViT image processor (the Ovis2.5 vision-tower preprocessing).
+    Constructs a native-resolution NaViT image processor (by default the Ovis2.5 vision-tower preprocessing).
 
-    Each image keeps its aspect ratio: it is resized with [`smart_resize`] to a size whose sides are multiples of
-    `patch_size * hidden_stride` and whose area lies in `[min_pixels, max_pixels]` (up to rounding: an enlarged image
-    rounds its sides up, so with a narrow budget its area can pass `max_pixels`), then cut into patches that are
-    packed, for all images of the call, into one `pixel_values` matrix, with one `grid_thws` row per image.
+    Each image is resized by the processor's `resize_rule`, then cut into patches that are packed, for all images of
+    the call, into one `pixel_values` matrix, with one `grid_thws` row per image:
+
+    * `"ovis"` (default; Ovis2.5 and the SigLIP2 so400m towers): the aspect ratio is kept, the sides become multiples
+      of `patch_size * hidden_stride` and the area lies in `[min_pixels, max_pixels]` ([`smart_resize`]; up to
+      rounding: an enlarged image rounds its sides up, so with a narrow budget its area can pass `max_pixels`);
+    * `"naflex"` (converted SigLIP2 naflex checkpoints): the aspect ratio is kept and the grid is the largest with at
+      most `max_num_patches` patches ([`naflex_resize`], the grid of transformers' `Siglip2ImageProcessor`);
+    * `"center_crop"` (fixed-size checkpoints such as AIMv2's 224-px ones): the short side is resized to
+      `shortest_edge` and the centred `crop_size` window is kept ([`center_crop_plan`], as `CLIPImageProcessor`).
 
     Args:
         do_resize (`bool`, *optional*, defaults to `True`):
-            Whether to resize to the [`smart_resize`] size. With `False`, the image sides must already be multiples
+            Whether to resize (and crop) by `resize_rule`. With `False`, the image sides must already be multiples
             of `patch_size * hidden_stride`.
+        resize_rule (`str`, *optional*, defaults to `"ovis"`):
+            `"ovis"`, `"naflex"` or `"center_crop"` (see above).
+        max_num_patches (`int`, *optional*, defaults to 256):
+            Patch budget of one image (or video frame) under the `"naflex"` rule.
+        shortest_edge (`int`, *optional*):
+            Short side after resizing under the `"center_crop"` rule.
+        crop_size (`int`, `(height, width)` or `{"height": ..., "width": ...}`, *optional*):
+            Window kept under the `"center_crop"` rule; stored as `[height, width]`.
         resample (`PILImageResampling` or `int`, *optional*, defaults to `PILImageResampling.BILINEAR`):
             PIL resampling filter.
         do_rescale (`bool`, *optional*, defaults to `True`):
@@ -275,6 +410,10 @@ class Siglip2NavitImageProcessor(BaseImageProcessor):
     patch_size = 16
     temporal_patch_size = 1
     hidden_stride = 2
+    resize_rule = "ovis"
+    max_num_patches = 256
+    shortest_edge = None
+    crop_size = None
 
     def __init__(
         self,
@@ -292,6 +431,10 @@ class Siglip2NavitImageProcessor(BaseImageProcessor):
         temporal_patch_size: int = 1,
         hidden_stride: int = 2,
         size: Optional[Dict[str, int]] = None,
+        resize_rule: str = "ovis",
+        max_num_patches: int = 256,
+        shortest_edge: Optional[int] = None,
+        crop_size: Optional[Union[int, List[int], Dict[str, int]]] = None,
         **kwargs,
     ) -> None:
         super().__init__(**kwargs)
@@ -308,6 +451,12 @@ class Siglip2NavitImageProcessor(BaseImageProcessor):
         self.image_mean = self._validate_stats(OVIS_MEAN if image_mean is None else image_mean, "image_mean")
         self.image_std = self._validate_stats(OVIS_STD if image_std is None else image_std, "image_std")
         self.do_convert_rgb = bool(do_convert_rgb)
+        self.resize_rule = self._validate_resize_rule(resize_rule)
+        self.max_num_patches = self._validate_max_num_patches(max_num_patches, self.hidden_stride)
+        self.shortest_edge, self.crop_size = shortest_edge, crop_size
+        if shortest_edge is not None or crop_size is not None or self.resize_rule == "center_crop":
+            self.shortest_edge, crop = check_center_crop(shortest_edge, crop_size, self.factor)
+            self.crop_size = list(crop)
 
     # -- small helpers ---------------------------------------------------------------------------------------------
 
@@ -372,6 +521,49 @@ class Siglip2NavitImageProcessor(BaseImageProcessor):
                 raise ValueError(f"`{name}`={explicit} disagrees with `size`={size}; pass only one of them.")
         return size_min, size_max
 
+    @staticmethod
+    def _validate_resize_rule(rule: Any) -> str:
+        if rule not in RESIZE_RULES:
+            raise ValueError(f"`resize_rule` must be one of {RESIZE_RULES}, got {rule!r}.")
+        return rule
+
+    @staticmethod
+    def _validate_max_num_patches(value: Any, hidden_stride: int) -> int:
+        value = _positive_int(value, "max_num_patches")
+        if value < hidden_stride * hidden_stride:
+            raise ValueError(
+                f"`max_num_patches` ({value}) must be at least hidden_stride**2 = {hidden_stride**2}: one "
+                f"{hidden_stride}x{hidden_stride} block of patches."
+            )
+        return value
+
+    def _size_rule(
+        self,
+        resize_rule: Optional[str] = None,
+        min_pixels: Optional[int] = None,
+        max_pixels: Optional[int] = None,
+        max_num_patches: Optional[int] = None,
+        patch_size: Optional[int] = None,
+        hidden_stride: Optional[int] = None,
+    ) -> Callable[[int, int], ResizePlan]:
+        """`(height, width) -> ResizePlan` of the processor's rule, or of the per-call overrides; every setting the
+        rule uses is checked here (the stored ones too: they may have been assigned after construction)."""
+        patch_size = self.patch_size if patch_size is None else _positive_int(patch_size, "patch_size")
+        hidden_stride = self.hidden_stride if hidden_stride is None else _positive_int(hidden_stride, "hidden_stride")
+        factor = patch_size * hidden_stride
+        rule = self._validate_resize_rule(self.resize_rule if resize_rule is None else resize_rule)
+        min_pixels, max_pixels = self._budget(min_pixels, max_pixels, factor)
+        if rule == "ovis":
+            return lambda height, width: ResizePlan(*smart_resize(height, width, factor, min_pixels, max_pixels))
+        if rule == "naflex":
+            budget = self._validate_max_num_patches(
+                self.max_num_patches if max_num_patches is None else max_num_patches, hidden_stride
+            )
+            size = functools.partial(naflex_resize, patch_size=patch_size, max_num_patches=budget, hidden_stride=hidden_stride)
+            return lambda height, width: ResizePlan(*size(height, width))
+        shortest_edge, crop = check_center_crop(self.shortest_edge, self.crop_size, factor)
+        return functools.partial(center_crop_plan, shortest_edge=shortest_edge, crop_size=crop)
+
     def _budget(self, min_pixels: Optional[int], max_pixels: Optional[int], factor: Optional[int] = None) -> Tuple[int, int]:
         return validate_pixel_budget(
             self.min_pixels if min_pixels is None else min_pixels,
@@ -391,6 +583,20 @@ class Siglip2NavitImageProcessor(BaseImageProcessor):
         min_pixels, max_pixels = self._budget(min_pixels, max_pixels)
         return smart_resize(height, width, self.factor, min_pixels, max_pixels)
 
+    def target_size(
+        self,
+        height: int,
+        width: int,
+        min_pixels: Optional[int] = None,
+        max_pixels: Optional[int] = None,
+        max_num_patches: Optional[int] = None,
+        resize_rule: Optional[str] = None,
+    ) -> Tuple[int, int]:
+        """`(height, width)` of the image the patches are cut from, for an input of `height x width` pixels, under
+        the processor's `resize_rule` (or the one given); the other arguments override the rule's settings."""
+        plan = self._size_rule(resize_rule, min_pixels, max_pixels, max_num_patches)
+        return plan(height, width).size
+
     def get_num_tokens(
         self,
         height: int,
@@ -398,6 +604,8 @@ class Siglip2NavitImageProcessor(BaseImageProcessor):
         min_pixels: Optional[int] = None,
         max_pixels: Optional[int] = None,
         num_frames: int = 1,
+        max_num_patches: Optional[int] = None,
+        resize_rule: Optional[str] = None,
     ) -> TokenCount:
         """What an image (or a video of `num_frames` frames of that size) costs, without processing it.
 
@@ -406,7 +614,7 @@ class Siglip2NavitImageProcessor(BaseImageProcessor):
             `num_tokens = num_patches // hidden_stride**2` tokens after the LLM-side merge.
         """
         num_frames = _positive_int(num_frames, "num_frames")
-        resized_h, resized_w = self.smart_resize(height, width, min_pixels=min_pixels, max_pixels=max_pixels)
+        resized_h, resized_w = self.target_size(height, width, min_pixels, max_pixels, max_num_patches, resize_rule)
         grid_t = -(-num_frames // self.temporal_patch_size)
         num_patches = grid_t * (resized_h // self.patch_size) * (resized_w // self.patch_size)
         return TokenCount(num_patches, num_patches // (self.hidden_stride**2))
@@ -414,9 +622,8 @@ class Siglip2NavitImageProcessor(BaseImageProcessor):
     def get_number_of_image_patches(self, height: int, width: int, images_kwargs: Optional[dict] = None) -> int:
         """Number of patches (rows of `pixel_values`) for an image, as transformers' multimodal processors ask."""
         images_kwargs = images_kwargs or {}
-        return self.get_num_tokens(
-            height, width, min_pixels=images_kwargs.get("min_pixels"), max_pixels=images_kwargs.get("max_pixels")
-        ).num_patches
+        settings = {key: images_kwargs.get(key) for key in ("min_pixels", "max_pixels", "max_num_patches", "resize_rule")}
+        return self.get_num_tokens(height, width, **settings).num_patches
 
     # -- processing ------------------------------------------------------------------------------------------------
 
@@ -444,6 +651,8 @@ class Siglip2NavitImageProcessor(BaseImageProcessor):
         hidden_stride: Optional[int] = None,
         size: Optional[Dict[str, int]] = None,
         input_data_format: Optional[str] = None,
+        resize_rule: Optional[str] = None,
+        max_num_patches: Optional[int] = None,
         **kwargs,
     ) -> BatchFeature:
         """
@@ -458,7 +667,11 @@ class Siglip2NavitImageProcessor(BaseImageProcessor):
                 frame is resized to the target size of the first frame (frames of other sizes are resized to it),
                 and the frame count is padded to a multiple of `temporal_patch_size` by repeating the last frame.
             min_pixels, max_pixels (`int`, *optional*):
-                Per-call pixel budget (defaults: the processor's).
+                Per-call pixel budget of the `"ovis"` rule (defaults: the processor's).
+            resize_rule (`str`, *optional*):
+                Per-call resize rule: `"ovis"`, `"naflex"` or `"center_crop"` (default: the processor's).
+            max_num_patches (`int`, *optional*):
+                Per-call patch budget of the `"naflex"` rule (default: the processor's), as naflex's processor takes it.
             return_tensors (`str` or [`~utils.TensorType`], *optional*):
                 `None` or `"np"` for numpy arrays, `"pt"` for torch tensors.
             do_resize, resample, do_rescale, rescale_factor, do_normalize, image_mean, image_std, do_convert_rgb,
@@ -489,7 +702,7 @@ class Siglip2NavitImageProcessor(BaseImageProcessor):
         hidden_stride = self.hidden_stride if hidden_stride is None else _positive_int(hidden_stride, "hidden_stride")
         factor = patch_size * hidden_stride
         min_pixels, max_pixels = self._resolve_size_alias(size, min_pixels, max_pixels, min_pixels, max_pixels)
-        min_pixels, max_pixels = self._budget(min_pixels, max_pixels, factor)
+        plan = self._size_rule(resize_rule, min_pixels, max_pixels, max_num_patches, patch_size, hidden_stride)
         do_resize = self.do_resize if do_resize is None else bool(do_resize)
         resample = self.resample if resample is None else self._validate_resample(resample)
         do_rescale = self.do_rescale if do_rescale is None else bool(do_rescale)
@@ -515,10 +728,8 @@ class Siglip2NavitImageProcessor(BaseImageProcessor):
         # is resized. Each decoded image is released as soon as its patches are made, so the peak stays about
         # max(decoded inputs, patch rows) rather than their sum.
         decode = dict(
+            plan=plan if do_resize else None,
             factor=factor,
-            min_pixels=min_pixels,
-            max_pixels=max_pixels,
-            do_resize=do_resize,
             do_convert_rgb=do_convert_rgb,
             input_data_format=input_data_format,
         )
@@ -561,31 +772,30 @@ class Siglip2NavitImageProcessor(BaseImageProcessor):
     @staticmethod
     def _decode_frames(
         frames: List[Any],
+        plan: Optional[Callable[[int, int], ResizePlan]],
         factor: int,
-        min_pixels: int,
-        max_pixels: int,
-        do_resize: bool,
         do_convert_rgb: bool,
         input_data_format: Optional[str],
-    ) -> Tuple[List[np.ndarray], Tuple[int, int]]:
-        """Decode one image (one frame) or one video to uint8 RGB frames and fix its target `(height, width)` (the
-        first frame's `smart_resize` size); every check on the input happens here."""
+    ) -> Tuple[List[np.ndarray], ResizePlan]:
+        """Decode one image (one frame) or one video to uint8 RGB frames and fix how it is sized (the first frame's
+        `plan`; None: no resize); every check on the input happens here."""
         rgb_frames: List[np.ndarray] = []
-        target: Optional[Tuple[int, int]] = None
+        target: Optional[ResizePlan] = None
+        do_resize = plan is not None
         for frame in frames:
             rgb = to_rgb_uint8(frame, input_data_format=input_data_format, do_convert_rgb=do_convert_rgb)
             height, width = rgb.shape[:2]
             if target is None:
                 if do_resize:
-                    target = smart_resize(height, width, factor, min_pixels, max_pixels)
+                    target = plan(height, width)
                 elif height % factor or width % factor:
                     raise ValueError(
                         f"With do_resize=False the image sides must be multiples of patch_size * hidden_stride "
                         f"= {factor}, got {height}x{width} (height x width)."
                     )
                 else:
-                    target = (height, width)
-            elif not do_resize and (height, width) != target:
+                    target = ResizePlan(height, width)
+            elif not do_resize and (height, width) != target.size:
                 raise ValueError(
                     f"With do_resize=False all frames of a video must have the same size; got {height}x{width} "
                     f"after {target[0]}x{target[1]}."
@@ -596,20 +806,24 @@ class Siglip2NavitImageProcessor(BaseImageProcessor):
     @staticmethod
     def _patchify(
         rgb_frames: List[np.ndarray],
-        target: Tuple[int, int],
+        target: ResizePlan,
         resample: int,
         patch_size: int,
         temporal_patch_size: int,
         hidden_stride: int,
         lut: np.ndarray,
     ) -> Tuple[np.ndarray, Tuple[int, int, int]]:
-        """Resize decoded frames to `target`, rescale + normalise them, and cut them into packed patch rows in SPEC §3
-        order; returns `(rows, (t, h, w))`."""
+        """Resize (and crop) decoded frames as `target` says, rescale + normalise them, and cut them into packed
+        patch rows (for each `hidden_stride x hidden_stride` block of the frame in raster order, its patches in raster
+        order); returns `(rows, (t, h, w))`."""
         channels_first: List[np.ndarray] = []
         for rgb in rgb_frames:
-            if rgb.shape[:2] != target:
-                resized = PIL.Image.fromarray(rgb).resize((target[1], target[0]), resample=resample)
+            if rgb.shape[:2] != (target.height, target.width):
+                resized = PIL.Image.fromarray(rgb).resize((target.width, target.height), resample=resample)
                 rgb = np.asarray(resized, dtype=np.uint8)
+            if target.crop is not None:
+                top, left, crop_h, crop_w = target.crop
+                rgb = rgb[top : top + crop_h, left : left + crop_w]
             # uint8 HWC -> float32 CHW through the value table (rescale + normalise).
             channels_first.append(lut[np.arange(3)[:, None, None], rgb.transpose(2, 0, 1)])
 
@@ -688,6 +902,10 @@ __all__ = [
     "pack_by_token_budget",
     "sample_max_pixels",
     "smart_resize",
+    "naflex_resize",
+    "center_crop_plan",
+    "ResizePlan",
+    "RESIZE_RULES",
     "to_rgb_uint8",
     "validate_pixel_budget",
     "MAX_PIXEL_BUDGET",

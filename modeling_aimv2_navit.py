@@ -254,7 +254,8 @@ class Aimv2NavitPreTrainedModel(PackedPreTrainedModel):
 class Aimv2NavitModel(Aimv2NavitPreTrainedModel):
     """AIMv2 vision encoder over packed images: `model(pixel_values, grid_thws)`.
 
-    Inputs (SPEC §3, §10): `pixel_values` [Σ h·w, C·p·p] patch rows (raster order, or hidden_stride-block order) and
+    Inputs: `pixel_values` [Σ h·w, C·p·p] patch rows, each flattened (channel, row-in-patch, col-in-patch), per
+    frame in raster order (hidden_stride 1) or in s × s blocks (blocks in raster order, patches in raster order), and
     `grid_thws` [n_images, 3] (t, h, w) in patches. Outputs: `last_hidden_state` [N, D] after the final RMSNorm, input
     order; `pooler_output` [n_images, D] from the attention-pooling head when `use_head`.
     """

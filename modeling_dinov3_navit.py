@@ -317,7 +317,7 @@ def _check_masked_pos(bool_masked_pos: Optional[torch.Tensor], num_rows: int) ->
 class Dinov3NavitModel(Dinov3NavitPreTrainedModel):
     """DINOv3 ViT over packed images: `model(pixel_values, grid_thws)`.
 
-    Inputs (SPEC §3): `pixel_values` [Σ t·h·w, C·p·p] patch rows (raster order with `hidden_stride` 1, s×s blocks
+    Inputs: `pixel_values` [Σ t·h·w, C·p·p] patch rows (raster order with `hidden_stride` 1, s×s blocks
     with s) and `grid_thws` [n_images, 3] (t, h, w) in patches. `keep_indices` (optional) encodes only those patch
     rows (NaViT token dropping); the CLS and register tokens of every frame are always kept.
     """

@@ -367,8 +367,10 @@ class Siglip2NavitPreTrainedModel(PackedPreTrainedModel):
 class Siglip2NavitModel(Siglip2NavitPreTrainedModel):
     """SigLIP2 NaViT vision encoder over packed images: `model(pixel_values, grid_thws)`.
 
-    Inputs (SPEC §3): `pixel_values` [Σ t·h·w, C·T·p·p] patch rows in hidden_stride-block order and `grid_thws`
-    [n_images, 3] (t, h, w) in patches. `keep_indices` (optional) encodes only those rows (NaViT token dropping).
+    Inputs: `pixel_values` [Σ t·h·w, C·T·p·p] patch rows (each flattened (channel, frame, row-in-patch,
+    col-in-patch); per frame, hidden_stride × hidden_stride blocks in raster order, each block's patches in raster
+    order) and `grid_thws` [n_images, 3] (t, h, w) in patches. `keep_indices` (optional) encodes only those rows
+    (NaViT token dropping).
     """
 
     def __init__(self, config: Siglip2NavitConfig):

@@ -509,7 +509,7 @@ class PackedPreTrainedModel(PreTrainedModel):
     ):
         r"""
         Args:
-            pixel_values (`torch.FloatTensor` of shape `[Σ t·h·w, C·T·p·p]`): packed patch rows (SPEC §3 order), any
+            pixel_values (`torch.FloatTensor` of shape `[Σ t·h·w, C·T·p·p]`): packed patch rows, any
                 float dtype (cast to the model's dtype inside); may live on another device than the model.
             grid_thws (`torch.LongTensor` / list / array of shape `[n_images, 3]`): (t, h, w) per image in patches;
                 may live on any device.

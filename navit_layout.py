@@ -201,7 +201,8 @@ def attention_blocks(partition: AttentionPartition, max_tokens: int) -> tuple[At
 
 
 def _token_coordinates(grids: Sequence[tuple[int, int, int]], stride: int, window_blocks: int):
-    """(row, col, frame id, window id, image id) of every packed token, in the SPEC §3 order (CPU, int64)."""
+    """(row, col, frame id, window id, image id) of every packed token, in packed order: per frame, its
+    `stride x stride` blocks in raster order, each block's patches in raster order (CPU, int64)."""
     frame_h, frame_w, frame_image = [], [], []
     for image_id, (t, h, w) in enumerate(grids):
         frame_h += [h] * t

@@ -119,7 +119,7 @@ def test_conversion_writes_a_complete_hub_folder_that_loads_strictly(tmp_path, h
 
     names = {p.name for p in dst.iterdir()}
     assert names == {"model.safetensors", "config.json", "preprocessor_config.json", "processor_config.json", "README.md",
-                     "docs", "examples"} | CODE_FILES
+                     "examples", "pictures"} | CODE_FILES
     assert [p.name for p in dst.parent.iterdir()] == ["navit"], "no temp folder may be left behind"
     config = json.loads((dst / "config.json").read_text())
     assert config["auto_map"] == {

@@ -188,11 +188,12 @@ def test_ovis_conversion_round_trip(tmp_path, monkeypatch):
         "image_processing_siglip2_navit.py",
         "pipeline_navit.py",
         "README.md",
-        "docs",
         "examples",
+        "pictures",
     } == {p.name for p in dst.iterdir()}
-    for folder in ("docs", "examples"):  # what the model card links to and its snippets open
-        assert sorted(p.name for p in (dst / folder).iterdir()) == sorted(p.name for p in (ROOT / folder).iterdir())
+    # the images the model card's code opens, and its picture (features only: this model has no pooling query)
+    assert sorted(p.name for p in (dst / "examples").iterdir()) == sorted(p.name for p in (ROOT / "examples").iterdir())
+    assert sorted(p.name for p in (dst / "pictures").iterdir()) == ["chelsea.features.png"]
     assert not [p for p in dst.parent.iterdir() if p.name != "vit"], "no temp folder may be left behind"
 
     config = json.loads((dst / "config.json").read_text())
@@ -233,9 +234,9 @@ def test_ovis_dtype_and_base_model(tmp_path):
     assert card.startswith("---\nbase_model: AIDC-AI/Ovis2.5-9B\n")
     assert "library_name: transformers" in card.split("\n---", 1)[0]
     assert "Weights converted from [AIDC-AI/Ovis2.5-9B](https://huggingface.co/AIDC-AI/Ovis2.5-9B)" in card
-    # the source repository's fresh-clone section (scripts/, pip install -e .) does not belong in a model folder
+    # the folder's own card (generated for its family), not the source repository's README
     assert "ci:demo" not in card and "source-repo-only" not in card and "No weights here" not in card
-    assert "## Quick start: processor → model → features" in card and "## Citation" in card
+    assert "# SigLIP2 (Ovis2.5 vision tower)" in card and "`navit-convert ovis`" in card and "## Usage" in card
     model = AutoModel.from_pretrained(dst, trust_remote_code=True, **{DTYPE_KWARG: "auto"})
     name = "vision_model.embeddings.patch_embedding.weight"
     assert model.state_dict()[name].dtype == torch.float32

@@ -660,7 +660,7 @@ def test_converted_folder_is_complete_and_loads_strictly(sources, converted):
     folder = converted[("base", 2)]
     names = {p.name for p in folder.iterdir()}
     assert set(utils.DINOV3.code_files) | {"model.safetensors", "config.json", "README.md"} <= names
-    assert {"preprocessor_config.json", "processor_config.json", "docs", "examples"} <= names
+    assert {"preprocessor_config.json", "processor_config.json", "examples", "pictures"} <= names
     assert not any(name.endswith((".bin", ".pt", ".pth")) for name in names)
     config = json.loads((folder / "config.json").read_text())
     assert config["auto_map"] == utils.DINOV3.auto_map and config["model_type"] == "dinov3_navit"

@@ -37,13 +37,14 @@ PUBLISHED = sorted(
         "preprocessor_config.json",
         "processor_config.json",
     ]
-    # the model card's linked docs and example images, as in this checkout
+    # the example images the model card's code opens, as in this checkout, and the card's pictures (MAP head:
+    # features and attention)
     + [
         p.relative_to(ROOT).as_posix()
-        for folder in ("docs", "examples")
-        for p in (ROOT / folder).rglob("*")
+        for p in (ROOT / "examples").rglob("*")
         if p.is_file() and not any(part.startswith(".") for part in p.relative_to(ROOT).parts)  # no OS litter
     ]
+    + ["pictures/chelsea.attention.png", "pictures/chelsea.features.png"]
 )
 
 

@@ -19,7 +19,7 @@ from PIL import Image
 
 
 ROOT = Path(__file__).resolve().parents[1]
-COMMANDS = ("navit-encode", "navit-convert", "navit-push", "navit-benchmark")
+COMMANDS = ("navit-encode", "navit-convert", "navit-push", "navit-benchmark", "navit-visualize")
 
 
 def _setuptools_is_recent() -> bool:

@@ -91,13 +91,14 @@ def test_refuses_a_hard_link_to_a_file_outside_the_folder(model_dir, tmp_path, m
     secret = tmp_path / "shadow"
     secret.write_text("root:$6$salt$hash:19000:0:99999:7:::\n")
     secret.chmod(0o600)
+    (model_dir / "docs").mkdir(exist_ok=True)
     os.link(secret, model_dir / "docs" / "notes.txt")
     _expect_refusal(model_dir, monkeypatch, capsys, "Files you could not publish", "docs/notes.txt (a hard link")
 
 
 def test_hard_links_within_the_folder_are_published(model_dir, monkeypatch, capsys):
-    os.link(model_dir / "docs" / "conversion.md", model_dir / "docs" / "conversion_copy.md")
-    assert "docs/conversion_copy.md" in _dry_run_files(model_dir, monkeypatch, capsys)
+    os.link(model_dir / "README.md", model_dir / "README_copy.md")
+    assert "README_copy.md" in _dry_run_files(model_dir, monkeypatch, capsys)
 
 
 @pytest.mark.skipif(os.name != "posix" or os.geteuid() == 0, reason="root reads every file")

@@ -9,7 +9,9 @@ transformers Siglip2VisionModel: MAP head, hidden_stride 1) and the other famili
 (`FAMILY_FOLDERS`).
 """
 
+import contextlib
 import importlib
+import io
 import os
 import re
 import sys
@@ -101,7 +103,28 @@ def test_python_block_runs(code, line, skip, tiny_models, monkeypatch):
     monkeypatch.chdir(tiny_models["path/or/hub-id"])  # in a converted (Hub) folder: its examples/, no scripts/
     monkeypatch.setattr(sys, "path", list(sys.path))  # blocks may extend sys.path
     namespace = {"__name__": "__readme__"}
-    exec(compile(code, f"README.md:{line}", "exec"), namespace)
+    stdout = io.StringIO()
+    with contextlib.redirect_stdout(stdout):
+        exec(compile(code, f"README.md:{line}", "exec"), namespace)
+    printed = stdout.getvalue().splitlines()
+    for claim, output in zip(printed_claims(code), printed):
+        if claim is not None:
+            assert claim.startswith(output), f"README.md:{line}: prints {output!r}, its comment says {claim!r}"
+
+
+# A `print(...)` comment that starts like a value (a list, tuple, torch.Size, TokenCount, number or bool) states
+# what the line prints for the folder the block runs on; the rest of the comment may explain it.
+VALUE_COMMENT = re.compile(r"^print\(.*\)\s+# ((?:[\[(\d]|torch\.Size\(|TokenCount\(|True|False).*)$")
+
+
+def printed_claims(code: str) -> list:
+    """For each top-level `print` line of `code`, in order: the value its comment claims, or None."""
+    claims = []
+    for text in code.splitlines():
+        if text.startswith("print("):
+            match = VALUE_COMMENT.match(text)
+            claims.append(match.group(1) if match else None)
+    return claims
 
 
 def test_front_matter():

@@ -151,7 +151,8 @@ def make_inputs(workload: Workload, seed: int = 0) -> tuple[torch.Tensor, torch.
 
 
 def naflex_to_navit_state_dict(state_dict: dict, num_channels: int, patch_size: int) -> dict:
-    """SPEC §7: prefix `vision_model.`, Linear patch embedding [hidden, p·p·C] -> Conv2d layout [hidden, C, p, p]."""
+    """naflex weights -> this model's: prefix `vision_model.`, Linear patch embedding [hidden, p·p·C] -> Conv2d
+    layout [hidden, C, p, p]."""
     converted = {}
     for name, value in state_dict.items():
         name = name if name.startswith("vision_model.") else "vision_model." + name
@@ -197,7 +198,8 @@ def build_models(size: dict, layers: Optional[int], seed: int, with_ovis: bool):
 
 
 def raster_index(grids: list[tuple[int, int, int]], stride: int) -> list[torch.Tensor]:
-    """Per image: the packed rows (hidden_stride-block order, SPEC §3) of its patches in raster order."""
+    """Per image: the packed rows of its patches in raster order (each frame is packed in `stride x stride` blocks,
+    see `navit_image_utils.block_order_position`)."""
     indices, offset = [], 0
     for t, h, w in grids:
         assert t == 1, "the naflex baseline handles single-frame images only"

@@ -14,7 +14,6 @@ the next run restores: `recover_interrupted`).
 
 import argparse
 import json
-import re
 import shutil
 import sys
 from pathlib import Path
@@ -25,6 +24,8 @@ import transformers
 from packaging import version
 from safetensors import SafetensorError
 from safetensors.torch import save_file
+
+from . import card
 
 # Everything the converters, push and tests use, from the modules this one was cut into (one import for a converter).
 from .atomic import (  # noqa: F401
@@ -74,35 +75,6 @@ from .safetensors_io import (  # noqa: F401
 # ----------------------------------------------------------------------------------------------------------------------
 
 
-def model_card(base_model: Optional[str] = None, source_note: Optional[str] = None) -> str:
-    """The repo's model card for a converted folder.
-
-    Sections between `<!-- source-repo-only:start -->` and `<!-- source-repo-only:end -->` (the fresh-clone commands,
-    "no weights here") are dropped; `base_model:` is added to the YAML front matter and `source_note` under the title.
-    """
-    card = PACKAGE_DIR / MODEL_CARD
-    if not card.is_file():  # an installed (not editable) package has no README: a short card of its own
-        return _short_card(base_model, source_note)
-    text = card.read_text(encoding="utf-8")
-    text = re.sub(r"<!-- source-repo-only:start -->.*?<!-- source-repo-only:end -->\n", "", text, flags=re.S)
-    if base_model and text.startswith("---\n") and "\nbase_model:" not in text.split("\n---", 2)[0]:
-        text = f"---\nbase_model: {base_model}\n" + text[len("---\n") :]
-    if source_note:
-        text = re.sub(r"^(# .*\n)", lambda m: f"{m.group(1)}\n> {source_note}\n", text, count=1, flags=re.M)
-    return text
-
-
-def _short_card(base_model: Optional[str], source_note: Optional[str]) -> str:
-    front = "---\nlibrary_name: transformers\npipeline_tag: image-feature-extraction\n"
-    front += f"base_model: {base_model}\n---\n" if base_model else "---\n"
-    note = f"\n> {source_note}\n" if source_note else ""
-    return (
-        f"{front}\n# siglip2-navit\n{note}\nA native-resolution packed (NaViT) vision encoder, converted with "
-        "`navit-convert` (`pip install siglip2-navit`). Load it with `AutoModel.from_pretrained(path, "
-        "trust_remote_code=True)` and `AutoImageProcessor.from_pretrained(path, trust_remote_code=True)`.\n"
-    )
-
-
 def save_model_folder(
     folder: Path,
     state_dict: Mapping[str, torch.Tensor],
@@ -110,13 +82,15 @@ def save_model_folder(
     base_model: Optional[str] = None,
     source_note: Optional[str] = None,
     processor_kwargs: Optional[Mapping[str, Any]] = None,
+    command: Optional[str] = None,
 ):
     """Write a complete Hub model folder into the (existing, empty) `folder`.
 
     Files: `model.safetensors`, `config.json` (with `auto_map` and `custom_pipelines`), `preprocessor_config.json`
-    and `processor_config.json` (patch size and stride from `config`; normalisation and resampling from
-    `processor_kwargs`, else the family's defaults), the family's `.py` files, `README.md` and the folders it refers
-    to (`CARD_ASSETS`: docs/, examples/).
+    and `processor_config.json` (patch size and stride from `config`; normalisation, resampling and resize rule from
+    `processor_kwargs`, else the family's defaults), the family's `.py` files, the `examples/` images, `pictures/`
+    (the converted model's view of an example image) and `README.md`, the card generated for this folder
+    (`tools/card.py`). `source_note`: where the weights came from, and `command` the command that converted them.
     """
     family = family_of(config)
 
@@ -147,10 +121,12 @@ def save_model_folder(
     processor.save_pretrained(str(folder))
     for name in family.code_files:
         shutil.copyfile(PACKAGE_DIR / name, folder / name)
-    (folder / MODEL_CARD).write_text(model_card(base_model, source_note), encoding="utf-8")
     for name in CARD_ASSETS:
-        if (PACKAGE_DIR / name).is_dir():  # a checkout's docs/ and examples/ (an installed package has none)
-            shutil.copytree(PACKAGE_DIR / name, folder / name)
+        shutil.copytree(PACKAGE_DIR / name, folder / name)
+    model = model_class(family).from_pretrained(str(folder), attn_implementation="eager").eval()
+    card.draw_pictures(folder, model, processor)
+    del model
+    card.write_card(folder, config, processor, base_model, source_note, command)
 
 
 
@@ -160,10 +136,11 @@ def convert_to_folder(
     """Validate `state_dict` against `config`, then write DST atomically (`script` is named in the model card)."""
     shapes = {name: tuple(t.shape) for name, t in state_dict.items()}
     check_shapes(shapes, expected_shapes(config), f"Checkpoint {src}")
-    source = f"[{base_model}](https://huggingface.co/{base_model})" if base_model else f"`{Path(src).name}`"
-    note = f"Weights converted from {source} with `{script}`."
+    source = f"`{Path(src).name}`"
     return atomic_write_folder(
-        dst, lambda tmp: save_model_folder(tmp, state_dict, config, base_model, note, processor_kwargs), overwrite
+        dst,
+        lambda tmp: save_model_folder(tmp, state_dict, config, base_model, source, processor_kwargs, script),
+        overwrite,
     )
 
 
@@ -203,21 +180,30 @@ def _resample(value: Any) -> int:
     return value
 
 
-def source_processor_kwargs(src: Path) -> Optional[Dict[str, Any]]:
-    """`image_mean`, `image_std` and `resample` of the source's `preprocessor_config.json` (those it has), checked by
-    building the processor now rather than half-way through writing DST; None without the file (the family's
-    defaults apply)."""
+def source_processor_kwargs(
+    src: Path, config: Any = None, resize_rule: Optional[Callable[[Optional[Dict[str, Any]]], Dict[str, Any]]] = None
+) -> Optional[Dict[str, Any]]:
+    """The converted folder's processor settings from the source's `preprocessor_config.json`: its `image_mean`,
+    `image_std` and `resample` (those it has), plus `resize_rule(source settings or None)` (the family's resize rule,
+    see `tools/resize_settings.py`). Checked by building the processor now (with `config`'s patch size and stride)
+    rather than half-way through writing DST; None when there is neither a file nor a rule (the defaults apply)."""
     path = Path(src) / "preprocessor_config.json"
-    if not path.is_file():
+    source = read_json(path) if path.is_file() else None
+    if source is None and resize_rule is None:
         return None
-    source = read_json(path)
-    kwargs = {name: source[name] for name in ("image_mean", "image_std") if source.get(name) is not None}
-    if source.get("resample") is not None:
-        kwargs["resample"] = _resample(source["resample"])
+    source_settings = source or {}
+    kwargs = {
+        name: source_settings[name] for name in ("image_mean", "image_std") if source_settings.get(name) is not None
+    }
+    if source_settings.get("resample") is not None:
+        kwargs["resample"] = _resample(source_settings["resample"])
+    geometry = {} if config is None else {"patch_size": config.patch_size, "hidden_stride": config.hidden_stride}
     try:
-        processor_class()(**kwargs)
+        if resize_rule is not None:
+            kwargs.update(resize_rule(source))
+        processor_class()(**kwargs, **geometry)
     except ValueError as err:
-        raise ConversionError(f"{path}: {err}") from None
+        raise ConversionError(f"{path}: cannot reproduce the source's preprocessing: {err}") from None
     return kwargs
 
 

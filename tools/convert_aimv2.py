@@ -8,7 +8,10 @@ parameter names and layouts (the patch embedding stays a Conv2d weight, applied 
 
 The written config carries transformers' `Aimv2VisionConfig` fields (defaults filled in for fields the source
 omits). Native-resolution checkpoints (`is_native: true`) encode any image size; the others have a learned position
-table for their trained grid and accept only that grid (`image_size // patch_size` patches per side).
+table for their trained grid and accept only that grid (`image_size // patch_size` patches per side), so their
+folder's processor resizes and crops as the source's CLIP processor does (`resize_rule="center_crop"`: short side to
+`size.shortest_edge`, centred `crop_size` window, both `image_size` by default) and encodes any image; a source crop
+that is not the table's grid is refused.
 `--hidden-stride` sets the token order: 1 (default) is raster order, 2 orders tokens in 2x2 blocks, ready for an
 LLM-side merger. The converted processor takes the source's `preprocessor_config.json` normalisation (`image_mean`,
 `image_std`, `resample`), else AIMv2's defaults (CLIP mean/std, bicubic).
@@ -23,6 +26,7 @@ from pathlib import Path
 from typing import Any, Dict, Optional
 
 from . import checkpoint_utils as utils
+from . import resize_settings
 
 
 VISION_PREFIX = "vision_model."  # where an Aimv2Model folder keeps its vision tower
@@ -96,7 +100,11 @@ def convert(
         config = utils.config_class(utils.AIMV2)(**navit_config_kwargs(vision, hidden_stride))
     except ValueError as err:
         raise utils.ConversionError(f"Cannot build an Aimv2NavitConfig from {src}: {err}") from None
-    processor_kwargs = utils.source_processor_kwargs(src)  # read (and checked) before any tensor
+    # a learned table for one grid: the source's fixed-size resize and crop, so that the folder encodes any image
+    fixed = None if config.is_native else (
+        lambda source: resize_settings.fixed_size_settings(source, config.image_size, config.patch_size)
+    )
+    processor_kwargs = utils.source_processor_kwargs(src, config, fixed)  # read (and checked) before any tensor
 
     names = vision_tensor_names(checkpoint.keys(), src)
     return utils.convert_renamed_tensors(

@@ -86,7 +86,7 @@ def convert(
         )
     except ValueError as err:
         raise utils.ConversionError(f"Cannot build a Dinov3NavitConfig from {src}: {err}") from None
-    processor_kwargs = utils.source_processor_kwargs(src)  # read (and checked) before any tensor
+    processor_kwargs = utils.source_processor_kwargs(src, config)  # read (and checked) before any tensor
 
     names = checkpoint_names(checkpoint.keys())
     return utils.convert_renamed_tensors(

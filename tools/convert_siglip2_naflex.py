@@ -17,9 +17,14 @@ patch embedding is inflated to T frames by repeating it over time and dividing b
 `[hidden, C·T, p, p]` Conv2d gets W[:, c] / T). A patch whose T frames are equal, which is what the image processor
 makes of a still image, therefore embeds exactly as the naflex model embeds that image.
 
+The folder's processor resizes as naflex does (`resize_rule="naflex"`: the largest grid of at most `max_num_patches`
+patches, the source processor's budget, 256 when it has none; its resampling and normalisation), so the folder's
+`AutoImageProcessor` + `AutoModel` give naflex's grids and features. With `--hidden-stride 2` the rule runs on 2x2
+blocks of patches (even grids, within the same patch budget), since naflex's own grids are often odd.
+
 Feeding naflex-processed inputs: `naflex_to_packed(pixel_values, pixel_attention_mask, spatial_shapes)` (in
-`image_processing_siglip2_navit.py`, re-exported here) turns the output of transformers' `Siglip2ImageProcessor` into this model's packed `pixel_values`
-and `grid_thws`.
+`navit_batching.py`, re-exported here) turns the output of transformers' `Siglip2ImageProcessor` into this model's
+packed `pixel_values` and `grid_thws`.
 
 Example:
     navit-convert siglip2-naflex ~/models/siglip2-so400m-patch16-naflex ./siglip2-navit-so400m-naflex \\
@@ -34,6 +39,7 @@ from typing import Any, Dict
 import torch
 
 from . import checkpoint_utils as utils
+from . import resize_settings
 
 
 PATCH_EMBEDDING = "vision_model.embeddings.patch_embedding.weight"
@@ -116,8 +122,8 @@ def patch_embedding_to_conv(weight: torch.Tensor, num_channels: int, patch_size:
 
 
 def inflate_temporal(weight: torch.Tensor, temporal_patch_size: int) -> torch.Tensor:
-    """`[hidden, C, p, p]` image patch embedding -> `[hidden, C·T, p, p]` over T frames, input channels in the SPEC
-    order (channel, temporal): channel c·T + t holds W[:, c] / T, so T equal frames embed as the one image."""
+    """`[hidden, C, p, p]` image patch embedding -> `[hidden, C·T, p, p]` over T frames, input channels in the packed
+    row order (channel, temporal): channel c·T + t holds W[:, c] / T, so T equal frames embed as the one image."""
     if temporal_patch_size == 1:
         return weight
     return (weight.repeat_interleave(temporal_patch_size, dim=1) / temporal_patch_size).contiguous()
@@ -152,13 +158,18 @@ def convert(
         header_shapes[PATCH_EMBEDDING] = (hidden, c * temporal_patch_size, p, p) if flat == c * p * p else (hidden, flat)
     utils.check_shapes(header_shapes, utils.expected_shapes(config), f"Checkpoint {src}")
 
+    # naflex's own resize rule and budget, so that the folder's processor gives naflex's grids
+    processor_kwargs = utils.source_processor_kwargs(
+        src, config, lambda source: resize_settings.naflex_settings(source, config.patch_size)
+    )
     tensors = checkpoint.read(names, desc="Reading the vision tower")
     state_dict = {names[key]: t for key, t in tensors.items()}
     conv = patch_embedding_to_conv(state_dict[PATCH_EMBEDDING], c, p)  # [D, C, p, p]
     state_dict[PATCH_EMBEDDING] = inflate_temporal(conv, temporal_patch_size)  # [D, C·T, p, p]
     state_dict = utils.cast(state_dict, dtype)
     return utils.convert_to_folder(
-        src, dst, state_dict, config, "navit-convert siglip2-naflex", overwrite=overwrite, base_model=base_model
+        src, dst, state_dict, config, "navit-convert siglip2-naflex", overwrite=overwrite, base_model=base_model,
+        processor_kwargs=processor_kwargs,
     )
 
 

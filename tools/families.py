@@ -18,9 +18,9 @@ import torch
 PACKAGE_DIR = Path(__file__).resolve().parent.parent
 PACKAGE = "siglip2_navit"
 MODEL_CARD = "README.md"
-# Folders the model card links to (docs/) and its code examples open (examples/): copied into every converted folder,
-# so that the card's links resolve and its snippets run in the Hub repository too.
-CARD_ASSETS = ("docs", "examples")
+# The folder the model card's code opens (examples/): copied into every converted folder, so that the card's snippets
+# run in the Hub repository too (package data of an installed package).
+CARD_ASSETS = ("examples",)
 CORE_FILES = (
     "navit_layout.py", "navit_attention.py", "navit_core.py",
     "navit_image_utils.py", "navit_batching.py", "image_processing_siglip2_navit.py",

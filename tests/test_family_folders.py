@@ -1,0 +1,277 @@
+# Copyright 2026 The siglip2-navit authors. Licensed under the Apache License, Version 2.0.
+"""Converted folders are true to their family: the folder's own processor and model (`AutoImageProcessor` +
+`AutoModel`) reproduce the source pipeline (transformers' processor + model) on unseen images wherever the source's
+preprocessing applies, and every folder ships a card of its own family whose code runs inside the folder and
+prints what its comments say, plus the picture the card shows.
+
+Sources are tiny random transformers checkpoints with every parameter randomised; expected values come from
+transformers, never from this repository's code.
+"""
+
+import contextlib
+import io
+import json
+import os
+import re
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+import transformers
+from PIL import Image
+from transformers import AutoImageProcessor, AutoModel
+
+from family_sources import convert_folder, push_validate, randomize_all
+from test_resize_rules import pil_processor, sample_images  # photos, 1x1, 50x4000, 4000x50 (RGB)
+
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+MIN_COSINE = 0.9999
+Aimv2VisionModel = getattr(transformers, "Aimv2VisionModel", None)
+DINOv3ViTModel = getattr(transformers, "DINOv3ViTModel", None)
+
+
+def assert_close_features(ours: torch.Tensor, reference: torch.Tensor, what: str) -> float:
+    cosine = F.cosine_similarity(ours.double(), reference.double(), dim=-1)
+    assert cosine.min().item() >= MIN_COSINE, (what, cosine.min().item())
+    return cosine.min().item()
+
+
+def load_folder(folder: Path, **model_kwargs):
+    processor = AutoImageProcessor.from_pretrained(folder, trust_remote_code=True)
+    model = AutoModel.from_pretrained(folder, trust_remote_code=True, **model_kwargs).eval()
+    return processor, model
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# SigLIP2 naflex
+# ----------------------------------------------------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def naflex_source(tmp_path_factory):
+    from transformers import Siglip2VisionConfig, Siglip2VisionModel
+
+    config = Siglip2VisionConfig(
+        hidden_size=32, intermediate_size=48, num_hidden_layers=2, num_attention_heads=2, patch_size=16,
+        num_patches=256, vision_use_head=True,
+    )
+    model = randomize_all(Siglip2VisionModel(config)).eval()
+    folder = tmp_path_factory.mktemp("naflex") / "source"
+    model.save_pretrained(folder)
+    return folder, model
+
+
+def test_naflex_folder_matches_transformers_pipeline(naflex_source, tmp_path):
+    """AutoImageProcessor + AutoModel of the converted folder = Siglip2ImageProcessor + Siglip2VisionModel: same
+    grids (`spatial_shapes`), tokens and pooled output at cosine >= 0.9999, for photos and extreme sizes."""
+    src, reference = naflex_source
+    dst = convert_folder("siglip2-naflex", src, tmp_path / "navit")
+    processor, model = load_folder(dst)
+    assert (processor.resize_rule, processor.max_num_patches, processor.hidden_stride) == ("naflex", 256, 1)
+
+    images = sample_images()
+    expected_inputs = pil_processor("Siglip2ImageProcessor")(patch_size=16, max_num_patches=256)(
+        images, return_tensors="pt"
+    )
+    shapes = expected_inputs["spatial_shapes"].tolist()
+    inputs = processor(images=images, return_tensors="pt")
+    assert inputs["grid_thws"].tolist() == [[1, h, w] for h, w in shapes]
+    with torch.no_grad():
+        expected = reference(**expected_inputs)
+        out = model(**inputs)
+    tokens = out.last_hidden_state.split([h * w for h, w in shapes])
+    for i, (h, w) in enumerate(shapes):
+        assert_close_features(tokens[i], expected.last_hidden_state[i, : h * w], f"tokens of image {i}")
+    assert_close_features(out.pooler_output, expected.pooler_output, "pooled")
+
+
+def test_naflex_folder_takes_the_source_processor_settings(naflex_source, tmp_path):
+    src, _ = naflex_source
+    source = tmp_path / "source"
+    for item in src.iterdir():
+        (source / item.name).parent.mkdir(parents=True, exist_ok=True)
+        (source / item.name).write_bytes(item.read_bytes())
+    settings = {"image_processor_type": "Siglip2ImageProcessor", "max_num_patches": 64, "patch_size": 16,
+                "resample": 3, "image_mean": [0.4, 0.5, 0.6], "image_std": [0.2, 0.3, 0.25]}
+    (source / "preprocessor_config.json").write_text(json.dumps(settings))
+    processor, _ = load_folder(convert_folder("siglip2-naflex", source, tmp_path / "navit"))
+    assert (processor.max_num_patches, processor.resample) == (64, 3)
+    assert (processor.image_mean, processor.image_std) == ([0.4, 0.5, 0.6], [0.2, 0.3, 0.25])
+
+
+def test_naflex_stride_2_folder_makes_even_grids(naflex_source, tmp_path):
+    """--hidden-stride 2: the naflex rule on 2x2 blocks, so ordinary photos (odd naflex grids) encode."""
+    src, _ = naflex_source
+    processor, model = load_folder(convert_folder("siglip2-naflex", src, tmp_path / "navit", hidden_stride=2))
+    assert (processor.resize_rule, processor.hidden_stride) == ("naflex", 2)
+    inputs = processor(images=sample_images(), return_tensors="pt")
+    grids = inputs["grid_thws"][:, 1:]
+    assert bool((grids % 2 == 0).all()) and bool((grids.prod(-1) <= 256).all())
+    with torch.no_grad():
+        assert model(**inputs).last_hidden_state.shape[0] == int(inputs["grid_thws"].prod(-1).sum())
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# AIMv2
+# ----------------------------------------------------------------------------------------------------------------------
+
+needs_aimv2 = pytest.mark.skipif(Aimv2VisionModel is None, reason="transformers has no Aimv2VisionModel")
+CLIP_SETTINGS = {"image_mean": [0.48145466, 0.4578275, 0.40821073], "image_std": [0.26862954, 0.26130258, 0.27577711]}
+
+
+def aimv2_source(folder: Path, is_native: bool, size: int = 56):
+    config = transformers.Aimv2VisionConfig(
+        hidden_size=32, intermediate_size=48, num_hidden_layers=2, num_attention_heads=2, patch_size=14,
+        image_size=size, is_native=is_native, use_head=True,
+    )
+    model = randomize_all(Aimv2VisionModel(config)).eval()
+    model.save_pretrained(folder)
+    return model
+
+
+@needs_aimv2
+def test_aimv2_fixed_size_folder_matches_clip_pipeline(tmp_path):
+    """is_native=False (a learned table for one grid): the folder resizes and crops like the source's CLIP
+    processor, so any image works and features equal Aimv2VisionModel on CLIPImageProcessor's output."""
+    src = tmp_path / "source"
+    reference = aimv2_source(src, is_native=False)
+    clip = {"image_processor_type": "CLIPImageProcessor", "size": {"shortest_edge": 56},
+            "crop_size": {"height": 56, "width": 56}, "do_center_crop": True, "resample": 3, **CLIP_SETTINGS}
+    (src / "preprocessor_config.json").write_text(json.dumps(clip))
+    dst = convert_folder("aimv2", src, tmp_path / "navit")
+    processor, model = load_folder(dst)
+    assert (processor.resize_rule, processor.shortest_edge, processor.crop_size) == ("center_crop", 56, [56, 56])
+
+    images = sample_images()
+    expected_inputs = pil_processor("CLIPImageProcessor")(
+        size={"shortest_edge": 56}, crop_size={"height": 56, "width": 56}, resample=3, **CLIP_SETTINGS
+    )(images, return_tensors="pt")
+    inputs = processor(images=images, return_tensors="pt")
+    assert inputs["grid_thws"].tolist() == [[1, 4, 4]] * len(images)
+    with torch.no_grad():
+        expected = reference(**expected_inputs)
+        out = model(**inputs)
+    assert_close_features(out.last_hidden_state, expected.last_hidden_state.flatten(0, 1), "tokens")
+    assert_close_features(out.pooler_output, expected.pooler_output, "pooled")
+    push_validate(dst)  # the dry run of publishing loads and runs the folder on a sample photo
+
+
+@needs_aimv2
+def test_aimv2_fixed_size_refuses_a_crop_its_table_cannot_take(tmp_path):
+    src = tmp_path / "source"
+    aimv2_source(src, is_native=False)
+    (src / "preprocessor_config.json").write_text(json.dumps({"size": {"shortest_edge": 64}, "crop_size": 42}))
+    with pytest.raises(Exception, match="crop"):
+        convert_folder("aimv2", src, tmp_path / "navit")
+    assert not (tmp_path / "navit").exists()
+
+
+@needs_aimv2
+def test_aimv2_native_folder_keeps_native_resolution(tmp_path):
+    src = tmp_path / "source"
+    aimv2_source(src, is_native=True)
+    processor, model = load_folder(convert_folder("aimv2", src, tmp_path / "navit"))
+    assert processor.resize_rule == "ovis"
+    grids = processor(images=sample_images()[:3], return_tensors="pt")["grid_thws"].tolist()
+    assert len({tuple(g) for g in grids}) == 3  # each photo its own aspect ratio
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# DINOv3
+# ----------------------------------------------------------------------------------------------------------------------
+
+
+@pytest.mark.skipif(DINOv3ViTModel is None, reason="transformers has no DINOv3ViTModel")
+def test_dinov3_folder_equals_source_pipeline_on_the_source_size(tmp_path):
+    """The source resizes to 224x224; the folder keeps native resolution (documented in its card). Given the
+    source's 224x224 image (`do_resize=False`), folder processor + model equal the source pipeline."""
+    config = transformers.DINOv3ViTConfig(
+        hidden_size=32, intermediate_size=48, num_hidden_layers=2, num_attention_heads=2, patch_size=16,
+        num_register_tokens=2,
+    )
+    reference = randomize_all(DINOv3ViTModel(config)).eval()
+    src = tmp_path / "source"
+    reference.save_pretrained(src)
+    dst = convert_folder("dinov3", src, tmp_path / "navit")
+    processor, model = load_folder(dst)
+    card = (dst / "README.md").read_text()
+    assert "224×224" in card and "native resolution" in card
+
+    photos = sample_images()[:3]
+    square = [image.resize((224, 224), resample=Image.Resampling.BILINEAR) for image in photos]
+    mean, std = torch.tensor(processor.image_mean)[:, None, None], torch.tensor(processor.image_std)[:, None, None]
+    source_pixels = torch.stack(
+        [(torch.from_numpy(np.array(s)).permute(2, 0, 1).double() / 255 - mean) / std for s in square]
+    ).float()  # the source pipeline: 224x224 bilinear, rescale, ImageNet normalisation
+    inputs = processor(images=square, do_resize=False, return_tensors="pt")
+    with torch.no_grad():
+        expected = reference(pixel_values=source_pixels)
+        out = model(**inputs)
+    prefix = 1 + config.num_register_tokens
+    assert_close_features(out.pooler_output, expected.last_hidden_state[:, 0], "CLS")
+    assert_close_features(out.last_hidden_state, expected.last_hidden_state[:, prefix:].flatten(0, 1), "patches")
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# cards and pictures
+# ----------------------------------------------------------------------------------------------------------------------
+
+FENCE = re.compile(r"^```(\w*)\n(.*?)^```$", re.S | re.M)
+PRINTED = re.compile(r"^print\(.*\)  # (.*)$", re.M)
+
+
+def run_card_blocks(folder: Path, monkeypatch) -> int:
+    """Run every Python block of `folder/README.md` from inside the folder (placeholder -> the folder) and check that
+    each `print` line prints exactly its comment; returns the number of blocks run."""
+    card = (folder / "README.md").read_text(encoding="utf-8")
+    blocks = [code for lang, code in FENCE.findall(card) if lang == "python"]
+    monkeypatch.chdir(folder)
+    for code in blocks:
+        expected = PRINTED.findall(code)
+        stdout = io.StringIO()
+        with contextlib.redirect_stdout(stdout):
+            exec(compile(code.replace("path/or/hub-id", str(folder)), f"{folder.name}/README.md", "exec"), {})
+        assert stdout.getvalue().splitlines() == expected, code
+    return len(blocks)
+
+
+FAMILY_WORDS = {"siglip2-naflex": "SigLIP2 naflex", "ovis": "Ovis2.5", "aimv2": "AIMv2", "dinov3": "DINOv3"}
+
+
+@pytest.fixture(scope="module")
+def family_folders(tmp_path_factory, naflex_source):
+    """One converted folder per kind: Ovis2.5, naflex stride 1 and 2, AIMv2 native and fixed-size, DINOv3."""
+    from family_sources import write_family_sources
+
+    base = tmp_path_factory.mktemp("cards")
+    folders = {}
+    for name, (family, src, options) in write_family_sources(base, naflex_source[0]).items():
+        folders[name] = (family, convert_folder(family, src, base / name, **options))
+    return folders
+
+
+def test_cards_describe_their_own_folder(family_folders):
+    for name, (family, folder) in family_folders.items():
+        card = (folder / "README.md").read_text(encoding="utf-8")
+        config = json.loads((folder / "config.json").read_text())
+        assert FAMILY_WORDS[family] in card.split("\n# ", 1)[1].split("\n", 1)[0], name  # the title names the family
+        for field, value in (("width (hidden size)", config["hidden_size"]), ("layers", config["num_hidden_layers"]),
+                             ("attention heads", config["num_attention_heads"])):
+            assert f"| {field} | {value} |" in card, (name, field)
+        assert f"| patch | {config['patch_size']}×{config['patch_size']} px" in card
+        if family == "dinov3":
+            assert f"| register tokens | {config['num_register_tokens']} |" in card
+        assert "scripts/" not in card and "SPEC" not in card and "python scripts" not in card, name
+        assert re.findall(r"`(navit-[a-z]+)", card) and set(re.findall(r"\b(navit-[a-z]+) ", card)) <= {
+            "navit-convert", "navit-visualize", "navit-encode", "navit-push", "navit-benchmark"}
+        pictures = re.findall(r"!\[[^\]]*\]\(([^)]+)\)", card)
+        assert pictures and all((folder / p).is_file() for p in pictures), name
+        assert any(p.endswith(".features.png") for p in pictures)
+
+
+def test_card_code_runs_inside_each_folder_and_prints_its_values(family_folders, monkeypatch):
+    for name, (_, folder) in family_folders.items():
+        assert run_card_blocks(folder, monkeypatch) >= 2, name
