@@ -3,7 +3,8 @@
 is a valid Hub card header, the CI commands are intact and relative links resolve.
 
 A block is skipped only when the line right before it is `<!-- skip-test: needs GPU -->`,
-`<!-- skip-test: needs network -->` or `<!-- skip-test: needs Ray, run by tests/… -->` (that test module runs it). Placeholders are replaced by tiny random checkpoints built here:
+`<!-- skip-test: needs network -->` or `<!-- skip-test: needs Ray, run by tests/… -->` (that test module runs it).
+Placeholders are replaced by tiny random checkpoints built here:
 `"path/or/hub-id"` (Ovis2.5-style: RoPE, hidden_stride 2), `"path/to/siglip2-navit-naflex"` (a converted
 transformers Siglip2VisionModel: MAP head, hidden_stride 1) and the other families' converted folders
 (`FAMILY_FOLDERS`).

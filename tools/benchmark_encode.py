@@ -177,7 +177,8 @@ def main() -> None:
             if engine[1] == 0:  # the same job on `--scale`x the images: its rate, and whether the memory stays flat
                 big = run_job(base / "model", base / "images_x", base / "out", engine, args, 1)
                 results[f"{engine[0]}_workers_0_x{args.scale}"] = big
-                rows.append((f"navit-encode {label}, {args.scale}x the images", args.images * args.scale / big["loop_s"],
+                rows.append((f"navit-encode {label}, {args.scale}x the images",
+                             args.images * args.scale / big["loop_s"],
                              f"{args.images * args.scale / big['process_s']:.2f} img/s with start-up; peak RSS "
                              f"{big['peak_rss_mib']:.0f} MiB"))
     print(f"{args.images} images ({patches} patches), hidden {args.hidden}, {args.layers} layers, "

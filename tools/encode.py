@@ -8,15 +8,16 @@
         [--engine local|ray [--ray-actors N] [--ray-gpus-per-actor G] [--ray-cpus-per-actor C]]
 
 INPUT: image files (id = the path as given), folders (walked recursively for image files, sorted; id = the path
-relative to the folder), quoted globs (id = each match as written by the glob) and `@list.txt` (one INPUT per
-line; relative paths are relative to the current directory). WebDataset `.tar` shards (given, matched, found in a
-folder, or any URL fsspec opens, e.g. `s3://bucket/shard-{00000..00099}.tar` globs as `s3://bucket/*.tar`) are read
-without extracting them: one input per sample, id = `<shard file name without .tar>/<key>` (a shard found in a
-folder: its relative path without .tar); a sample without an image member, or with a corrupt one, is an error
-under that id; `--meta` stores each sample's `.json` member as a `meta` string (null when it has none).
-`--dataset PATH`: a local Hugging Face `datasets` dataset (a `save_to_disk` folder, or parquet file(s) / a folder of
-parquet files) with an image column; id = the row index, or the value of `--id-column`. Ids must be unique (a clash is refused, never renamed); bytes of a file name that are not UTF-8 appear in
-its id as backslash escapes (`caf\\xe9.png`). A `**` glob does not descend through symlinks to folders.
+relative to the folder), quoted globs (id = each match as written by the glob) and `@list.txt` (one INPUT per line;
+relative paths are relative to the current directory). WebDataset `.tar` shards (given, matched, found in a folder,
+or any URL fsspec opens, e.g. `s3://bucket/laion/*.tar`) are read without
+extracting them: one input per sample, id = `<shard file name without .tar>/<key>` (a shard found in a folder: its
+relative path without .tar); a sample without an image member, or with a corrupt one, is an error under that id;
+`--meta` stores each sample's `.json` member as a `meta` string (null when it has none). `--dataset PATH`: a local
+Hugging Face `datasets` dataset (a `save_to_disk` folder, or parquet file(s) / a folder of parquet files) with an
+image column; id = the row index, or the value of `--id-column`. Ids must be unique (a clash is refused, never
+renamed); bytes of a file name that are not UTF-8 appear in its id as backslash escapes (`caf\\xe9.png`). A `**`
+glob does not descend through symlinks to folders.
 
 Without `--out` nothing is written: the images are encoded and a table of what each costs is printed (the demo).
 With `--out DIR`, every `--shard-size` images of a process become one shard `DIR/train-r<rank>-<seq>.<ext>`,
