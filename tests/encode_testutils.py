@@ -132,3 +132,17 @@ def assert_matches_reference(features: Dict[str, torch.Tensor], paths: Dict[str,
         tokens, head, _ = reference(path)
         expected = head if pooled else tokens
         torch.testing.assert_close(features[item_id].float(), expected, atol=1e-4, rtol=1e-4, msg=item_id)
+
+
+def make_shard(path: Path, members: List[tuple]) -> Path:
+    """A WebDataset .tar shard holding `members`: (name inside the tar, bytes), in that order."""
+    import io
+    import tarfile
+
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with tarfile.open(path, "w") as tar:
+        for name, data in members:
+            info = tarfile.TarInfo(name)
+            info.size = len(data)
+            tar.addfile(info, io.BytesIO(data))
+    return path

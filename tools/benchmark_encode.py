@@ -5,13 +5,17 @@ On the same generated JPEG photos-like images and the same (randomly initialised
 
     model alone     the images decoded and preprocessed beforehand (untimed), then only the forward passes, in the
                     same token-budget batches the job uses
-    job, workers W  `encode.py FOLDER --out DIR --workers W` as a subprocess: decoding, preprocessing, batching,
+    job, workers W  `navit-encode FOLDER --out DIR --workers W` as a subprocess: decoding, preprocessing, batching,
                     the forward passes and writing durable shards; its own timed loop ("wall time" it prints) and
                     the whole process (imports and model loading included)
-    peak RSS        the job's process (workers 0) on 1x and on `--scale`x the images with the same --shard-size:
-                    flat when features stream to disk shard by shard
+    job, ray        `navit-encode FOLDER --out DIR --engine ray` (a local Ray cluster it starts: decode tasks, one
+                    encoder actor with `--ray-cpus-per-actor` CPUs); its timed loop includes starting the actor and
+                    loading the model there, the whole process also starting the cluster
+    peak RSS        the job's own process (the driver; workers 0) on 1x and on `--scale`x the images with the same
+                    --shard-size: flat when features stream to disk shard by shard
 
-    python -m siglip2_navit.tools.benchmark_encode                     # ~2 min on 2 CPU cores
+    python -m siglip2_navit.tools.benchmark_encode                     # ~10 min on 2 CPU cores
+    python -m siglip2_navit.tools.benchmark_encode --engines local     # ~2 min: without the ray engine
     python -m siglip2_navit.tools.benchmark_encode --images 200 --layers 27 --hidden 1152 --device cuda
 """
 
@@ -39,6 +43,10 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--images", type=int, default=48, help="images at 1x (default 48)")
     parser.add_argument("--scale", type=int, default=5, help="the larger run for peak RSS: this many times the images")
     parser.add_argument("--workers", type=int, nargs="+", default=[0, 2], help="worker counts to time (default 0 2)")
+    parser.add_argument("--engines", nargs="+", default=["local", "ray"], choices=["local", "ray"],
+                        help="engines to time (default local ray; ray needs the [ray] extra)")
+    parser.add_argument("--ray-cpus-per-actor", type=float, default=1.0,
+                        help="CPUs of the ray engine's encoder actor (default 1: the other CPUs decode)")
     parser.add_argument("--hidden", type=int, default=384, help="hidden size (default 384; so400m: 1152)")
     parser.add_argument("--layers", type=int, default=4, help="encoder layers (default 4; so400m: 27)")
     parser.add_argument("--min-pixels", type=int, default=128 * 128)
@@ -113,30 +121,37 @@ def model_alone(model_dir: Path, images: Path, args: argparse.Namespace) -> Tupl
     return min(times), sum(counts)
 
 
-def run_job(model_dir: Path, images: Path, out: Path, workers: int, args: argparse.Namespace) -> Dict[str, float]:
-    """The fastest of `--repeats` fresh runs (`--overwrite`), as measured by `job_once`."""
-    runs = [job_once(model_dir, images, out, workers, args) for _ in range(args.repeats)]
+# navit-encode's main in this process, then this process's own peak RSS: the driver alone (wait4 would also count
+# the processes a job waits for, such as the local Ray cluster the ray engine starts and stops)
+JOB = ("import resource, sys\nfrom siglip2_navit.tools.encode import main\ncode = main(sys.argv[1:])\n"
+       "print(f'peak RSS KiB: {resource.getrusage(resource.RUSAGE_SELF).ru_maxrss}')\nsys.exit(code)")
+
+
+def run_job(model_dir: Path, images: Path, out: Path, engine: Tuple[str, int], args: argparse.Namespace,
+            repeats: int) -> Dict[str, float]:
+    """The fastest of `repeats` fresh runs (`--overwrite`), as measured by `job_once`."""
+    runs = [job_once(model_dir, images, out, engine, args) for _ in range(repeats)]
     return min(runs, key=lambda r: r["loop_s"])
 
 
-def job_once(model_dir: Path, images: Path, out: Path, workers: int, args: argparse.Namespace) -> Dict[str, float]:
-    """Run encode.py; its timed loop, the whole process's wall time and its peak RSS (MiB, from wait4)."""
-    cmd = [sys.executable, "-m", "siglip2_navit.tools.encode", str(images), "--out", str(out), "--model", str(model_dir),
-           "--workers", str(workers), "--min-pixels", str(args.min_pixels), "--max-pixels", str(args.max_pixels),
-           "--max-tokens", str(args.max_tokens), "--shard-size", str(args.shard_size), "--device", args.device,
-           "--overwrite"]
+def job_once(model_dir: Path, images: Path, out: Path, engine: Tuple[str, int], args: argparse.Namespace
+             ) -> Dict[str, float]:
+    """Run navit-encode (engine: ("local", workers) or ("ray", 0)); its timed loop, the whole process's wall time
+    and its own peak RSS (MiB)."""
+    name, workers = engine
+    cmd = [sys.executable, "-c", JOB, str(images), "--out", str(out), "--model", str(model_dir),
+           "--min-pixels", str(args.min_pixels), "--max-pixels", str(args.max_pixels), "--max-tokens",
+           str(args.max_tokens), "--shard-size", str(args.shard_size), "--device", args.device, "--overwrite"]
+    cmd += (["--workers", str(workers)] if name == "local" else
+            ["--engine", "ray", "--ray-actors", "1", "--ray-cpus-per-actor", str(args.ray_cpus_per_actor)])
     start = time.perf_counter()
-    with tempfile.TemporaryFile("w+") as stdout:
-        proc = subprocess.Popen(cmd, stdout=stdout, stderr=subprocess.DEVNULL)
-        _, status, usage = os.wait4(proc.pid, 0)
-        proc.returncode = os.waitstatus_to_exitcode(status)
-        total = time.perf_counter() - start
-        stdout.seek(0)
-        text = stdout.read()
-    if proc.returncode != 0:
-        raise SystemExit(f"encode.py failed ({proc.returncode}):\n{text}")
-    loop = float(re.search(r"wall time: ([\d.]+) s", text).group(1))
-    return {"loop_s": loop, "process_s": total, "peak_rss_mib": usage.ru_maxrss / 1024}
+    result = subprocess.run(cmd, capture_output=True, text=True)
+    total = time.perf_counter() - start
+    if result.returncode != 0:
+        raise SystemExit(f"navit-encode failed ({result.returncode}):\n{result.stdout}\n{result.stderr[-4000:]}")
+    loop = float(re.search(r"wall time: ([\d.]+) s", result.stdout).group(1))
+    rss = int(re.search(r"peak RSS KiB: (\d+)", result.stdout).group(1))
+    return {"loop_s": loop, "process_s": total, "peak_rss_mib": rss / 1024}
 
 
 def main() -> None:
@@ -150,23 +165,27 @@ def main() -> None:
         seconds, patches = model_alone(base / "model", base / "images", args)
         rows: List[Tuple[str, float, str]] = [("model alone (inputs prepared beforehand)", args.images / seconds, "")]
         results["model_alone"] = {"seconds": seconds, "images_per_s": args.images / seconds, "patches": patches}
-        for workers in args.workers:
-            job = run_job(base / "model", base / "images", base / f"out_w{workers}", workers, args)
-            results[f"job_workers_{workers}"] = job
-            rows.append((f"encode.py, --workers {workers}", args.images / job["loop_s"],
+        engines = [(e, w) for e in args.engines for w in (args.workers if e == "local" else [0])]
+        for engine in engines:
+            label = f"--engine ray (1 actor, {args.ray_cpus_per_actor:g} CPU)" if engine[0] == "ray" else \
+                f"--workers {engine[1]}"
+            job = run_job(base / "model", base / "images", base / "out", engine, args, args.repeats)
+            results[f"{engine[0]}_workers_{engine[1]}"] = job
+            rows.append((f"navit-encode {label}", args.images / job["loop_s"],
                          f"{args.images / job['process_s']:.2f} img/s with start-up; peak RSS "
                          f"{job['peak_rss_mib']:.0f} MiB"))
-        big = run_job(base / "model", base / "images_x", base / "out_x", 0, args)
-        results[f"job_workers_0_x{args.scale}"] = big
-    small = results["job_workers_0"] if 0 in args.workers else None
+            if engine[1] == 0:  # the same job on `--scale`x the images: its rate, and whether the memory stays flat
+                big = run_job(base / "model", base / "images_x", base / "out", engine, args, 1)
+                results[f"{engine[0]}_workers_0_x{args.scale}"] = big
+                rows.append((f"navit-encode {label}, {args.scale}x the images",
+                             args.images * args.scale / big["loop_s"],
+                             f"{args.images * args.scale / big['process_s']:.2f} img/s with start-up; peak RSS "
+                             f"{big['peak_rss_mib']:.0f} MiB"))
     print(f"{args.images} images ({patches} patches), hidden {args.hidden}, {args.layers} layers, "
           f"device {args.device}, {os.cpu_count()} CPUs\n")
     print("| run | images/s | notes |\n|---|---|---|")
     for name, rate, note in rows:
         print(f"| {name} | {rate:.2f} | {note} |")
-    if small is not None:
-        print(f"\npeak RSS of the job (workers 0, --shard-size {args.shard_size}): {args.images} images "
-              f"{small['peak_rss_mib']:.0f} MiB, {args.images * args.scale} images {big['peak_rss_mib']:.0f} MiB")
     if args.json:
         Path(args.json).write_text(json.dumps(results, indent=2) + "\n")
 

@@ -3,15 +3,21 @@
     navit-encode INPUT... [--out DIR] [--model M] [--format safetensors|parquet]
         [--features tokens|pooled] [--pool auto|head|mean] [--normalize] [--shard-size N] [--workers N]
         [--max-tokens N] [--min-pixels N] [--max-pixels N] [--dtype auto|fp32|bf16|fp16] [--attn sdpa|eager|...]
-        [--device cuda] [--dataset PATH [--image-column image] [--split S]] [--strict] [--overwrite]
-        [--retry-errors] [--config-overrides k=v,...] [--table | --no-table]
+        [--device cuda] [--dataset PATH [--image-column image] [--id-column NAME] [--split S]] [--meta]
+        [--strict] [--overwrite] [--retry-errors] [--config-overrides k=v,...] [--table | --no-table]
+        [--engine local|ray [--ray-actors N] [--ray-gpus-per-actor G] [--ray-cpus-per-actor C]]
 
 INPUT: image files (id = the path as given), folders (walked recursively for image files, sorted; id = the path
-relative to the folder), quoted globs (id = each match as written by the glob) and `@list.txt` (one INPUT per
-line; relative paths are relative to the current directory). `--dataset PATH`: a local Hugging Face `datasets`
-dataset (a `save_to_disk` folder, or parquet file(s) / a folder of parquet files) with an image column; id = the
-row index. Ids must be unique (a clash is refused, never renamed); bytes of a file name that are not UTF-8 appear in
-its id as backslash escapes (`caf\\xe9.png`). A `**` glob does not descend through symlinks to folders.
+relative to the folder), quoted globs (id = each match as written by the glob) and `@list.txt` (one INPUT per line;
+relative paths are relative to the current directory). WebDataset `.tar` shards (given, matched, found in a folder,
+or any URL fsspec opens, e.g. `s3://bucket/laion/*.tar`) are read without
+extracting them: one input per sample, id = `<shard file name without .tar>/<key>` (a shard found in a folder: its
+relative path without .tar); a sample without an image member, or with a corrupt one, is an error under that id;
+`--meta` stores each sample's `.json` member as a `meta` string (null when it has none). `--dataset PATH`: a local
+Hugging Face `datasets` dataset (a `save_to_disk` folder, or parquet file(s) / a folder of parquet files) with an
+image column; id = the row index, or the value of `--id-column`. Ids must be unique (a clash is refused, never
+renamed); bytes of a file name that are not UTF-8 appear in its id as backslash escapes (`caf\\xe9.png`). A `**`
+glob does not descend through symlinks to folders.
 
 Without `--out` nothing is written: the images are encoded and a table of what each costs is printed (the demo).
 With `--out DIR`, every `--shard-size` images of a process become one shard `DIR/train-r<rank>-<seq>.<ext>`,
@@ -27,6 +33,12 @@ an error record). A model that gives NaN/Inf for every image of its first batch 
 recording nothing. A failure of the job itself (disk full, a dead worker) is one line with exit status 1; complete
 shards are kept and the same command resumes. Under `torchrun` / `accelerate launch` each rank takes the ids whose
 stable hash falls to it and writes its own shards; any world size resumes any other's output.
+
+`--engine ray` runs the same job on Ray Data (pip install "siglip2-navit[ray]"): Ray tasks decode and preprocess,
+a pool of `--ray-actors` actors (each loading the model once, `--ray-gpus-per-actor` / `--ray-cpus-per-actor`)
+encodes in batches packed to `--max-tokens`, and this process writes DIR exactly as the local engine does (same
+shards, ids, manifest and errors.jsonl: either engine resumes the other's output). A killed actor is restarted and
+its batches retried. It connects to the cluster at RAY_ADDRESS when set, else starts a local one.
 
 Loads the processor and model through the Auto API with `trust_remote_code=True`; a folder without safetensors
 weights runs randomly initialised weights (seeded, announced loudly).
@@ -91,6 +103,8 @@ def build_parser() -> argparse.ArgumentParser:
     add("inputs", nargs="*", metavar="INPUT", help="image files, folders, quoted globs, @list.txt")
     add("--dataset", default=None, help="a local datasets folder (save_to_disk) or parquet file(s)/folder")
     add("--image-column", default="image", help="image column of --dataset (default: image)")
+    add("--id-column", default=None, help="column of --dataset holding the ids (default: ids are row numbers)")
+    add("--meta", action="store_true", help="WebDataset inputs: store each sample's .json as a `meta` string")
     add("--split", default=None, help="split of a saved DatasetDict (default: its only split, or 'train')")
     add("--out", default=None, help="output folder (without it: encode and print the table, write nothing)")
     add("--model", default=str(PACKAGE_DIR), help="model folder or Hub id (default: the package's own SigLIP2 config, random weights)")
@@ -119,6 +133,12 @@ def build_parser() -> argparse.ArgumentParser:
     add("--table", action=argparse.BooleanOptionalAction, default=None,
         help="print one row per image (default: only without --out)")
     add("--seed", type=int, default=0, help="seed for random initialisation (folders without weights)")
+    add("--engine", default="local", choices=["local", "ray"],
+        help="local: this machine (torchrun for several processes); ray: Ray Data, RAY_ADDRESS or a local cluster")
+    add("--ray-actors", type=int, default=None,
+        help="encoder actors (default: the cluster's GPUs / --ray-gpus-per-actor, or 1 without GPUs)")
+    add("--ray-gpus-per-actor", type=float, default=None, help="GPUs per actor (default 1 when the cluster has GPUs)")
+    add("--ray-cpus-per-actor", type=float, default=1.0, help="CPUs per actor (default 1)")
     add("--config-overrides", default=None,
         help="comma-separated key=value config changes for a randomly initialised model, e.g. "
         "'hidden_size=64,num_hidden_layers=2,num_attention_heads=2,intermediate_size=128' (tests, quick demos)")
@@ -153,6 +173,14 @@ def check_args(args: argparse.Namespace) -> None:
             raise UsageError('--format parquet needs pyarrow: pip install "siglip2-navit[encode]"') from None
     if args.out is None and (args.overwrite or args.retry_errors):
         raise UsageError("--overwrite and --retry-errors need --out")
+    if args.id_column is not None and args.dataset is None:
+        raise UsageError("--id-column applies to --dataset only")
+    if args.engine == "ray":
+        from .encode_ray import check_ray_args
+
+        check_ray_args(args)
+    elif any(getattr(args, name) is not None for name in ("ray_actors", "ray_gpus_per_actor")):
+        raise UsageError("--ray-actors and --ray-gpus-per-actor apply to --engine ray only")
 
 
 def parse_overrides(text: Optional[str]) -> Dict[str, Any]:
@@ -271,9 +299,11 @@ def make_fingerprint(args: argparse.Namespace, config: Any, processor: Any, pool
         "features": args.features,
         "pool": pool,
         "normalize": args.normalize,
-        "dataset": None if args.dataset is None else [os.path.abspath(args.dataset), args.split, args.image_column],
+        "dataset": None if args.dataset is None else [os.path.abspath(args.dataset), args.split, args.image_column]
+        + ([args.id_column] if args.id_column is not None else []),
         "format": args.format,
         "dtype": args.dtype,
+        **({"meta": True} if args.meta else {}),  # the shards' columns (absent before --meta existed)
     }
 
 
@@ -563,31 +593,53 @@ class EncodeJob:
             self.stats.failed.append((item.id, message))
 
     def encode_batch(self, batch: Dict[str, Any], pending: List[Item]) -> None:
-        import torch
-
-        grids = batch["grid_thws"]
-        pixels = batch["pixel_values"].to(self.device, self.model.dtype, non_blocking=True)
-        output = self.model(pixels, grids)
-        feats = per_image_features(output, grids, self.args.features, self.pool, self.args.normalize)
-        feats = [f.to("cpu", copy=True) for f in feats]  # own storage: shards never hold views of the batch
-        finite = [bool(torch.isfinite(f).all()) for f in feats]
-        if not any(finite) and self.stats.images == self.stats.nonfinite == 0:
-            raise JobError(f"the model gives NaN/Inf features for all {len(feats)} images of its first batch: its "
-                           "config or weights are broken (e.g. rope_theta, layer_norm_eps); nothing was stored")
-        budget = budget_of(self.args)
-        for index, feature, grid, size, ok in zip(batch["indices"], feats, grids.tolist(), batch["sizes"], finite):
+        feats, finite = forward_features(self.model, batch, self.device, self.args, self.pool)
+        check_first_batch(finite, self.stats)
+        for index, feature, grid, size, ok in zip(batch["indices"], feats, batch["grid_thws"].tolist(), batch["sizes"],
+                                                  finite):
             if not ok:
                 self.stats.nonfinite += 1
-                self.record_error(pending[index], "non-finite features (NaN/Inf) from the model: not stored")
+                self.record_error(pending[index], NONFINITE)
                 continue
-            item_id = pending[index].id
-            self.sink.add({"id": item_id, "feature": feature, "grid": grid, "size": list(size)})
-            row = table_row(item_id, size, grid, self.processor, budget)
-            self.stats.patches += row["patches"]
-            self.stats.tokens += row["tokens"]
-            if self.keep_rows:
-                self.rows.append(row)
-        self.stats.images += sum(finite)
+            self.store(pending[index], feature, grid, size)
+
+    def store(self, item: Item, feature: Any, grid: List[int], size: Tuple[int, int]) -> None:
+        """One image's features to the sink, counted (and its table row kept when asked)."""
+        record = {"id": item.id, "feature": feature, "grid": grid, "size": list(size)}
+        if self.args.meta:
+            from .webdataset_source import read_meta
+
+            record["meta"] = read_meta(item)
+        self.sink.add(record)
+        row = table_row(item.id, size, grid, self.processor, budget_of(self.args))
+        self.stats.images += 1
+        self.stats.patches += row["patches"]
+        self.stats.tokens += row["tokens"]
+        if self.keep_rows:
+            self.rows.append(row)
+
+
+NONFINITE = "non-finite features (NaN/Inf) from the model: not stored"
+
+
+def forward_features(model: Any, batch: Dict[str, Any], device: str, args: argparse.Namespace,
+                     pool: Optional[str]) -> Tuple[List[Any], List[bool]]:
+    """One packed forward of a collated batch: each image's features on the CPU (own storage: shards never hold views
+    of the batch) and whether they are finite."""
+    import torch
+
+    grids = batch["grid_thws"]  # [images, 3]
+    pixels = batch["pixel_values"].to(device, model.dtype, non_blocking=True)  # [total_patches, C*p*p]
+    output = model(pixels, grids)
+    feats = [f.to("cpu", copy=True) for f in per_image_features(output, grids, args.features, pool, args.normalize)]
+    return feats, [bool(torch.isfinite(f).all()) for f in feats]
+
+
+def check_first_batch(finite: List[bool], stats: Stats) -> None:
+    """A model whose features are NaN/Inf for every image of its first batch is broken: stop before storing."""
+    if finite and not any(finite) and stats.images == stats.nonfinite == 0:
+        raise JobError(f"the model gives NaN/Inf features for all {len(finite)} images of its first batch: its "
+                       "config or weights are broken (e.g. rope_theta, layer_norm_eps); nothing was stored")
 
 
 def run(args: argparse.Namespace, dist: Dist) -> int:
@@ -596,8 +648,11 @@ def run(args: argparse.Namespace, dist: Dist) -> int:
 
     from .dtypes import resolve_dtype
 
-    device = choose_device(args.device, dist)
-    args.dtype, dtype_line = resolve_dtype(args.dtype, device)  # concrete before the manifest records it
+    # the ray engine's driver only probes the model (pooling, refusals) on its CPU: the actors choose their devices
+    device = "cpu" if args.engine == "ray" else choose_device(args.device, dist)
+    # concrete before the manifest records it; ray actors with GPUs run the dtype a CUDA device prefers
+    gpu_actors = args.engine == "ray" and (args.ray_gpus_per_actor or 0) > 0
+    args.dtype, dtype_line = resolve_dtype(args.dtype, "cuda" if gpu_actors else device)
     items, dataset = collect_inputs(args)
     config = load_config(args)
     processor = AutoImageProcessor.from_pretrained(args.model, trust_remote_code=True)
@@ -625,7 +680,13 @@ def run(args: argparse.Namespace, dist: Dist) -> int:
     keep_rows = args.table if args.table is not None else args.out is None
     job = EncodeJob(args, dataset, processor, model, device, pool, ShardSink(args.out, args.format, dist.rank, meta),
                     keep_rows)
-    job.run(pending, show_progress=dist.rank == 0)
+    if args.engine == "ray":
+        from .encode_ray import run_on_ray
+
+        job.model = model = None  # the actors load their own
+        run_on_ray(job, pending)
+    else:
+        job.run(pending, show_progress=dist.rank == 0)
 
     all_stats = dist.gather(job.stats)  # also waits until every rank has written its last shard
     all_rows = [row for part in dist.gather(job.rows) for row in part]
@@ -635,8 +696,9 @@ def run(args: argparse.Namespace, dist: Dist) -> int:
     if args.out is not None:
         _, errored_now, shards = done_ids(args.out)
         total_errors = len(errored_now & {item.id for item in items})
-    header = (f"model: {args.model} ({source}), attn={args.attn}, dtype={args.dtype}, device={device}, "
-              f"processes={dist.world_size}, features={args.features}" + (f", pool={pool}" if pool else ""))
+    where = f"device={device}, processes={dist.world_size}" if args.engine == "local" else "engine=ray"
+    header = (f"model: {args.model} ({source}), attn={args.attn}, dtype={args.dtype}, {where}, "
+              f"features={args.features}" + (f", pool={pool}" if pool else ""))
     print_summary(args, all_stats, all_rows, f"{header}\n{dtype_line}", skipped, total_errors, shards)
     return 1 if args.strict and total_errors else 0
 

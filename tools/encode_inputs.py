@@ -13,7 +13,7 @@ import os
 import stat
 import sys
 from pathlib import Path
-from typing import Any, Dict, Iterator, List, Optional, Sequence, Tuple
+from typing import Any, Callable, Dict, Iterator, List, Optional, Sequence, Tuple
 
 
 
@@ -38,15 +38,30 @@ class JobError(Exception):
 
 
 @dataclasses.dataclass(frozen=True)
+class TarMember:
+    """Where a member of a WebDataset .tar shard is: its name and its data's byte range."""
+
+    name: str
+    offset: int
+    size: int
+
+
+@dataclasses.dataclass(frozen=True)
 class Item:
-    """One input: a stable id and where its bytes are (a file path, or a row of the --dataset)."""
+    """One input: a stable id and where its bytes are (a file path, a row of the --dataset, or a member of the .tar
+    shard at `path`). `problem`: why it cannot be read, known when it was listed (decoding it raises that)."""
 
     id: str
     path: Optional[str] = None
     row: Optional[int] = None
+    member: Optional[TarMember] = None
+    meta: Optional[TarMember] = None  # a WebDataset sample's .json member
+    problem: Optional[str] = None
 
     @property
     def source(self) -> str:
+        if self.member is not None:
+            return f"{self.path}::{self.member.name}"
         return self.path if self.path is not None else f"dataset row {self.row}"
 
 
@@ -70,15 +85,31 @@ def is_image_name(name: str) -> bool:
 
 
 def walk_folder(folder: str) -> List[Item]:
-    """Image files under `folder` (recursively, hidden entries skipped), sorted by id = relative POSIX path."""
+    """Image files and the samples of WebDataset .tar shards under `folder` (recursively, hidden entries skipped),
+    sorted by id = relative POSIX path (a shard's samples: its relative path without .tar, then /key)."""
+    from .webdataset_source import is_tar_name, list_samples, shard_stem
+
     items = []
     for root, dirs, files in os.walk(folder):
         dirs[:] = [d for d in dirs if not d.startswith(".")]
         for name in files:
+            path = os.path.join(root, name)
+            relative = Path(os.path.relpath(path, folder)).as_posix()
             if is_image_name(name):
-                path = os.path.join(root, name)
-                items.append(Item(printable_id(Path(os.path.relpath(path, folder)).as_posix()), path=path))
+                items.append(Item(printable_id(relative), path=path))
+            elif is_tar_name(name):
+                items.extend(list_samples(path, shard_stem(relative)))
     return sorted(items, key=lambda item: item.id)
+
+
+def expand_file(path: str) -> List[Item]:
+    """A file given by name or matched by a glob: an image (id = the path as written) or a .tar shard's samples
+    (ids = its file name without .tar, then /key)."""
+    from .webdataset_source import is_tar_name, list_samples, shard_stem
+
+    if is_tar_name(path):
+        return list_samples(path, shard_stem(os.path.basename(path)))
+    return [Item(printable_id(path), path=path)]
 
 
 def glob_matches(pattern: str) -> List[str]:
@@ -131,6 +162,10 @@ def glob_matches(pattern: str) -> List[str]:
 
 def expand_input(token: str, from_list: bool = False) -> List[Item]:
     """Files, folders, globs and (not nested) @lists, in the order given."""
+    if is_url(token):
+        from .webdataset_source import expand_url
+
+        return expand_url(token)
     if token.startswith("@") and not from_list:
         list_path = token[1:]
         if not os.path.isfile(list_path):
@@ -141,11 +176,10 @@ def expand_input(token: str, from_list: bool = False) -> List[Item]:
     if os.path.isdir(token):
         return walk_folder(token)
     if os.path.exists(token):  # a file (one that is not a regular file is recorded as an error, never opened)
-        return [Item(printable_id(token), path=token)]
+        return expand_file(token)
     if glob.has_magic(token):
         matches = sorted(glob_matches(token))
-        return [item for m in matches
-                for item in (walk_folder(m) if os.path.isdir(m) else [Item(printable_id(m), path=m)])]
+        return [item for m in matches for item in (walk_folder(m) if os.path.isdir(m) else expand_file(m))]
     raise UsageError(f"no such file or folder: {token}")
 
 
@@ -162,8 +196,12 @@ def check_unique(items: Sequence[Item], reserved: Sequence[str] = ()) -> None:
         seen[item.id] = item
 
 
-def open_dataset(path: str, split: Optional[str], column: str):
-    """The --dataset as a datasets.Dataset holding only the image column (not decoded: bytes/path per row)."""
+def is_url(token: str) -> bool:
+    return "://" in token
+
+
+def load_table(path: str, split: Optional[str]):
+    """The --dataset as a datasets.Dataset (all columns)."""
     try:
         import datasets
     except ImportError:
@@ -184,6 +222,14 @@ def open_dataset(path: str, split: Optional[str], column: str):
         if not files:
             raise UsageError(f"--dataset {path}: not a save_to_disk folder and no parquet files found")
         ds = datasets.load_dataset("parquet", data_files=files, split="train")
+    return ds
+
+
+def open_dataset(path: str, split: Optional[str], column: str):
+    """The --dataset as a datasets.Dataset holding only the image column (not decoded: bytes/path per row)."""
+    import datasets
+
+    ds = load_table(path, split)
     if column not in ds.column_names:
         raise UsageError(f"--dataset {path} has no column {column!r} (columns: {ds.column_names}); "
                          "choose one with --image-column")
@@ -193,12 +239,27 @@ def open_dataset(path: str, split: Optional[str], column: str):
     return ds
 
 
+def dataset_ids(path: str, split: Optional[str], column: str) -> List[str]:
+    """--id-column: each row's id, the column's value as text (a missing value is refused)."""
+    ds = load_table(path, split)
+    if column not in ds.column_names:
+        raise UsageError(f"--dataset {path} has no column {column!r} (columns: {ds.column_names}); "
+                         "choose the ids' column with --id-column")
+    values = ds[column]
+    missing = next((row for row, value in enumerate(values) if value is None or value == ""), None)
+    if missing is not None:
+        raise UsageError(f"--id-column {column}: row {missing} has no value (every row needs an id)")
+    return [printable_id(str(value)) for value in values]
+
+
 def collect_inputs(args: argparse.Namespace) -> Tuple[List[Item], Any]:
     items = [item for token in args.inputs for item in expand_input(token)]
     dataset = None
     if args.dataset is not None:
         dataset = open_dataset(args.dataset, args.split, args.image_column)
-        items += [Item(str(row), row=row) for row in range(len(dataset))]
+        ids = (dataset_ids(args.dataset, args.split, args.id_column) if args.id_column is not None
+               else [str(row) for row in range(len(dataset))])
+        items += [Item(item_id, row=row) for row, item_id in enumerate(ids)]
     if not items:
         raise UsageError("the inputs hold no images (folders are searched for " +
                          " ".join(sorted(IMAGE_EXTENSIONS)) + ")")
@@ -229,6 +290,12 @@ def regular_file(path: str) -> str:
 
 def open_source(item: Item, dataset: Any) -> Any:
     """A file-like object or path for PIL."""
+    if item.problem is not None:
+        raise ValueError(item.problem)
+    if item.member is not None:
+        from .webdataset_source import read_member
+
+        return io.BytesIO(read_member(item.path, item.member))
     if item.path is not None:
         return regular_file(item.path)
     value = dataset[item.row][dataset.column_names[0]]
@@ -257,10 +324,15 @@ def header_size(item: Item, dataset: Any) -> Optional[Tuple[int, int]]:
 
 
 def decode_image(item: Item, dataset: Any):
+    return open_image(open_source(item, dataset))
+
+
+def open_image(source: Any):
+    """A path or file-like object decoded to a PIL image, EXIF orientation applied."""
     import PIL.Image
     import PIL.ImageOps
 
-    with PIL.Image.open(open_source(item, dataset)) as image:
+    with PIL.Image.open(source) as image:
         image.load()
         return PIL.ImageOps.exif_transpose(image)
 
@@ -276,13 +348,19 @@ class EncodeInputs:
 
     def __getitem__(self, index: int) -> Dict[str, Any]:
         item = self.items[index]
-        try:
-            image = decode_image(item, self.dataset)
-            size = image.size
-            batch = self.processor(images=[image], return_tensors="pt", **self.budget)
-        except Exception as error:  # noqa: BLE001 - any failure of one input is recorded, the run goes on
-            return {"index": index, "error": f"{type(error).__name__}: {error}"}
-        return {"index": index, "pixel_values": batch["pixel_values"], "grid": batch["grid_thws"], "size": size}
+        return preprocess(index, lambda: decode_image(item, self.dataset), self.processor, self.budget)
+
+
+def preprocess(index: int, load: Callable[[], Any], processor: Any, budget: Dict[str, int]) -> Dict[str, Any]:
+    """One image decoded by `load()` and preprocessed: {index, pixel_values [patches, C*p*p], grid [1, 3], size (W, H)},
+    or {index, error} (any failure of one input is recorded, the run goes on)."""
+    try:
+        image = load()
+        size = image.size
+        batch = processor(images=[image], return_tensors="pt", **budget)
+    except Exception as error:  # noqa: BLE001
+        return {"index": index, "error": f"{type(error).__name__}: {error}"}
+    return {"index": index, "pixel_values": batch["pixel_values"], "grid": batch["grid_thws"], "size": size}
 
 
 def quiet_worker_threads(worker_id: int) -> None:

@@ -283,6 +283,8 @@ def safetensors_writer(records: List[Dict[str, Any]], meta: Dict[str, str]):
     tensors = {r["id"]: r["feature"].contiguous() for r in records}
     metadata = dict(meta, ids=json.dumps([r["id"] for r in records]),
                     grid_thws=json.dumps([r["grid"] for r in records]), sizes=json.dumps([r["size"] for r in records]))
+    if "meta" in records[0]:  # --meta: each WebDataset sample's .json text (null when it has none)
+        metadata["metas"] = json.dumps([r["meta"] for r in records])
     header, data = with_checksum(save(tensors, metadata=metadata))
 
     def write(f: Any) -> None:
@@ -312,7 +314,10 @@ def parquet_writer(records: List[Dict[str, Any]], meta: Dict[str, str]):
         "grid_thws": int_lists([r["grid"] for r in records]),
         "width": pa.array([r["size"][0] for r in records], type=pa.int32()),
         "height": pa.array([r["size"][1] for r in records], type=pa.int32()),
-    }).replace_schema_metadata({k.encode(): v.encode() for k, v in meta.items()})
+    })
+    if "meta" in records[0]:  # --meta: each WebDataset sample's .json text (null when it has none)
+        table = table.append_column("meta", pa.array([r["meta"] for r in records], type=pa.string()))
+    table = table.replace_schema_metadata({k.encode(): v.encode() for k, v in meta.items()})
     return lambda f: pq.write_table(table, f, write_page_checksum=True)  # verified on resume (shard_problem)
 
 
