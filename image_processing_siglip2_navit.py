@@ -847,6 +847,9 @@ class Siglip2NavitImageProcessor(BaseImageProcessor):
         output = super().to_dict()
         for key in ("_valid_processor_keys", "_valid_kwargs_names", "size"):
             output.pop(key, None)
+        for key in ("shortest_edge", "crop_size"):  # the center_crop rule's settings: absent when unused
+            if output.get(key) is None:
+                output.pop(key, None)
         output["image_processor_type"] = self.__class__.__name__
         return output
 

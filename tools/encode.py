@@ -221,6 +221,21 @@ def load_config(args: argparse.Namespace):
     return config
 
 
+def load_processor(model: str) -> Any:
+    """The folder's image processor through `AutoImageProcessor` (remote code). transformers < 4.52 warns that a
+    "slow" processor is used when `use_fast` is unset; this processor has no fast variant, so that warning is noise
+    in the job's output and is silenced here (nothing else is)."""
+    import transformers
+    from transformers import AutoImageProcessor
+
+    verbosity = transformers.utils.logging.get_verbosity()
+    transformers.utils.logging.set_verbosity_error()
+    try:
+        return AutoImageProcessor.from_pretrained(model, trust_remote_code=True)
+    finally:
+        transformers.utils.logging.set_verbosity(verbosity)
+
+
 def load_model(args: argparse.Namespace, config: Any, device: str, announce: bool) -> Tuple[Any, str]:
     import torch
     import transformers
@@ -644,7 +659,6 @@ def check_first_batch(finite: List[bool], stats: Stats) -> None:
 
 def run(args: argparse.Namespace, dist: Dist) -> int:
     import torch
-    from transformers import AutoImageProcessor
 
     from .dtypes import resolve_dtype
 
@@ -655,7 +669,7 @@ def run(args: argparse.Namespace, dist: Dist) -> int:
     args.dtype, dtype_line = resolve_dtype(args.dtype, "cuda" if gpu_actors else device)
     items, dataset = collect_inputs(args)
     config = load_config(args)
-    processor = AutoImageProcessor.from_pretrained(args.model, trust_remote_code=True)
+    processor = load_processor(args.model)
     check_budget(args, processor)
     # Everything that can still refuse the command (model, attention backend, pooling) comes before DIR is touched.
     if dist.world_size > 1 and device == "cpu":

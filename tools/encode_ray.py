@@ -35,11 +35,13 @@ from .encode import (
     forward_features,
     load_config,
     load_model,
+    load_processor,
     resolve_pool,
 )
 from .encode_inputs import Item, JobError, UsageError, collate, decode_image, open_dataset, open_image, preprocess
 from .encode_output import KILL_ENV, maybe_kill
 from .webdataset_source import item_as_dict, item_from_dict
+from .dtypes import resolve_dtype
 
 
 DECODE_BATCH_ROWS = 8  # images per decode task call
@@ -129,15 +131,15 @@ class NavitBatchEncoder:
     def __init__(self, model: str, features: str = "pooled", image_column: str = "image", id_column: str = "id",
                  num_threads: Optional[int] = None, **settings: Any) -> None:
         import torch
-        from transformers import AutoImageProcessor
 
         if num_threads is not None:
             torch.set_num_threads(num_threads)
         self.args = encoder_args(dict(settings, model=model, features=features))
         self.image_column, self.id_column = image_column, id_column
-        self.processor = AutoImageProcessor.from_pretrained(self.args.model, trust_remote_code=True)
+        self.processor = load_processor(self.args.model)
         check_budget(self.args, self.processor)
         self.device = choose_device(self.args.device, Dist())
+        self.args.dtype, _ = resolve_dtype(self.args.dtype, self.device)  # `auto`: what this actor's device prefers
         self.model, _ = load_model(self.args, load_config(self.args), self.device, announce=True)
         self.pool = resolve_pool(self.args, self.model, self.processor, self.device)
         self.calls = 0
@@ -234,9 +236,7 @@ def prepared_samples(batch: Dict[str, Any]) -> List[Dict[str, Any]]:
 
 @functools.lru_cache(maxsize=4)
 def cached_processor(model: str) -> Any:
-    from transformers import AutoImageProcessor
-
-    return AutoImageProcessor.from_pretrained(model, trust_remote_code=True)
+    return load_processor(model)
 
 
 @functools.lru_cache(maxsize=4)
