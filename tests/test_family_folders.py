@@ -24,6 +24,7 @@ from PIL import Image
 from transformers import AutoImageProcessor, AutoModel
 
 from family_sources import convert_folder, push_validate, randomize_all
+from siglip2_navit.tools.card import PICTURE_PATCHES
 from test_resize_rules import pil_processor, sample_images  # photos, 1x1, 50x4000, 4000x50 (RGB)
 
 
@@ -270,6 +271,10 @@ def test_cards_describe_their_own_folder(family_folders):
         pictures = re.findall(r"!\[[^\]]*\]\(([^)]+)\)", card)
         assert pictures and all((folder / p).is_file() for p in pictures), name
         assert any(p.endswith(".features.png") for p in pictures)
+        for picture in pictures:  # within the card picture's patch budget (the eager attention maps stay small)
+            with Image.open(folder / picture) as image:
+                width, height = image.size
+            assert width * height <= PICTURE_PATCHES * config["patch_size"] ** 2, (name, picture, image.size)
 
 
 def test_card_code_runs_inside_each_folder_and_prints_its_values(family_folders, monkeypatch):
