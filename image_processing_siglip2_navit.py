@@ -15,9 +15,9 @@ resized with PIL (bilinear by default) to the size chosen by :func:`smart_resize
 normalised with mean = std = 0.5 in float32. The result equals transformers' ``SiglipImageProcessor`` (the PIL one)
 run with ``size={"height": h, "width": w}`` on the same RGB image.
 
-Input conversion and the naflex / centre-crop resize rules live in `navit_image_utils.py`; the NaViT batching utilities (`pack_by_token_budget`,
-`collate_packed`, `sample_max_pixels`, `naflex_to_packed`) live in `navit_batching.py` and are re-exported here and
-reachable as static methods of the processor.
+Input conversion and the naflex / centre-crop resize rules live in `navit_image_utils.py`; the NaViT batching
+utilities (`pack_by_token_budget`, `collate_packed`, `sample_max_pixels`, `naflex_to_packed`) live in
+`navit_batching.py` and are re-exported here and reachable as static methods of the processor.
 """
 
 import functools
