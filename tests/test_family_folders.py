@@ -270,6 +270,39 @@ def test_cards_describe_their_own_folder(family_folders):
         pictures = re.findall(r"!\[[^\]]*\]\(([^)]+)\)", card)
         assert pictures and all((folder / p).is_file() for p in pictures), name
         assert any(p.endswith(".features.png") for p in pictures)
+        has_query = family != "ovis"  # a CLS token (DINOv3) or a pooling head (naflex MAP, AIMv2 attention pooling)
+        assert any(p.endswith(".attention.png") for p in pictures) == has_query, name
+        assert RULE_WORDS[name] in card.split("## Preprocessing", 1)[1].split("\n## ", 1)[0], name
+
+
+# What each kind's "Preprocessing" section must state (the tiny sources: naflex 256 patches; AIMv2 224-style crop of
+# 56 px; DINOv3's 224x224 source rule next to the folder's native resolution).
+RULE_WORDS = {
+    "ovis": "Ovis2.5's `smart_resize`",
+    "naflex": "at most **256 patches** of 16 px",
+    "naflex-stride2": "runs on 2×2 blocks of patches",
+    "aimv2-native": "Ovis2.5's `smart_resize`",
+    "aimv2-224": "centred **56×56** window",
+    "dinov3": "squeezes every image to 224×224",
+}
+
+
+def test_readme_states_the_naflex_folder_values(family_folders):
+    """README's quick start prints an Ovis2.5 folder's values and states what a naflex folder gives instead: those
+    numbers are the naflex folder's (and transformers' `spatial_shapes`)."""
+    readme = (Path(__file__).resolve().parent.parent / "README.md").read_text(encoding="utf-8")
+    claim = re.search(r"naflex folder, for example, sizes both\s+images to (\d+)×(\d+) patches.*?(\d+) rows in all",
+                      readme, re.S)
+    assert claim, "README no longer states the naflex folder's values"
+    h, w, rows = (int(v) for v in claim.groups())
+    root = Path(__file__).resolve().parent.parent / "examples"
+    images = [Image.open(root / name) for name in ("chelsea.png", "rocket.jpg")]
+    processor = AutoImageProcessor.from_pretrained(family_folders["naflex"][1], trust_remote_code=True)
+    grids = processor(images=images, return_tensors="pt")["grid_thws"].tolist()
+    naflex = pil_processor("Siglip2ImageProcessor")(patch_size=16, max_num_patches=256)
+    expected = naflex(images, return_tensors="pt")["spatial_shapes"].tolist()
+    assert grids == [[1, h, w]] * 2 == [[1, *shape] for shape in expected]
+    assert rows == 2 * h * w
 
 
 def test_card_code_runs_inside_each_folder_and_prints_its_values(family_folders, monkeypatch):
