@@ -169,14 +169,36 @@ def test_aimv2_fixed_size_refuses_a_crop_its_table_cannot_take(tmp_path):
     assert not (tmp_path / "navit").exists()
 
 
+def normalised(image: Image.Image, mean, std) -> torch.Tensor:
+    """`[1, 3, H, W]` float32: uint8 RGB / 255, then (x - mean) / std, in float64 (the source processors' math)."""
+    pixels = torch.from_numpy(np.array(image.convert("RGB"))).permute(2, 0, 1).double() / 255
+    mean, std = torch.tensor(mean, dtype=torch.float64), torch.tensor(std, dtype=torch.float64)
+    return ((pixels - mean[:, None, None]) / std[:, None, None])[None].float()
+
+
 @needs_aimv2
 def test_aimv2_native_folder_keeps_native_resolution(tmp_path):
+    """is_native=True: the folder keeps each image's aspect ratio (Ovis pixel budget, stride 1 = raster order), and
+    on the image it resizes to, folder processor + model equal Aimv2VisionModel run on that image alone."""
     src = tmp_path / "source"
-    aimv2_source(src, is_native=True)
+    reference = aimv2_source(src, is_native=True)
     processor, model = load_folder(convert_folder("aimv2", src, tmp_path / "navit"))
-    assert processor.resize_rule == "ovis"
-    grids = processor(images=sample_images()[:3], return_tensors="pt")["grid_thws"].tolist()
+    assert (processor.resize_rule, processor.hidden_stride) == ("ovis", 1)
+    photos = sample_images()[:3]
+    grids = processor(images=photos, return_tensors="pt")["grid_thws"].tolist()
     assert len({tuple(g) for g in grids}) == 3  # each photo its own aspect ratio
+
+    small = [photo.resize((photo.width // 8 // 14 * 14, photo.height // 8 // 14 * 14), Image.Resampling.BILINEAR)
+             for photo in photos]  # native sizes, whole 14-px patches, kept small for the test
+    inputs = processor(images=small, do_resize=False, return_tensors="pt")
+    assert inputs["grid_thws"].tolist() == [[1, s.height // 14, s.width // 14] for s in small]
+    with torch.no_grad():
+        out = model(**inputs)
+        expected = [reference(pixel_values=normalised(s, processor.image_mean, processor.image_std)) for s in small]
+    counts = inputs["grid_thws"].prod(-1).tolist()
+    for tokens, e in zip(out.last_hidden_state.split(counts), expected):
+        assert_close_features(tokens, e.last_hidden_state[0], "tokens")
+    assert_close_features(out.pooler_output, torch.cat([e.pooler_output for e in expected]), "pooled")
 
 
 # ----------------------------------------------------------------------------------------------------------------------
@@ -202,10 +224,9 @@ def test_dinov3_folder_equals_source_pipeline_on_the_source_size(tmp_path):
 
     photos = sample_images()[:3]
     square = [image.resize((224, 224), resample=Image.Resampling.BILINEAR) for image in photos]
-    mean, std = torch.tensor(processor.image_mean)[:, None, None], torch.tensor(processor.image_std)[:, None, None]
-    source_pixels = torch.stack(
-        [(torch.from_numpy(np.array(s)).permute(2, 0, 1).double() / 255 - mean) / std for s in square]
-    ).float()  # the source pipeline: 224x224 bilinear, rescale, ImageNet normalisation
+    source_pixels = torch.cat(  # the source pipeline: 224x224 bilinear, rescale, ImageNet normalisation
+        [normalised(s, processor.image_mean, processor.image_std) for s in square]
+    )
     inputs = processor(images=square, do_resize=False, return_tensors="pt")
     with torch.no_grad():
         expected = reference(pixel_values=source_pixels)
