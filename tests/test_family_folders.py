@@ -285,6 +285,9 @@ def test_cards_describe_their_own_folder(family_folders):
         assert f"| patch | {config['patch_size']}×{config['patch_size']} px" in card
         if family == "dinov3":
             assert f"| register tokens | {config['num_register_tokens']} |" in card
+        assert "| pooling head |" in card and f"with `navit-convert {family}`" in card, name  # head; how it was made
+        source = {"ovis": "ovis-source", "naflex": "source", "naflex-stride2": "source"}.get(name, f"{name}-source")
+        assert f"Weights converted from `{source}`" in card, name  # names its source
         assert "scripts/" not in card and "SPEC" not in card and "python scripts" not in card, name
         assert re.findall(r"`(navit-[a-z]+)", card) and set(re.findall(r"\b(navit-[a-z]+) ", card)) <= {
             "navit-convert", "navit-visualize", "navit-encode", "navit-push", "navit-benchmark"}
@@ -294,6 +297,17 @@ def test_cards_describe_their_own_folder(family_folders):
         has_query = family != "ovis"  # a CLS token (DINOv3) or a pooling head (naflex MAP, AIMv2 attention pooling)
         assert any(p.endswith(".attention.png") for p in pictures) == has_query, name
         assert RULE_WORDS[name] in card.split("## Preprocessing", 1)[1].split("\n## ", 1)[0], name
+        outputs = card.split("Outputs:", 1)[1].split("\n\n", 2)[1]
+        assert OUTPUT_WORDS[family] in outputs, name
+
+
+# What each family's outputs mean (the tiny DINOv3 source has 2 registers: CLS + 2 prefix tokens per frame).
+OUTPUT_WORDS = {
+    "ovis": "`pooler_output` is `None` (no pooling head)",
+    "siglip2-naflex": "`pooler_output` `[images, hidden]`: the MAP (multi-head attention pooling probe)",
+    "aimv2": "`pooler_output` `[images, hidden]`: the attention pooling (a learned query over all tokens)",
+    "dinov3": "`prefix_tokens` `[frames, 3, hidden]`: the CLS token and the 2 register tokens",
+}
 
 
 # What each kind's "Preprocessing" section must state (the tiny sources: naflex 256 patches; AIMv2 224-style crop of
