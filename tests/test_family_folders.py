@@ -340,6 +340,20 @@ def test_readme_states_the_naflex_folder_values(family_folders):
     assert rows == 2 * h * w
 
 
+# (resize_rule, hidden_stride) of each kind's processor: the source's preprocessing; the Ovis rule where the source
+# keeps native resolution (Ovis2.5, native AIMv2) or where the folder deliberately does (DINOv3, documented in its card).
+FOLDER_RULES = {
+    "ovis": ("ovis", 2), "naflex": ("naflex", 1), "naflex-stride2": ("naflex", 2), "aimv2-native": ("ovis", 1),
+    "aimv2-224": ("center_crop", 1), "dinov3": ("ovis", 1),
+}
+
+
+def test_each_folder_kind_gets_its_sources_resize_rule(family_folders):
+    for name, (_, folder) in family_folders.items():
+        processor = AutoImageProcessor.from_pretrained(folder, trust_remote_code=True)
+        assert (processor.resize_rule, processor.hidden_stride) == FOLDER_RULES[name], name
+
+
 def test_card_code_runs_inside_each_folder_and_prints_its_values(family_folders, monkeypatch):
     for name, (_, folder) in family_folders.items():
         assert run_card_blocks(folder, monkeypatch) >= 2, name
