@@ -15,9 +15,9 @@ resized with PIL (bilinear by default) to the size chosen by :func:`smart_resize
 normalised with mean = std = 0.5 in float32. The result equals transformers' ``SiglipImageProcessor`` (the PIL one)
 run with ``size={"height": h, "width": w}`` on the same RGB image.
 
-Input conversion lives in `navit_image_utils.py`; the NaViT batching utilities (`pack_by_token_budget`,
-`collate_packed`, `sample_max_pixels`, `naflex_to_packed`) live in `navit_batching.py` and are re-exported here and
-reachable as static methods of the processor.
+Input conversion and the naflex / centre-crop resize rules live in `navit_image_utils.py`; the NaViT batching
+utilities (`pack_by_token_budget`, `collate_packed`, `sample_max_pixels`, `naflex_to_packed`) live in
+`navit_batching.py` and are re-exported here and reachable as static methods of the processor.
 """
 
 import functools
@@ -52,12 +52,17 @@ except ImportError:  # pragma: no cover - torch is a hard dependency of the mode
 
 from .navit_batching import collate_packed, naflex_to_packed, pack_by_token_budget, sample_max_pixels
 from .navit_image_utils import (
+    RESIZE_RULES,
+    ResizePlan,
     _as_int,
     _finite_float,
     _make_image_list,
     _make_video_list,
     _positive_int,
     block_order_raster_index,
+    center_crop_plan,
+    check_center_crop,
+    naflex_resize,
     open_image,
     to_rgb_uint8,
 )
@@ -210,125 +215,6 @@ def smart_resize(height: int, width: int, factor: int, min_pixels: int, max_pixe
             w_bar = factor
             h_bar = min(max(h_bar, factor), max_tiles * factor)
     return h_bar, w_bar
-
-
-# ----------------------------------------------------------------------------------------------------------------------
-# the other resize rules: SigLIP2 naflex, and a fixed-size centre crop (CLIP / AIMv2 224-px checkpoints)
-# ----------------------------------------------------------------------------------------------------------------------
-
-# How an image is sized before it is cut into patches (the processor's `resize_rule`):
-#   "ovis":        `smart_resize` (keep the aspect ratio, area within [min_pixels, max_pixels]);
-#   "naflex":      `naflex_resize` (keep the aspect ratio, at most `max_num_patches` patches), as SigLIP2 naflex;
-#   "center_crop": `center_crop_plan` (short side to `shortest_edge`, then a centred `crop_size` window), as CLIP.
-RESIZE_RULES = ("ovis", "naflex", "center_crop")
-
-# naflex's search for the scale of an image (transformers' `get_image_size_for_max_num_patches`): a bisection on
-# [NAFLEX_SCALE_TOLERANCE / 10, NAFLEX_MAX_SCALE) that stops once the interval is narrower than the tolerance.
-NAFLEX_SCALE_TOLERANCE = 1e-5
-NAFLEX_MAX_SCALE = 100.0
-
-
-class ResizePlan(NamedTuple):
-    """How one image (or every frame of a video) is sized: resized to `height x width`, then, with a `crop`, cut to
-    the window `(top, left, crop_height, crop_width)` of the resized image."""
-
-    height: int
-    width: int
-    crop: Optional[Tuple[int, int, int, int]] = None
-
-    @property
-    def size(self) -> Tuple[int, int]:
-        """`(height, width)` of the image the patches are cut from."""
-        return (self.crop[2], self.crop[3]) if self.crop else (self.height, self.width)
-
-
-def naflex_resize(
-    height: int, width: int, patch_size: int, max_num_patches: int, hidden_stride: int = 1
-) -> Tuple[int, int]:
-    """Target `(height, width)` of SigLIP2 naflex's resize: the largest aspect-preserving grid with at most
-    `max_num_patches` patches.
-
-    A scale `r` maps each side to `max(1, ceil(r * side / cell))` cells of `cell = patch_size * hidden_stride` pixels;
-    the rule takes the largest `r` in `(0, 100)` whose grid has at most `max_num_patches // hidden_stride**2` cells,
-    found, as transformers' `Siglip2ImageProcessor` finds it, by bisection to a tolerance of 1e-5. Consequences: both
-    sides are rounded *up* to whole cells (a side is at least one cell), and an image is enlarged at most 100-fold
-    (a 1x1 image becomes 7x7 patches of 16 px, not 16x16).
-
-    With `hidden_stride = 1` this is naflex's rule exactly (the grid equals naflex's `spatial_shapes`). With
-    `hidden_stride = s > 1` the same rule runs on `s x s` blocks of patches, so both sides are multiples of `s`
-    patches and the patch count stays within `max_num_patches`.
-
-    Returns:
-        `Tuple[int, int]`: `(height, width)` in pixels, both positive multiples of `patch_size * hidden_stride`.
-    """
-    height = _positive_int(height, "height")
-    width = _positive_int(width, "width")
-    cell = _positive_int(patch_size, "patch_size") * _positive_int(hidden_stride, "hidden_stride")
-    max_num_patches = _positive_int(max_num_patches, "max_num_patches")
-    max_cells = max_num_patches // (hidden_stride * hidden_stride)
-    if max_cells < 1:
-        raise ValueError(
-            f"`max_num_patches` ({max_num_patches}) must be at least hidden_stride**2 = {hidden_stride**2}: one "
-            f"{hidden_stride}x{hidden_stride} block of patches."
-        )
-
-    def cells(scale: float, side: int) -> int:
-        return max(1, math.ceil(side * scale / cell))
-
-    low, high = NAFLEX_SCALE_TOLERANCE / 10, NAFLEX_MAX_SCALE
-    while high - low >= NAFLEX_SCALE_TOLERANCE:
-        scale = (low + high) / 2
-        if cells(scale, height) * cells(scale, width) <= max_cells:
-            low = scale
-        else:
-            high = scale
-    return cells(low, height) * cell, cells(low, width) * cell
-
-
-def center_crop_plan(height: int, width: int, shortest_edge: int, crop_size: Tuple[int, int]) -> ResizePlan:
-    """CLIP's fixed-size preprocessing (what AIMv2's 224-px checkpoints were trained with): the short side is
-    resized to `shortest_edge` and the long side to `int(shortest_edge * long / short)`, then the centred window of
-    `crop_size = (crop_height, crop_width)` is kept (its top-left corner at `((H - crop_height) // 2,
-    (W - crop_width) // 2)` of the resized `H x W` image), as transformers' `CLIPImageProcessor` does."""
-    height = _positive_int(height, "height")
-    width = _positive_int(width, "width")
-    short, long = (width, height) if width <= height else (height, width)
-    new_long = int(shortest_edge * long / short)
-    resized_h, resized_w = (new_long, shortest_edge) if width <= height else (shortest_edge, new_long)
-    crop_h, crop_w = crop_size
-    return ResizePlan(resized_h, resized_w, ((resized_h - crop_h) // 2, (resized_w - crop_w) // 2, crop_h, crop_w))
-
-
-def check_center_crop(shortest_edge: Any, crop_size: Any, factor: int) -> Tuple[int, Tuple[int, int]]:
-    """`shortest_edge` as an int and `crop_size` as `(height, width)` (an int, a pair or a `{"height", "width"}`
-    dict); the crop must fit inside every resized image (sides at most `shortest_edge`) and be cut into whole
-    `factor x factor` tiles (`factor = patch_size * hidden_stride`)."""
-    if shortest_edge is None or crop_size is None:
-        raise ValueError(
-            "resize_rule='center_crop' needs `shortest_edge` (the short side after resizing) and `crop_size` (the "
-            f"centred window kept), got shortest_edge={shortest_edge!r} and crop_size={crop_size!r}."
-        )
-    shortest_edge = _positive_int(shortest_edge, "shortest_edge")
-    if isinstance(crop_size, dict):
-        if set(crop_size) != {"height", "width"}:
-            raise ValueError(f"`crop_size` as a dict must have the keys 'height' and 'width', got {sorted(crop_size)}.")
-        crop_size = (crop_size["height"], crop_size["width"])
-    elif np.ndim(crop_size) == 0:
-        crop_size = (crop_size, crop_size)
-    if len(crop_size) != 2:
-        raise ValueError(f"`crop_size` must be one side or a (height, width) pair, got {crop_size!r}.")
-    crop = (_positive_int(crop_size[0], "crop_size[0]"), _positive_int(crop_size[1], "crop_size[1]"))
-    if max(crop) > shortest_edge:
-        raise ValueError(
-            f"`crop_size` {crop} does not fit in an image whose short side is resized to shortest_edge="
-            f"{shortest_edge}; each crop side must be at most shortest_edge."
-        )
-    if crop[0] % factor or crop[1] % factor:
-        raise ValueError(
-            f"`crop_size` {crop} must be cut into whole patches: both sides must be multiples of patch_size * "
-            f"hidden_stride = {factor}."
-        )
-    return shortest_edge, crop
 
 
 # ----------------------------------------------------------------------------------------------------------------------

@@ -2,6 +2,8 @@
 """Input handling shared by the NaViT processor and its batching utilities: value checks and image conversion.
 
 * value checks (`_as_int`, `_positive_int`, `_finite_float`): a bad setting is a `ValueError` naming it;
+* the resize rules other than Ovis2.5's `smart_resize` (which stays with the processor): SigLIP2 naflex's
+  `naflex_resize` and CLIP's fixed-size `center_crop_plan` (with its settings check `check_center_crop`);
 * image conversion: paths, PIL images, numpy arrays and torch tensors (channels-first or -last, any numeric dtype)
   become uint8 RGB arrays ``[H, W, 3]`` (`to_rgb_uint8`), and the `images` / `videos` arguments of a processor call
   become flat lists (`_make_image_list`, `_make_video_list`).
@@ -11,7 +13,7 @@ import math
 import operator
 import os
 import re
-from typing import Any, List, Optional, Tuple, Union
+from typing import Any, List, NamedTuple, Optional, Tuple, Union
 
 import numpy as np
 import PIL.Image
@@ -95,6 +97,124 @@ def _finite_float(value: Any, name: str) -> float:
         raise ValueError(f"`{name}` must be a finite number, got {number}.")
     return number
 
+
+# ----------------------------------------------------------------------------------------------------------------------
+# the other resize rules: SigLIP2 naflex, and a fixed-size centre crop (CLIP / AIMv2 224-px checkpoints)
+# ----------------------------------------------------------------------------------------------------------------------
+
+# How an image is sized before it is cut into patches (the processor's `resize_rule`):
+#   "ovis":        `smart_resize` (keep the aspect ratio, area within [min_pixels, max_pixels]);
+#   "naflex":      `naflex_resize` (keep the aspect ratio, at most `max_num_patches` patches), as SigLIP2 naflex;
+#   "center_crop": `center_crop_plan` (short side to `shortest_edge`, then a centred `crop_size` window), as CLIP.
+RESIZE_RULES = ("ovis", "naflex", "center_crop")
+
+# naflex's search for the scale of an image (transformers' `get_image_size_for_max_num_patches`): a bisection on
+# [NAFLEX_SCALE_TOLERANCE / 10, NAFLEX_MAX_SCALE) that stops once the interval is narrower than the tolerance.
+NAFLEX_SCALE_TOLERANCE = 1e-5
+NAFLEX_MAX_SCALE = 100.0
+
+
+class ResizePlan(NamedTuple):
+    """How one image (or every frame of a video) is sized: resized to `height x width`, then, with a `crop`, cut to
+    the window `(top, left, crop_height, crop_width)` of the resized image."""
+
+    height: int
+    width: int
+    crop: Optional[Tuple[int, int, int, int]] = None
+
+    @property
+    def size(self) -> Tuple[int, int]:
+        """`(height, width)` of the image the patches are cut from."""
+        return (self.crop[2], self.crop[3]) if self.crop else (self.height, self.width)
+
+
+def naflex_resize(
+    height: int, width: int, patch_size: int, max_num_patches: int, hidden_stride: int = 1
+) -> Tuple[int, int]:
+    """Target `(height, width)` of SigLIP2 naflex's resize: the largest aspect-preserving grid with at most
+    `max_num_patches` patches.
+
+    A scale `r` maps each side to `max(1, ceil(r * side / cell))` cells of `cell = patch_size * hidden_stride` pixels;
+    the rule takes the largest `r` in `(0, 100)` whose grid has at most `max_num_patches // hidden_stride**2` cells,
+    found, as transformers' `Siglip2ImageProcessor` finds it, by bisection to a tolerance of 1e-5. Consequences: both
+    sides are rounded *up* to whole cells (a side is at least one cell), and an image is enlarged at most 100-fold
+    (a 1x1 image becomes 7x7 patches of 16 px, not 16x16).
+
+    With `hidden_stride = 1` this is naflex's rule exactly (the grid equals naflex's `spatial_shapes`). With
+    `hidden_stride = s > 1` the same rule runs on `s x s` blocks of patches, so both sides are multiples of `s`
+    patches and the patch count stays within `max_num_patches`.
+
+    Returns:
+        `Tuple[int, int]`: `(height, width)` in pixels, both positive multiples of `patch_size * hidden_stride`.
+    """
+    height = _positive_int(height, "height")
+    width = _positive_int(width, "width")
+    cell = _positive_int(patch_size, "patch_size") * _positive_int(hidden_stride, "hidden_stride")
+    max_num_patches = _positive_int(max_num_patches, "max_num_patches")
+    max_cells = max_num_patches // (hidden_stride * hidden_stride)
+    if max_cells < 1:
+        raise ValueError(
+            f"`max_num_patches` ({max_num_patches}) must be at least hidden_stride**2 = {hidden_stride**2}: one "
+            f"{hidden_stride}x{hidden_stride} block of patches."
+        )
+
+    def cells(scale: float, side: int) -> int:
+        return max(1, math.ceil(side * scale / cell))
+
+    low, high = NAFLEX_SCALE_TOLERANCE / 10, NAFLEX_MAX_SCALE
+    while high - low >= NAFLEX_SCALE_TOLERANCE:
+        scale = (low + high) / 2
+        if cells(scale, height) * cells(scale, width) <= max_cells:
+            low = scale
+        else:
+            high = scale
+    return cells(low, height) * cell, cells(low, width) * cell
+
+
+def center_crop_plan(height: int, width: int, shortest_edge: int, crop_size: Tuple[int, int]) -> ResizePlan:
+    """CLIP's fixed-size preprocessing (what AIMv2's 224-px checkpoints were trained with): the short side is
+    resized to `shortest_edge` and the long side to `int(shortest_edge * long / short)`, then the centred window of
+    `crop_size = (crop_height, crop_width)` is kept (its top-left corner at `((H - crop_height) // 2,
+    (W - crop_width) // 2)` of the resized `H x W` image), as transformers' `CLIPImageProcessor` does."""
+    height = _positive_int(height, "height")
+    width = _positive_int(width, "width")
+    short, long = (width, height) if width <= height else (height, width)
+    new_long = int(shortest_edge * long / short)
+    resized_h, resized_w = (new_long, shortest_edge) if width <= height else (shortest_edge, new_long)
+    crop_h, crop_w = crop_size
+    return ResizePlan(resized_h, resized_w, ((resized_h - crop_h) // 2, (resized_w - crop_w) // 2, crop_h, crop_w))
+
+
+def check_center_crop(shortest_edge: Any, crop_size: Any, factor: int) -> Tuple[int, Tuple[int, int]]:
+    """`shortest_edge` as an int and `crop_size` as `(height, width)` (an int, a pair or a `{"height", "width"}`
+    dict); the crop must fit inside every resized image (sides at most `shortest_edge`) and be cut into whole
+    `factor x factor` tiles (`factor = patch_size * hidden_stride`)."""
+    if shortest_edge is None or crop_size is None:
+        raise ValueError(
+            "resize_rule='center_crop' needs `shortest_edge` (the short side after resizing) and `crop_size` (the "
+            f"centred window kept), got shortest_edge={shortest_edge!r} and crop_size={crop_size!r}."
+        )
+    shortest_edge = _positive_int(shortest_edge, "shortest_edge")
+    if isinstance(crop_size, dict):
+        if set(crop_size) != {"height", "width"}:
+            raise ValueError(f"`crop_size` as a dict must have the keys 'height' and 'width', got {sorted(crop_size)}.")
+        crop_size = (crop_size["height"], crop_size["width"])
+    elif np.ndim(crop_size) == 0:
+        crop_size = (crop_size, crop_size)
+    if len(crop_size) != 2:
+        raise ValueError(f"`crop_size` must be one side or a (height, width) pair, got {crop_size!r}.")
+    crop = (_positive_int(crop_size[0], "crop_size[0]"), _positive_int(crop_size[1], "crop_size[1]"))
+    if max(crop) > shortest_edge:
+        raise ValueError(
+            f"`crop_size` {crop} does not fit in an image whose short side is resized to shortest_edge="
+            f"{shortest_edge}; each crop side must be at most shortest_edge."
+        )
+    if crop[0] % factor or crop[1] % factor:
+        raise ValueError(
+            f"`crop_size` {crop} must be cut into whole patches: both sides must be multiples of patch_size * "
+            f"hidden_stride = {factor}."
+        )
+    return shortest_edge, crop
 
 
 # ----------------------------------------------------------------------------------------------------------------------

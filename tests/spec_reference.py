@@ -1,8 +1,10 @@
-"""An independent plain re-implementation of SPEC §3–§4 and §9, shared by the modeling and NaViT tests.
+"""An independent plain re-implementation of the packed layout, the forward math and token dropping, shared by the
+modeling and NaViT tests.
 
-float64, token coordinates straight from SPEC §3, explicit loops over attention groups (frames or windows) of the
-*kept* tokens, explicit formulas for PE resizing, 2D RoPE, attention and the MLP. It reads only the config values and
-the state dict, never the model's own helpers, so it can disagree with the model.
+float64, token coordinates straight from the packed layout (frames, s×s blocks in raster order, raster inside),
+explicit loops over attention groups (frames or windows) of the *kept* tokens, explicit formulas for PE resizing, 2D
+RoPE, attention and the MLP. It reads only the config values and the state dict, never the model's own helpers, so it
+can disagree with the model.
 """
 
 import math
@@ -13,7 +15,7 @@ import torch.nn.functional as F
 
 
 def spec_tokens(grids: Sequence[tuple[int, int, int]], s: int, window_blocks: int) -> list[tuple]:
-    """Per packed token: (image, frame key, row, col, window key), in the SPEC §3 order (frames, then s×s blocks in
+    """Per packed token: (image, frame key, row, col, window key), in the packed order (frames, then s×s blocks in
     row-major order, then rows and columns inside the block)."""
     tokens = []
     for image, (t, h, w) in enumerate(grids):
@@ -28,7 +30,7 @@ def spec_tokens(grids: Sequence[tuple[int, int, int]], s: int, window_blocks: in
 
 
 def is_full_attention(cfg, layer: int) -> bool:
-    """SPEC §2: fullatt_block_indexes None = every layer full; otherwise the listed layers (negative from the end)."""
+    """fullatt_block_indexes None = every layer full; otherwise the listed layers (negative from the end)."""
     indexes = cfg.fullatt_block_indexes
     return indexes is None or layer in [i % cfg.num_hidden_layers for i in indexes]
 

@@ -81,7 +81,7 @@ def convert_reference(reference, folder: Path, hidden_stride: int, attn_implemen
 
 
 def block_order(h: int, w: int, s: int) -> List[int]:
-    """Raster index of every token of an h×w grid in SPEC §3 order (s×s blocks), written out as nested loops."""
+    """Raster index of every token of an h×w grid in packed order (s×s blocks, raster inside), as nested loops."""
     return [(i * s + r) * w + (j * s + c) for i in range(h // s) for j in range(w // s) for r in range(s) for c in range(s)]
 
 
@@ -94,7 +94,7 @@ def reference_pixels(path: Path, grid_hw: Sequence[int]) -> torch.Tensor:
 
 
 def image_to_rows(image: torch.Tensor, s: int) -> torch.Tensor:
-    """[1, C, H, W] -> packed rows [h·w, C·p·p] in SPEC §3 order (the inverse of what a processor must produce)."""
+    """[1, C, H, W] -> packed rows [h·w, C·p·p] in packed order (the inverse of what a processor must produce)."""
     _, c, height, width = image.shape
     h, w = height // PATCH, width // PATCH
     raster = image[0].reshape(c, h, PATCH, w, PATCH).permute(1, 3, 0, 2, 4).reshape(h * w, c * PATCH * PATCH)
@@ -244,7 +244,8 @@ def test_learned_position_table_is_exact_at_the_trained_grid_and_refuses_others(
 
 
 def test_sincos_position_embedding_is_the_spec_layout_in_float64():
-    """SPEC §10, written out per token: [sin(col·ω), cos(col·ω), sin(row·ω), cos(row·ω)], ω_k = 10000^(−k/(D/4)).
+    """AIMv2's 2D sin-cos position embedding, per token:
+    [sin(col·ω), cos(col·ω), sin(row·ω), cos(row·ω)], ω_k = 10000^(−k/(D/4)).
     Exact in float64, for positions up to the table's last row (a 5×9 grid, block order)."""
     from siglip2_navit.modeling_aimv2_navit import sincos_position_embeddings, sincos_table
 

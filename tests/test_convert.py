@@ -67,7 +67,7 @@ VIT_CONFIG = {
 
 
 def vit_shapes():
-    """Parameter names and shapes of the vision tower, written out from SPEC §7 (independently of the model code)."""
+    """Parameter names and shapes of the vision tower, as the Ovis2.5 checkpoint has them (not from the model code)."""
     shapes = {
         "vision_model.embeddings.patch_embedding.weight": (HIDDEN, 3 * TPS, PATCH, PATCH),
         "vision_model.embeddings.patch_embedding.bias": (HIDDEN,),
@@ -400,7 +400,7 @@ def _naflex_inputs(max_num_patches):
 
 
 def _raster_to_blocks(tokens, h, w, s):
-    """Reorder raster-order tokens [h·w, D] into s×s-block order (SPEC §3), with an explicit index loop."""
+    """Reorder raster-order tokens [h·w, D] into s×s-block order, with an explicit index loop."""
     order = [
         (i * s + r) * w + (j * s + c) for i in range(h // s) for j in range(w // s) for r in range(s) for c in range(s)
     ]
@@ -446,7 +446,7 @@ def test_naflex_matches_transformers_siglip2(naflex_source, tmp_path, hidden_str
 
 
 def test_naflex_temporal_patch_size_2_embeds_images_as_the_image_model(naflex_source, tmp_path):
-    """--temporal-patch-size 2: the patch embedding is inflated over 2 frames (W/2 per frame, SPEC channel order
+    """--temporal-patch-size 2: the patch embedding is inflated over 2 frames (W/2 per frame, channel order
     (c, t)); the processor of the converted folder duplicates a still image's frame, so images encode exactly as with
     the T = 1 conversion."""
     folder, _ = naflex_source

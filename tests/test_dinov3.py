@@ -1,10 +1,10 @@
 # Copyright 2026 The siglip2-navit authors. Licensed under the Apache License, Version 2.0.
-"""DINOv3 on the packed core (issue 13, SPEC §10): converted `Dinov3NavitModel` vs transformers' `DINOv3ViTModel`.
+"""DINOv3 on the packed core (issue 13): converted `Dinov3NavitModel` vs transformers' `DINOv3ViTModel`.
 
 Sources are tiny random transformers checkpoints built here, every parameter randomised (the default init keeps norms
 at 1, biases at 0, layer scales constant and attention nearly uniform, which would hide bugs). Expected values come
 from transformers run image by image on real non-square photos (`examples/`), never from this model's own output; the
-pixels transformers sees are rebuilt from the packed rows with the SPEC §3 order written out in this file. Deliberately
+pixels transformers sees are rebuilt from the packed rows with the packed order written out in this file. Deliberately
 broken variants of the model (monkeypatched) must fail the same agreement check.
 """
 
@@ -63,7 +63,7 @@ SOURCE_NORMALISATION = {"image_mean": [0.3, 0.5, 0.4], "image_std": [0.2, 0.3, 0
 
 
 # ----------------------------------------------------------------------------------------------------------------------
-# sources, randomised; the SPEC §3 token order written out independently of the model code
+# sources, randomised; the packed token order written out independently of the model code
 # ----------------------------------------------------------------------------------------------------------------------
 
 
@@ -104,7 +104,7 @@ def write_source(folder: Path, seed: int = 0, normalisation: Optional[dict] = No
 
 
 def block_order(h: int, w: int, s: int) -> List[Tuple[int, int]]:
-    """(row, col) of every packed row of an h×w frame: s×s blocks in raster order, raster order inside (SPEC §3)."""
+    """(row, col) of every packed row of an h×w frame: s×s blocks in raster order, raster order inside."""
     return [(i * s + r, j * s + c) for i in range(h // s) for j in range(w // s) for r in range(s) for c in range(s)]
 
 
@@ -405,7 +405,7 @@ def test_rope_augmentation_distribution_per_image():
 
 
 def _expected_rope(h: int, w: int) -> Tuple[torch.Tensor, torch.Tensor]:
-    """cos/sin [h·w, 16] of an h×w frame in raster order, from SPEC §10 (head_dim 16, θ = 100)."""
+    """cos/sin [h·w, 16] of an h×w frame in raster order, from DINOv3's RoPE formula (head_dim 16, θ = 100)."""
     inv_freq = torch.tensor([100.0 ** -(k / 4) for k in range(4)], dtype=torch.float64)
     coords = torch.tensor([(2 * (r + 0.5) / h - 1, 2 * (c + 0.5) / w - 1) for r, c in block_order(h, w, 1)])
     angles = (2 * math.pi * coords.double()[:, :, None] * inv_freq).flatten(1)  # [y-freqs, x-freqs]

@@ -37,7 +37,7 @@ encode = load_encode_module()
 EXAMPLES = [str(ROOT / "examples" / n) for n in ("rocket.jpg", "camera.png", "chelsea.png", "coffee.png", "horse.png")]
 TINY_ARG = ",".join(f"{k}={v}" for k, v in TINY.items())
 
-# file -> (original WxH, resized WxH), the resized sizes worked out by hand from SPEC §8 (factor 32, default budget):
+# file -> (original WxH, resized WxH), resized sizes worked out by hand by smart_resize (factor 32, default budget):
 #   rocket 427x640 (HxW): round(13.34)=13 -> 416, 640 -> 640
 #   camera 512x512: unchanged
 #   chelsea 300x451: 288x448 < min -> beta = sqrt(200704/135300) = 1.21795 -> ceil(11.42)=12 -> 384, ceil(17.17)=18 -> 576

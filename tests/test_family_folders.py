@@ -170,14 +170,36 @@ def test_aimv2_fixed_size_refuses_a_crop_its_table_cannot_take(tmp_path):
     assert not (tmp_path / "navit").exists()
 
 
+def normalised(image: Image.Image, mean, std) -> torch.Tensor:
+    """`[1, 3, H, W]` float32: uint8 RGB / 255, then (x - mean) / std, in float64 (the source processors' math)."""
+    pixels = torch.from_numpy(np.array(image.convert("RGB"))).permute(2, 0, 1).double() / 255
+    mean, std = torch.tensor(mean, dtype=torch.float64), torch.tensor(std, dtype=torch.float64)
+    return ((pixels - mean[:, None, None]) / std[:, None, None])[None].float()
+
+
 @needs_aimv2
 def test_aimv2_native_folder_keeps_native_resolution(tmp_path):
+    """is_native=True: the folder keeps each image's aspect ratio (Ovis pixel budget, stride 1 = raster order), and
+    on the image it resizes to, folder processor + model equal Aimv2VisionModel run on that image alone."""
     src = tmp_path / "source"
-    aimv2_source(src, is_native=True)
+    reference = aimv2_source(src, is_native=True)
     processor, model = load_folder(convert_folder("aimv2", src, tmp_path / "navit"))
-    assert processor.resize_rule == "ovis"
-    grids = processor(images=sample_images()[:3], return_tensors="pt")["grid_thws"].tolist()
+    assert (processor.resize_rule, processor.hidden_stride) == ("ovis", 1)
+    photos = sample_images()[:3]
+    grids = processor(images=photos, return_tensors="pt")["grid_thws"].tolist()
     assert len({tuple(g) for g in grids}) == 3  # each photo its own aspect ratio
+
+    small = [photo.resize((photo.width // 8 // 14 * 14, photo.height // 8 // 14 * 14), Image.Resampling.BILINEAR)
+             for photo in photos]  # native sizes, whole 14-px patches, kept small for the test
+    inputs = processor(images=small, do_resize=False, return_tensors="pt")
+    assert inputs["grid_thws"].tolist() == [[1, s.height // 14, s.width // 14] for s in small]
+    with torch.no_grad():
+        out = model(**inputs)
+        expected = [reference(pixel_values=normalised(s, processor.image_mean, processor.image_std)) for s in small]
+    counts = inputs["grid_thws"].prod(-1).tolist()
+    for tokens, e in zip(out.last_hidden_state.split(counts), expected):
+        assert_close_features(tokens, e.last_hidden_state[0], "tokens")
+    assert_close_features(out.pooler_output, torch.cat([e.pooler_output for e in expected]), "pooled")
 
 
 # ----------------------------------------------------------------------------------------------------------------------
@@ -203,10 +225,9 @@ def test_dinov3_folder_equals_source_pipeline_on_the_source_size(tmp_path):
 
     photos = sample_images()[:3]
     square = [image.resize((224, 224), resample=Image.Resampling.BILINEAR) for image in photos]
-    mean, std = torch.tensor(processor.image_mean)[:, None, None], torch.tensor(processor.image_std)[:, None, None]
-    source_pixels = torch.stack(
-        [(torch.from_numpy(np.array(s)).permute(2, 0, 1).double() / 255 - mean) / std for s in square]
-    ).float()  # the source pipeline: 224x224 bilinear, rescale, ImageNet normalisation
+    source_pixels = torch.cat(  # the source pipeline: 224x224 bilinear, rescale, ImageNet normalisation
+        [normalised(s, processor.image_mean, processor.image_std) for s in square]
+    )
     inputs = processor(images=square, do_resize=False, return_tensors="pt")
     with torch.no_grad():
         expected = reference(pixel_values=source_pixels)
@@ -265,6 +286,9 @@ def test_cards_describe_their_own_folder(family_folders):
         assert f"| patch | {config['patch_size']}×{config['patch_size']} px" in card
         if family == "dinov3":
             assert f"| register tokens | {config['num_register_tokens']} |" in card
+        assert "| pooling head |" in card and f"with `navit-convert {family}`" in card, name  # head; how it was made
+        source = {"ovis": "ovis-source", "naflex": "source", "naflex-stride2": "source"}.get(name, f"{name}-source")
+        assert f"Weights converted from `{source}`" in card, name  # names its source
         assert "scripts/" not in card and "SPEC" not in card and "python scripts" not in card, name
         assert re.findall(r"`(navit-[a-z]+)", card) and set(re.findall(r"\b(navit-[a-z]+) ", card)) <= {
             "navit-convert", "navit-visualize", "navit-encode", "navit-push", "navit-benchmark"}
@@ -275,6 +299,64 @@ def test_cards_describe_their_own_folder(family_folders):
             with Image.open(folder / picture) as image:
                 width, height = image.size
             assert width * height <= PICTURE_PATCHES * config["patch_size"] ** 2, (name, picture, image.size)
+        has_query = family != "ovis"  # a CLS token (DINOv3) or a pooling head (naflex MAP, AIMv2 attention pooling)
+        assert any(p.endswith(".attention.png") for p in pictures) == has_query, name
+        assert RULE_WORDS[name] in card.split("## Preprocessing", 1)[1].split("\n## ", 1)[0], name
+        outputs = card.split("Outputs:", 1)[1].split("\n\n", 2)[1]
+        assert OUTPUT_WORDS[family] in outputs, name
+
+
+# What each family's outputs mean (the tiny DINOv3 source has 2 registers: CLS + 2 prefix tokens per frame).
+OUTPUT_WORDS = {
+    "ovis": "`pooler_output` is `None` (no pooling head)",
+    "siglip2-naflex": "`pooler_output` `[images, hidden]`: the MAP (multi-head attention pooling probe)",
+    "aimv2": "`pooler_output` `[images, hidden]`: the attention pooling (a learned query over all tokens)",
+    "dinov3": "`prefix_tokens` `[frames, 3, hidden]`: the CLS token and the 2 register tokens",
+}
+
+
+# What each kind's "Preprocessing" section must state (the tiny sources: naflex 256 patches; AIMv2 224-style crop of
+# 56 px; DINOv3's 224x224 source rule next to the folder's native resolution).
+RULE_WORDS = {
+    "ovis": "Ovis2.5's `smart_resize`",
+    "naflex": "at most **256 patches** of 16 px",
+    "naflex-stride2": "runs on 2×2 blocks of patches",
+    "aimv2-native": "Ovis2.5's `smart_resize`",
+    "aimv2-224": "centred **56×56** window",
+    "dinov3": "squeezes every image to 224×224",
+}
+
+
+def test_readme_states_the_naflex_folder_values(family_folders):
+    """README's quick start prints an Ovis2.5 folder's values and states what a naflex folder gives instead: those
+    numbers are the naflex folder's (and transformers' `spatial_shapes`)."""
+    readme = (Path(__file__).resolve().parent.parent / "README.md").read_text(encoding="utf-8")
+    claim = re.search(r"naflex folder, for example, sizes both\s+images to (\d+)×(\d+) patches.*?(\d+) rows in all",
+                      readme, re.S)
+    assert claim, "README no longer states the naflex folder's values"
+    h, w, rows = (int(v) for v in claim.groups())
+    root = Path(__file__).resolve().parent.parent / "examples"
+    images = [Image.open(root / name) for name in ("chelsea.png", "rocket.jpg")]
+    processor = AutoImageProcessor.from_pretrained(family_folders["naflex"][1], trust_remote_code=True)
+    grids = processor(images=images, return_tensors="pt")["grid_thws"].tolist()
+    naflex = pil_processor("Siglip2ImageProcessor")(patch_size=16, max_num_patches=256)
+    expected = naflex(images, return_tensors="pt")["spatial_shapes"].tolist()
+    assert grids == [[1, h, w]] * 2 == [[1, *shape] for shape in expected]
+    assert rows == 2 * h * w
+
+
+# (resize_rule, hidden_stride) of each kind's processor: the source's preprocessing; the Ovis rule where the source
+# keeps native resolution (Ovis2.5, native AIMv2) or where the folder deliberately does (DINOv3, documented in its card).
+FOLDER_RULES = {
+    "ovis": ("ovis", 2), "naflex": ("naflex", 1), "naflex-stride2": ("naflex", 2), "aimv2-native": ("ovis", 1),
+    "aimv2-224": ("center_crop", 1), "dinov3": ("ovis", 1),
+}
+
+
+def test_each_folder_kind_gets_its_sources_resize_rule(family_folders):
+    for name, (_, folder) in family_folders.items():
+        processor = AutoImageProcessor.from_pretrained(folder, trust_remote_code=True)
+        assert (processor.resize_rule, processor.hidden_stride) == FOLDER_RULES[name], name
 
 
 def test_card_code_runs_inside_each_folder_and_prints_its_values(family_folders, monkeypatch):

@@ -1,4 +1,4 @@
-"""Siglip2NavitModel: packing, an independent reference of SPEC §4, loading, training, the CUDA kernels. The runtime
+"""Siglip2NavitModel: packing, an independent reference of its math, loading, training, the CUDA kernels. The runtime
 contract every family shares (backends, switching, checkpointing, compile, keep_indices, bad inputs) is
 tests/test_family_contract.py."""
 
@@ -230,7 +230,7 @@ def test_grid_thws_as_list_numpy_and_tensor_agree():
 # ---------------------------------------------------------------------------------------------------------------------
 
 
-# SPEC §2, written out here (not read from the config class): the Ovis2.5 / SigLIP2 so400m/16 vision tower.
+# The default configuration, written out (not read from the config class): the Ovis2.5 / so400m/16 vision tower.
 SPEC_DEFAULTS = dict(
     hidden_size=1152, intermediate_size=4304, num_hidden_layers=27, num_attention_heads=16, num_channels=3,
     patch_size=16, temporal_patch_size=1, image_size=512, hidden_act="gelu_pytorch_tanh", layer_norm_eps=1e-6,

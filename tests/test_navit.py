@@ -1,4 +1,4 @@
-"""NaViT properties of Siglip2NavitModel (issue #7): packing holds for *any* batch, token dropping (SPEC §9).
+"""NaViT properties of Siglip2NavitModel (issue #7): packing holds for *any* batch, token dropping.
 
 - hypothesis: random grids / batch composition / order -> packed == per-image, permutation-equivariance, and
   random token dropping == an independent float64 re-implementation that encodes only the kept tokens;

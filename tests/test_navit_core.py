@@ -1,6 +1,6 @@
 """The shared packed core (navit_core.py) on its own: the layout with prefix tokens (DINOv3's CLS + registers inside
-every frame's sequence), checked against a plain construction from SPEC §3 / §10, and a toy attention model whose
-packed result must equal running each frame alone."""
+every frame's sequence), checked against a plain construction of the layout (prefix tokens first), and a toy
+attention model whose packed result must equal running each frame alone."""
 
 import pytest
 import torch
@@ -11,7 +11,7 @@ from siglip2_navit import navit_core as core
 
 
 def spec_frames(grids, keep=None):
-    """Per frame (input order): its kept patches as packed row numbers (frames follow each other, SPEC §3)."""
+    """Per frame (input order): its kept patches as packed row numbers (frames follow each other)."""
     frames, row = [], 0
     for t, h, w in grids:
         for _ in range(t):

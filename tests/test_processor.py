@@ -67,7 +67,7 @@ def _reference_pixels(rgb_image: PIL.Image.Image, height: int, width: int) -> np
 
 
 def _unpatchify(rows: np.ndarray, grid, patch_size: int, temporal_patch_size: int, stride: int) -> np.ndarray:
-    """Rebuild [frames, C, H, W] from packed rows with explicit loops, following SPEC §3 literally."""
+    """Rebuild [frames, C, H, W] from packed rows with explicit loops, following the packed layout literally."""
     t, h, w = (int(v) for v in grid)
     p, tp, s = patch_size, temporal_patch_size, stride
     channels = rows.shape[1] // (tp * p * p)
@@ -148,7 +148,7 @@ def test_patch_layout_unpatchifies_to_resized_image(stride):
 
 
 def test_first_rows_follow_block_order():
-    """With s = 2 the second row is patch (0, 1) and the third is patch (1, 0) (SPEC §3), checked by value."""
+    """With s = 2 the second row is patch (0, 1) and the third is patch (1, 0), checked by value."""
     proc = Siglip2NavitImageProcessor(patch_size=2, hidden_stride=2, min_pixels=16, max_pixels=64, do_normalize=False,
                                       do_rescale=False)
     image = np.zeros((8, 8, 3), dtype=np.uint8)
@@ -170,7 +170,7 @@ def test_first_rows_follow_block_order():
 # smart_resize
 # ----------------------------------------------------------------------------------------------------------------------
 
-# (height, width) -> expected (height, width), worked out by hand from SPEC §8 with factor 32 and the default
+# (height, width) -> expected (height, width), worked out by hand from smart_resize with factor 32 and the default
 # budget [448*448 = 200704, 1792*1792 = 3211264].
 SMART_RESIZE_CASES = [
     # plain rounding: 427/32 = 13.34 -> 13 -> 416; 640/32 = 20 -> 640; area 266240 in budget
@@ -250,7 +250,7 @@ def test_smart_resize_properties(height, width, min_side, extra):
 
 
 def spec_smart_resize(height: int, width: int, factor: int, min_pixels: int, max_pixels: int) -> tuple[int, int]:
-    """SPEC §8 steps 1-3 exactly as written (Ovis2.5's arithmetic); may return a side below `factor`."""
+    """smart_resize steps 1-3 (aspect clamp, rounding, budget) as Ovis2.5 writes them; a side may be < `factor`."""
     if min(height, width) < factor:
         if height <= width:
             height, width = factor, round(factor / height * width)
@@ -280,8 +280,8 @@ def spec_smart_resize(height: int, width: int, factor: int, min_pixels: int, max
 )
 @settings(max_examples=1500, deadline=None)
 def test_smart_resize_equals_spec_formula(height, width, factor, min_tiles, extra_tiles):
-    """Every branch (small side, aspect clamp, plain rounding, floor and ceil budgets) against the SPEC text; where the
-    SPEC arithmetic yields a side below `factor`, the documented guarantee applies instead."""
+    """Every branch (small side, aspect clamp, plain rounding, floor and ceil budgets) against Ovis2.5's math; where
+    that arithmetic yields a side below `factor`, the documented guarantee applies instead."""
     min_pixels = min_tiles * factor * factor
     max_pixels = min_pixels + extra_tiles * factor * factor
     got = smart_resize(height, width, factor, min_pixels, max_pixels)
@@ -349,7 +349,7 @@ def test_i16_image_is_scaled_to_8_bits():
 
 
 def test_sixteen_bit_float_and_bool_inputs_map_to_eight_bits():
-    """Wide and odd dtypes against the 8-bit image they encode (SPEC §8's uint8 pipeline): uint16 of either byte order
+    """Wide and odd dtypes against the 8-bit image they encode (the uint8 pipeline): uint16 of either byte order
     and PIL I / I;16 as round(v / 257), PIL I with values <= 255 as is, float [0, 1] and PIL F as round(v · 255), bool as
     {0, 255}."""
     proc = Siglip2NavitImageProcessor()

@@ -21,7 +21,9 @@ from siglip2_navit.image_processing_siglip2_navit import (
 
 
 ROOT = Path(__file__).resolve().parent.parent
-PHOTOS = ("chelsea.png", "rocket.jpg", "coffee.png")  # 451x300, 640x427, 600x400 RGB
+# the sample photos shipped with the repository: 451x300, 640x427, 600x400 RGB; 512x512 L; 400x328 RGBA; 102x102 L
+PHOTOS = ("examples/chelsea.png", "examples/rocket.jpg", "examples/coffee.png", "examples/camera.png",
+          "examples/horse.png", "tests/fixtures/microaneurysms.png")
 EXTREME_SIZES = ((1, 1), (50, 4000), (4000, 50))  # (width, height) of PIL images
 
 
@@ -44,7 +46,7 @@ def _noise(width: int, height: int, seed: int) -> Image.Image:
 
 def sample_images():
     """Photos and extreme sizes, all RGB (naflex composites transparency differently: not a resize question)."""
-    images = [Image.open(ROOT / "examples" / name).convert("RGB") for name in PHOTOS]
+    images = [Image.open(ROOT / name).convert("RGB") for name in PHOTOS]
     images += [_noise(w, h, seed) for seed, (w, h) in enumerate(EXTREME_SIZES)]
     return images
 
@@ -82,7 +84,7 @@ def test_naflex_rule_matches_siglip2_image_processor(max_num_patches):
     shapes = expected["spatial_shapes"].tolist()
     assert ours["grid_thws"].tolist() == [[1, h, w] for h, w in shapes]
     if max_num_patches == 256:
-        assert shapes[3] == [7, 7]  # 1x1: naflex enlarges an image at most 100-fold
+        assert shapes[len(PHOTOS)] == [7, 7]  # 1x1: naflex enlarges an image at most 100-fold
     rows, _ = naflex_to_packed(expected["pixel_values"], expected["pixel_attention_mask"], expected["spatial_shapes"])
     torch.testing.assert_close(ours["pixel_values"], rows.float(), atol=1e-6, rtol=0)
 

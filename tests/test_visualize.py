@@ -197,3 +197,22 @@ def test_cli_on_a_converted_folder_matches_the_folder_picture(tmp_path, capsys):
     assert viz.main([str(CHELSEA), str(CHELSEA), "--video", "--model", str(folder), "--out", str(out)]) == 0
     video = PIL.Image.open(out / "chelsea.video.features.png")
     assert video.size == (2 * PIL.Image.open(out / "chelsea.features.png").size[0], 384)
+
+
+@pytest.mark.parametrize("family", ["siglip2", "aimv2", "dinov3"])
+def test_stride_2_pictures_are_the_stride_1_pictures(family):
+    """One model, one image, one grid: with hidden_stride 2 the tokens come in 2x2-block order, yet put back in
+    place they are the same tokens (attention does not depend on the order), so the features and attention
+    pictures equal those of the raster-order (stride 1) model, for an image and a 2-frame video."""
+    model_1, model_2 = family_model(family, 1), family_model(family, 2)
+    model_2.load_state_dict(model_1.state_dict())
+    image = np.asarray(PIL.Image.open(ROCKET).convert("RGB").resize((80, 48)))  # a 6x10 patch grid
+    pictures = {}
+    for stride, model in ((1, model_1), (2, model_2)):
+        processor = processor_for(model, do_resize=False)
+        pictures[stride] = viz.visualize(model, processor, images=[image], videos=[[image, image[:, ::-1]]])
+    for one, two in zip(pictures[1], pictures[2]):
+        assert one.grid == two.grid
+        for kind in ("features", "attention"):
+            a, b = np.asarray(getattr(one, kind), dtype=int), np.asarray(getattr(two, kind), dtype=int)
+            assert a.shape == b.shape and np.abs(a - b).max() <= 1, (kind, np.abs(a - b).max())
