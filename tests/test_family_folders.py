@@ -24,7 +24,7 @@ from PIL import Image
 from transformers import AutoImageProcessor, AutoModel
 
 from family_sources import convert_folder, push_validate, randomize_all
-from siglip2_navit.tools.card import PICTURE_PATCHES
+from siglip2_navit.tools.visualize import PICTURE_PATCHES
 from test_resize_rules import pil_processor, sample_images  # photos, 1x1, 50x4000, 4000x50 (RGB)
 
 

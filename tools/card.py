@@ -18,10 +18,6 @@ from .families import MODEL_CARD
 
 EXAMPLES = ("examples/chelsea.png", "examples/rocket.jpg")  # the images the card's code opens (shipped in examples/)
 PICTURE_DIR = "pictures"  # where the converter puts the pictures of EXAMPLES[0]
-# At most this many patches in the card's picture: the attention picture runs the eager backend, which keeps every
-# layer's [heads, L, L] maps (L = 1,024: 4 MiB per head and layer), so a converter never runs a full-resolution photo
-# through it (seconds, not minutes, and bounded memory, for any model size).
-PICTURE_PATCHES = 1024
 
 
 # ----------------------------------------------------------------------------------------------------------------------
@@ -353,24 +349,10 @@ def model_card(
     return "\n\n".join(parts) + "\n"
 
 
-def picture_budget(processor: Any) -> Dict[str, int]:
-    """Per-call processor settings that keep the card's picture within `PICTURE_PATCHES` patches (the folder's own
-    budget where that is smaller; a fixed-size rule is left as it is)."""
-    patch_area = processor.patch_size * processor.patch_size
-    if processor.resize_rule == "naflex":
-        return {"max_num_patches": min(processor.max_num_patches, PICTURE_PATCHES)}
-    if processor.resize_rule == "ovis":
-        max_pixels = max(min(processor.max_pixels, PICTURE_PATCHES * patch_area), processor.factor ** 2)
-        # the rule rounds an upscaled image's sides up: a lower bound well under the upper one keeps it within
-        return {"min_pixels": max(min(processor.min_pixels, max_pixels // 4), processor.factor ** 2),
-                "max_pixels": max_pixels}
-    return {}
-
-
 def draw_pictures(folder: Path, model: Any, processor: Any) -> List[Path]:
     """The pictures the card shows: `EXAMPLES[0]` of `folder` through `model` (see `tools.visualize`), written to
     `folder/PICTURE_DIR`."""
-    from .visualize import save_pictures, visualize
+    from .visualize import picture_budget, save_pictures, visualize
 
     folder = Path(folder)
     (pictures,) = visualize(model, processor, images=[folder / EXAMPLES[0]], **picture_budget(processor))

@@ -19,7 +19,7 @@ import math
 import sys
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, List, Optional, Sequence, Tuple, Union
+from typing import Any, Dict, List, Optional, Sequence, Tuple, Union
 
 import numpy as np
 import PIL.Image
@@ -186,6 +186,25 @@ def _pictures_of(
 
 ImageLike = Union[str, Path, PIL.Image.Image, np.ndarray]
 
+# At most this many patches per picture unless asked otherwise: the attention picture runs the eager backend, which
+# keeps every layer's [heads, L, L] maps (at L = 1,024: 4 MiB per head and layer), so a full-resolution photo through
+# a real model would take minutes and exhaust memory.
+PICTURE_PATCHES = 1024
+
+
+def picture_budget(processor: Any, max_patches: int = PICTURE_PATCHES) -> Dict[str, int]:
+    """Per-call processor settings that keep a picture within `max_patches` patches (the folder's own budget where
+    that is smaller; a fixed-size rule is left as it is)."""
+    if processor.resize_rule == "naflex":
+        return {"max_num_patches": min(processor.max_num_patches, max_patches)}
+    if processor.resize_rule == "ovis":
+        max_pixels = max(min(processor.max_pixels, max_patches * processor.patch_size**2), processor.factor**2)
+        # the rule rounds an upscaled image's sides up (by up to one factor each): a lower bound of 3/4 of the upper
+        # one keeps the result within it
+        return {"min_pixels": max(min(processor.min_pixels, max_pixels * 3 // 4), processor.factor**2),
+                "max_pixels": max_pixels}
+    return {}
+
 
 @torch.no_grad()
 def visualize(
@@ -256,8 +275,10 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
     parser.add_argument("--out", required=True, type=Path, metavar="DIR", help="folder the PNG files are written to")
     parser.add_argument("--video", action="store_true", help="the IMAGEs are the frames of one video, in order")
     parser.add_argument("--no-attention", action="store_true", help="only the feature pictures")
-    parser.add_argument("--max-pixels", type=int, default=None, help="per-image pixel budget (Ovis rule)")
-    parser.add_argument("--max-num-patches", type=int, default=None, help="per-image patch budget (naflex rule)")
+    parser.add_argument("--max-pixels", type=int, default=None,
+                        help=f"per-image pixel budget (Ovis rule); default: the folder's, within {PICTURE_PATCHES} patches")
+    parser.add_argument("--max-num-patches", type=int, default=None,
+                        help=f"per-image patch budget (naflex rule); default: the folder's, within {PICTURE_PATCHES}")
     return parser.parse_args(argv)
 
 
@@ -272,7 +293,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     processor = AutoImageProcessor.from_pretrained(args.model, trust_remote_code=True)
     model = AutoModel.from_pretrained(args.model, trust_remote_code=True, attn_implementation="eager").eval()
     settings = {key: value for key, value in (("max_pixels", args.max_pixels), ("max_num_patches", args.max_num_patches))
-                if value is not None}
+                if value is not None} or picture_budget(processor)
     try:
         if args.video:
             pictures = visualize(model, processor, videos=[args.images], attention=not args.no_attention, **settings)
