@@ -158,6 +158,7 @@ def _safetensors_plus(appended: bytes) -> bytes:
         ("bundle.zip.gz", _zip_in_gzip(), ".gz is not a published format"),
         ("settings.yaml", "a: !!python/object/apply:os.system ['true']\n", ".yaml is not a published format"),
         ("notes.txt", PAYLOAD, "not UTF-8 text"),
+        ("README.md", "---\nlibrary_name: transformers\n---\n# Café\n".encode("latin-1"), "not UTF-8 text"),
         ("notes.md", "ok\x00" + "x" * 10, "control character"),
         ("extra.json", PAYLOAD, "not UTF-8"),
         ("extra.safetensors", _safetensors_plus(PAYLOAD), "the tensors cover 16 bytes of a data section of"),

@@ -176,3 +176,18 @@ def test_anchor_links_resolve():
     }
     for anchor in re.findall(r"\]\(#([^)]+)\)", TEXT):
         assert anchor in slugs, f"README.md links to missing section #{anchor}"
+
+
+def test_reliability_counts_are_the_collected_tests():
+    """The reliability section's "N (`tests/...py`)" figures are the number of test cases pytest collects there."""
+    import subprocess
+
+    section = TEXT.split("## Reliability", 1)[1].split("\n## ", 1)[0]
+    claims = re.findall(r"\| (\d+) \(`(tests/\w+\.py)`\)", section)
+    assert len(claims) >= 3
+    listed = subprocess.run(
+        [sys.executable, "-m", "pytest", "--collect-only", "-q", "-p", "no:cacheprovider", *{p for _, p in claims}],
+        cwd=ROOT, capture_output=True, text=True, check=True,
+    ).stdout.splitlines()
+    for count, path in claims:
+        assert int(count) == sum(row.startswith(f"{path}::") for row in listed), path
