@@ -12,9 +12,9 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
-MODEL_FILES = (
-    "configuration_siglip2_navit.py",
-    "modeling_siglip2_navit.py",
+# The remote code every converted folder ships (written out here, not taken from the package: tests check the
+# package's own list against it), and what a family adds.
+SHARED_CODE_FILES = (
     "navit_layout.py",
     "navit_attention.py",
     "navit_core.py",
@@ -23,6 +23,14 @@ MODEL_FILES = (
     "image_processing_siglip2_navit.py",
     "pipeline_navit.py",
 )
+
+
+def family_code_files(family: str) -> tuple:
+    """The remote code of a converted folder of `family` ("siglip2", "aimv2", "dinov3")."""
+    return (f"configuration_{family}_navit.py", f"modeling_{family}_navit.py", *SHARED_CODE_FILES)
+
+
+MODEL_FILES = family_code_files("siglip2")
 
 
 SIGLIP2_TINY = dict(  # a few-thousand-parameter SigLIP2: same code paths as so400m, milliseconds per forward

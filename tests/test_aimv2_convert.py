@@ -21,6 +21,7 @@ from safetensors.torch import save_file
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 ROOT = Path(__file__).resolve().parent.parent
 
+from conftest import family_code_files  # noqa: E402
 from siglip2_navit.tools import checkpoint_utils as utils
 from siglip2_navit.tools import safetensors_io  # noqa: E402
 from siglip2_navit.tools import convert_aimv2  # noqa: E402
@@ -47,17 +48,7 @@ SOURCE_CONFIG = {
     "mlp_bias": False,
     "rms_norm_eps": 1e-5,
 }
-CODE_FILES = {
-    "configuration_aimv2_navit.py",
-    "modeling_aimv2_navit.py",
-    "navit_layout.py",
-    "navit_attention.py",
-    "navit_core.py",
-    "navit_image_utils.py",
-    "navit_batching.py",
-    "image_processing_siglip2_navit.py",
-    "pipeline_navit.py",
-}
+CODE_FILES = set(family_code_files("aimv2"))
 
 
 def source_shapes(layers: int = LAYERS) -> Dict[str, tuple]:

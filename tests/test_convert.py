@@ -24,6 +24,7 @@ from safetensors.torch import save_file
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 ROOT = Path(__file__).resolve().parent.parent
 
+from conftest import family_code_files  # noqa: E402
 from siglip2_navit.tools import checkpoint_utils as utils
 from siglip2_navit.tools import atomic, safetensors_io  # noqa: E402
 from siglip2_navit.tools import convert_ovis as convert_ovis_checkpoint  # noqa: E402
@@ -178,15 +179,7 @@ def test_ovis_conversion_round_trip(tmp_path, monkeypatch):
         "config.json",
         "preprocessor_config.json",
         "processor_config.json",
-        "configuration_siglip2_navit.py",
-        "modeling_siglip2_navit.py",
-        "navit_layout.py",
-        "navit_attention.py",
-        "navit_core.py",
-        "navit_image_utils.py",
-        "navit_batching.py",
-        "image_processing_siglip2_navit.py",
-        "pipeline_navit.py",
+        *family_code_files("siglip2"),
         "README.md",
         "examples",
         "pictures",
