@@ -34,6 +34,9 @@ import numpy as np
 import PIL.Image
 import torch
 
+from .dtypes import resolve_dtype
+from .encode import DTYPES
+
 
 ROOT = Path(__file__).resolve().parents[1]  # the package: a model folder with the SigLIP2 config
 
@@ -54,6 +57,8 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--max-tokens", type=int, default=4096)
     parser.add_argument("--shard-size", type=int, default=16, help="images per shard in every job run (default 16)")
     parser.add_argument("--device", default="cpu")
+    parser.add_argument("--dtype", default="auto", choices=["auto", "fp32", "bf16", "fp16"],
+                        help="of every run (default auto: what navit-encode picks on --device)")
     parser.add_argument("--repeats", type=int, default=2,
                         help="runs of each timing; the fastest is reported (robust to a loaded machine; default 2)")
     parser.add_argument("--json", default=None, help="also write the results to this JSON file")
@@ -100,7 +105,8 @@ def model_alone(model_dir: Path, images: Path, args: argparse.Namespace) -> Tupl
     from transformers import AutoImageProcessor, AutoModel
 
     processor = AutoImageProcessor.from_pretrained(str(model_dir), trust_remote_code=True)
-    model = AutoModel.from_pretrained(str(model_dir), trust_remote_code=True).to(args.device).eval()
+    model = AutoModel.from_pretrained(str(model_dir), trust_remote_code=True)
+    model = model.to(args.device, getattr(torch, DTYPES[args.dtype])).eval()  # the model casts its inputs
     budget = dict(min_pixels=args.min_pixels, max_pixels=args.max_pixels)
     samples = [processor(images=str(p), return_tensors="pt", **budget) for p in sorted(images.iterdir())]
     counts = [int(s["grid_thws"].prod(-1).sum()) for s in samples]
@@ -141,7 +147,7 @@ def job_once(model_dir: Path, images: Path, out: Path, engine: Tuple[str, int], 
     name, workers = engine
     cmd = [sys.executable, "-c", JOB, str(images), "--out", str(out), "--model", str(model_dir),
            "--min-pixels", str(args.min_pixels), "--max-pixels", str(args.max_pixels), "--max-tokens",
-           str(args.max_tokens), "--shard-size", str(args.shard_size), "--device", args.device, "--overwrite"]
+           str(args.max_tokens), "--shard-size", str(args.shard_size), "--device", args.device, "--dtype", args.dtype, "--overwrite"]
     cmd += (["--workers", str(workers)] if name == "local" else
             ["--engine", "ray", "--ray-actors", "1", "--ray-cpus-per-actor", str(args.ray_cpus_per_actor)])
     start = time.perf_counter()
@@ -156,6 +162,7 @@ def job_once(model_dir: Path, images: Path, out: Path, engine: Tuple[str, int], 
 
 def main() -> None:
     args = parse_args()
+    args.dtype, dtype_line = resolve_dtype(args.dtype, args.device)  # one dtype for the model alone and every job
     results: Dict[str, object] = {"settings": vars(args), "cpu_count": os.cpu_count(), "torch": torch.__version__}
     with tempfile.TemporaryDirectory() as tmp:
         base = Path(tmp)
@@ -182,12 +189,31 @@ def main() -> None:
                              f"{args.images * args.scale / big['process_s']:.2f} img/s with start-up; peak RSS "
                              f"{big['peak_rss_mib']:.0f} MiB"))
     print(f"{args.images} images ({patches} patches), hidden {args.hidden}, {args.layers} layers, "
-          f"device {args.device}, {os.cpu_count()} CPUs\n")
+          f"device {args.device}, {os.cpu_count()} CPUs\n{dtype_line}\n")
     print("| run | images/s | notes |\n|---|---|---|")
     for name, rate, note in rows:
         print(f"| {name} | {rate:.2f} | {note} |")
+    for line in engine_ratios(results, args):
+        print(line)
     if args.json:
         Path(args.json).write_text(json.dumps(results, indent=2) + "\n")
+
+
+def engine_ratios(results: Dict[str, object], args: argparse.Namespace) -> List[str]:
+    """The ray engine's rate over the local engine's (both without workers) at 1x and `--scale`x the images, and the
+    marginal ratio from the two runs' difference (the engines' fixed start-up costs cancel out)."""
+    keys = ("local_workers_0", f"local_workers_0_x{args.scale}", "ray_workers_0", f"ray_workers_0_x{args.scale}")
+    if not all(key in results for key in keys):
+        return []
+    local, local_x, ray, ray_x = (results[key]["loop_s"] for key in keys)  # type: ignore[index]
+    extra = args.images * (args.scale - 1)
+    if ray_x > ray and local_x > local:
+        marginal = f"{(local_x - local) / (ray_x - ray):.2f}×"  # (extra / ray's extra time) / (extra / local's)
+    else:
+        marginal = "undefined (a larger run was not slower: noise, use more images)"
+    return ["", f"ray ÷ local (target ≥ 0.8× on one node): {local / ray:.2f}× at {args.images} images, "
+                f"{local_x / ray_x:.2f}× at {args.images * args.scale}; marginal (the {extra} more images): "
+                f"{marginal}"]
 
 
 if __name__ == "__main__":
