@@ -2,8 +2,8 @@
 """Packed attention backends: one interface, dispatched once per model, over `cu_seqlens` (never a dense mask).
 
 `flash_attention_2` runs flash-attn's varlen kernel; `sdpa` uses torch's varlen kernel on CUDA, chunked bf16
-matmuls on a CPU that multiplies bf16 natively (see `cpu_has_bf16_matmul`), else one `scaled_dot_product_attention`
-call per group of equal-length sequences; `eager` does matmul + softmax per sequence (and can return the attention
+matmuls on a CPU that multiplies bf16 natively without AMX (`cpu_has_bf16_matmul`, `cpu_has_amx_bf16`), else one
+`scaled_dot_product_attention` call per group of equal-length sequences; `eager` does matmul + softmax per sequence (and can return the attention
 maps); any function registered with transformers' `AttentionInterface` runs per sequence. Under torch.compile the
 built-in backends run inside one opaque custom op.
 
@@ -48,18 +48,31 @@ def cpu_flags(cpuinfo: str) -> frozenset[str]:
     return frozenset()
 
 
-@functools.lru_cache(maxsize=None)
-def cpu_has_bf16_matmul() -> bool:
-    """Whether this machine's CPU computes bf16 matmuls natively (AVX512-BF16 or AMX-BF16), read once per process from
-    /proc/cpuinfo; where that file does not exist (macOS, Windows), from torch's own CPU feature probes."""
+def _cpu_bf16_flags() -> frozenset[str]:
+    """Which of `BF16_CPU_FLAGS` this machine's CPU has, from /proc/cpuinfo; where that file does not exist (macOS,
+    Windows), from torch's own CPU feature probes."""
     try:
         with open(CPUINFO_PATH) as f:
             flags = cpu_flags(f.read())
-        return any(flag in flags for flag in BF16_CPU_FLAGS)
+        return frozenset(flag for flag in BF16_CPU_FLAGS if flag in flags)
     except OSError:
-        probes = ("_is_avx512_bf16_supported", "_is_amx_tile_supported")
         cpu = getattr(torch._C, "_cpu", None)
-        return any(bool(getattr(cpu, probe, lambda: False)()) for probe in probes)
+        probes = {"avx512_bf16": "_is_avx512_bf16_supported", "amx_bf16": "_is_amx_tile_supported"}
+        return frozenset(flag for flag, probe in probes.items() if bool(getattr(cpu, probe, lambda: False)()))
+
+
+@functools.lru_cache(maxsize=None)
+def cpu_has_bf16_matmul() -> bool:
+    """Whether this machine's CPU computes bf16 matmuls natively (AVX512-BF16 or AMX-BF16), read once per process."""
+    return bool(_cpu_bf16_flags())
+
+
+@functools.lru_cache(maxsize=None)
+def cpu_has_amx_bf16() -> bool:
+    """Whether this machine's CPU has AMX-BF16 tiles (Sapphire Rapids and later), read once per process. torch's fused
+    CPU SDPA kernel multiplies bf16 on the tiles there, and beats explicit matmul attention (see
+    `_cpu_matmul_attention_usable`)."""
+    return "amx_bf16" in _cpu_bf16_flags()
 
 
 def preferred_dtype_reason(device: Union[torch.device, str]) -> str:
@@ -180,8 +193,11 @@ def _torch_varlen_usable(query: torch.Tensor, dropout: float) -> bool:
     )
 
 
-# On a CPU with native bf16 matmuls, torch's fused SDPA kernel still runs bf16 at fp32 speed, while explicit bf16
+# On a CPU with AVX512-BF16 but no AMX, torch's fused SDPA kernel still runs bf16 at fp32 speed, while explicit bf16
 # matmuls run ~2.5× faster: QKᵀ, softmax and PV then take ~0.6-0.7× the SDPA time (so400m heads, 196-4,096 tokens).
+# With AMX the fused kernel multiplies on the tiles and is the faster one: 16 heads of 72, 2 threads, ms, SDPA vs
+# these chunks: 784 tokens 3.9 vs 5.9, 1,600: 15.7 vs 23.2, 4,096: 93 vs 157 (the softmax, not the matmuls, bounds
+# both there), so AMX keeps SDPA.
 # The scores are computed a chunk at a time, sized to stay in the CPU caches (a whole [heads, L, L] score tensor would
 # make the softmax memory-bound and take GiBs for long sequences).
 _CPU_ATTENTION_CHUNK_BYTES = 8 * 2**20  # scores of one chunk: (sequence, head) pairs × query rows × keys
@@ -189,7 +205,7 @@ _CPU_ATTENTION_CHUNK_BYTES = 8 * 2**20  # scores of one chunk: (sequence, head) 
 
 def _cpu_matmul_attention_usable(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, dropout: float) -> bool:
     """Chunked bf16 matmul attention: CPU bf16 inference (it writes into reused buffers, so nothing may need
-    gradients), no dropout, not traced, on a CPU that multiplies bf16 natively."""
+    gradients), no dropout, not traced, on a CPU that multiplies bf16 natively without AMX (with AMX, SDPA wins)."""
     return (
         query.device.type == "cpu"
         and query.dtype == torch.bfloat16
@@ -197,6 +213,7 @@ def _cpu_matmul_attention_usable(query: torch.Tensor, key: torch.Tensor, value: 
         and not (torch.is_grad_enabled() and (query.requires_grad or key.requires_grad or value.requires_grad))
         and not torch.compiler.is_compiling()
         and cpu_has_bf16_matmul()
+        and not cpu_has_amx_bf16()
     )
 
 
@@ -238,7 +255,7 @@ def sdpa_packed_attention(
     dropout: float = 0.0,
     output_attentions: bool = False,
 ) -> tuple[torch.Tensor, None]:
-    """torch varlen kernel on CUDA half precision; chunked bf16 matmuls on a CPU with native bf16 matmuls (inference);
+    """torch varlen kernel on CUDA half precision; chunked bf16 matmuls on a CPU with AVX512-BF16 and no AMX (inference);
     else one SDPA call per group of equal-length sequences."""
     if _torch_varlen_usable(query, dropout):
         cu = partition.cu_seqlens

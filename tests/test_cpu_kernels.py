@@ -59,12 +59,14 @@ def _spy(monkeypatch) -> list:
     return calls
 
 
-@pytest.mark.parametrize("has_bf16", [True, False])
-def test_sdpa_backend_uses_chunked_matmuls_for_cpu_bf16_inference_only(has_bf16, monkeypatch):
-    """bf16 inference on a CPU with native bf16 matmuls runs the chunked matmul path (one call per group of equal
-    lengths), matching fp32 to min per-token cosine ≥ 0.999; without the hardware, with autograd, or in fp32 it is
-    SDPA."""
+@pytest.mark.parametrize("has_bf16, has_amx", [(True, False), (False, False), (True, True)],
+                         ids=["avx512-bf16", "no-bf16", "amx"])
+def test_sdpa_backend_uses_chunked_matmuls_for_cpu_bf16_inference_only(has_bf16, has_amx, monkeypatch):
+    """bf16 inference on a CPU with native bf16 matmuls but no AMX runs the chunked matmul path (one call per group
+    of equal lengths), matching fp32 to min per-token cosine ≥ 0.999; without the hardware, with AMX (torch's fused
+    kernel is faster there), with autograd, or in fp32 it is SDPA."""
     monkeypatch.setattr(navit_attention, "cpu_has_bf16_matmul", lambda: has_bf16)
+    monkeypatch.setattr(navit_attention, "cpu_has_amx_bf16", lambda: has_amx)
     calls = _spy(monkeypatch)
     model = tiny_model(num_hidden_layers=3)
     half = copy.deepcopy(model).to(torch.bfloat16)
@@ -74,7 +76,7 @@ def test_sdpa_backend_uses_chunked_matmuls_for_cpu_bf16_inference_only(has_bf16,
         assert not calls  # fp32 keeps SDPA: torch's fused kernel beats explicit fp32 matmuls
         bf16 = half(pixel_values, grid).last_hidden_state.float()
     lengths = {h * w for _, h, w in GRIDS}
-    assert len(calls) == (3 * len(lengths) if has_bf16 else 0)
+    assert len(calls) == (3 * len(lengths) if has_bf16 and not has_amx else 0)
     assert F.cosine_similarity(bf16, fp32, dim=-1).min() >= 0.999
     calls.clear()
     out = half(pixel_values, grid).last_hidden_state
@@ -86,6 +88,7 @@ def test_chunked_and_sdpa_paths_agree_on_a_packed_bf16_batch(monkeypatch):
     model = tiny_model(num_hidden_layers=2).to(torch.bfloat16)
     pixel_values, grid = packed_inputs(model.config, GRIDS)
     outputs = {}
+    monkeypatch.setattr(navit_attention, "cpu_has_amx_bf16", lambda: False)
     for has_bf16 in (True, False):
         monkeypatch.setattr(navit_attention, "cpu_has_bf16_matmul", lambda has_bf16=has_bf16: has_bf16)
         with torch.inference_mode():
@@ -167,20 +170,26 @@ def cpuinfo(tmp_path, monkeypatch):
         if extra is not None:
             path.write_text(CPUINFO.format(extra=extra))
         monkeypatch.setattr(navit_attention, "CPUINFO_PATH", str(path))
+        clear()
+
+    def clear():
         navit_attention.cpu_has_bf16_matmul.cache_clear()
+        navit_attention.cpu_has_amx_bf16.cache_clear()
 
     yield write
-    navit_attention.cpu_has_bf16_matmul.cache_clear()
+    clear()
 
 
 @pytest.mark.parametrize(
-    "extra, has_bf16",
-    [("avx512_bf16", True), ("amx_bf16 amx_tile", True), ("avx512_vnni", False), ("", False),
-     ("avx512_bf16x", False)],  # a flag is a whole word
+    "extra, has_bf16, has_amx",
+    [("avx512_bf16", True, False), ("amx_bf16 amx_tile", True, True), ("avx512_bf16 amx_bf16", True, True),
+     ("avx512_vnni", False, False), ("", False, False),
+     ("avx512_bf16x amx_bf16x", False, False)],  # a flag is a whole word
 )
-def test_native_bf16_matmuls_are_read_from_cpuinfo_flags(cpuinfo, extra, has_bf16):
+def test_native_bf16_matmuls_are_read_from_cpuinfo_flags(cpuinfo, extra, has_bf16, has_amx):
     cpuinfo(extra)
     assert navit_attention.cpu_has_bf16_matmul() is has_bf16
+    assert navit_attention.cpu_has_amx_bf16() is has_amx
     assert navit_attention.preferred_dtype("cpu") == (torch.bfloat16 if has_bf16 else torch.float32)
     assert navit_attention.preferred_dtype(torch.device("cpu")) == navit_attention.preferred_dtype("cpu")
 
@@ -189,8 +198,14 @@ def test_without_cpuinfo_torchs_cpu_probes_decide(cpuinfo, monkeypatch):
     cpuinfo(None)
     probes = type("Probes", (), {"_is_avx512_bf16_supported": staticmethod(lambda: True)})
     monkeypatch.setattr(torch._C, "_cpu", probes, raising=False)
-    assert navit_attention.cpu_has_bf16_matmul() is True
+    assert navit_attention.cpu_has_bf16_matmul() is True and navit_attention.cpu_has_amx_bf16() is False
     navit_attention.cpu_has_bf16_matmul.cache_clear()
+    navit_attention.cpu_has_amx_bf16.cache_clear()
+    probes = type("Probes", (), {"_is_amx_tile_supported": staticmethod(lambda: True)})
+    monkeypatch.setattr(torch._C, "_cpu", probes, raising=False)
+    assert navit_attention.cpu_has_bf16_matmul() is True and navit_attention.cpu_has_amx_bf16() is True
+    navit_attention.cpu_has_bf16_matmul.cache_clear()
+    navit_attention.cpu_has_amx_bf16.cache_clear()
     monkeypatch.setattr(torch._C, "_cpu", object(), raising=False)  # a torch without the probes
     assert navit_attention.cpu_has_bf16_matmul() is False
 
