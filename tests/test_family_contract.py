@@ -630,6 +630,8 @@ def bad_inputs(config) -> dict:
         "w not divisible by stride": (torch.zeros((s + 1) * s, width), [[1, s, s + 1]], {}, f"divisible by hidden_stride={s}"),
         "NaN pixels": (packed.index_fill(0, torch.tensor([rows + 1]), float("nan")), three, {}, "NaN or infinite"),
         "inf pixels": (torch.full((rows, width), float("inf")), grid, {}, "NaN or infinite"),
+        "-inf pixel": (packed.index_fill(0, torch.tensor([2]), float("-inf")), three, {}, "NaN or infinite"),
+        "huge negative pixel": (packed.index_fill(0, torch.tensor([rows]), -1e6), three, {}, "magnitude 1e\\+06"),
         "empty pixel_values": (torch.zeros(0, width), torch.zeros(0, 3, dtype=torch.long), {}, "empty"),
         "empty grid": (ok, torch.zeros(0, 3, dtype=torch.long), {}, "empty"),
         "empty grid list": (ok, [], {}, "`grid_thws` is empty"),
