@@ -60,6 +60,22 @@ def test_one_patch_wide_and_tall_images_match_reference(antialias):
     torch.testing.assert_close(run(model, pixel_values, grids).last_hidden_state.double(), ref_last, atol=2e-5, rtol=2e-5)
 
 
+@pytest.mark.parametrize(
+    "grids, separable",
+    [([(1, 8, 10), (2, 10, 8), (1, 12, 12)], True), ([(1, 8, 10), (1, 6, 12)], False), ([(1, 16, 8)], True)],
+    ids=["upscale-only", "with-a-downscale", "table-size"],
+)
+def test_antialiased_bilinear_pe_takes_the_separable_resize_exactly_when_it_only_upscales(grids, separable):
+    """Antialiasing only changes a downscale: an antialiased bilinear PE resized to grids of at least the table's side
+    (8 here) takes the cached per-axis matrices, one with a smaller side keeps F.interpolate; either way the model
+    matches the reference, which resizes with F.interpolate(antialias=True)."""
+    model = tiny_model(pe_interpolation="bilinear", pe_antialias=True)
+    pixel_values, grid = packed_inputs(model.config, grids)
+    assert bool(model.plan(pixel_values, grid).family.pe_resize) is separable
+    ref_last, _ = reference_forward(model, pixel_values, grids)
+    torch.testing.assert_close(run(model, pixel_values, grids).last_hidden_state.double(), ref_last, atol=2e-5, rtol=2e-5)
+
+
 @pytest.mark.parametrize("config", [dict(), WINDOWED], ids=["full", "windowed"])
 @pytest.mark.parametrize("drop", [False, True], ids=["all-tokens", "dropped"])
 def test_eager_attention_maps_match_reference(config, drop):
