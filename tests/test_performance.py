@@ -724,6 +724,25 @@ def test_contenders_are_timed_round_robin_after_their_warm_up():
     assert ratio == {"median": 1.5, "min": 1.0, "max": 2.0, "rounds": 3, "paired": True}
 
 
+@pytest.mark.parametrize("measure_memory", [True, False])
+def test_every_callable_has_an_untimed_call_before_the_rounds_even_without_warm_up(measure_memory):
+    """With --warmup 0 (quick mode) the memory call is a contender's warm-up; a floor (FreshEachCall, never
+    memory-measured) or a run without memory calls still gets one untimed call, so no first call's one-off setup
+    lands in a round."""
+    benchmark = _load_benchmark()
+    calls = []
+    clock = iter(range(100))
+    benchmark.bench_measure.CLOCK = lambda: next(clock)
+    try:
+        fns = {"floor": benchmark.FreshEachCall(lambda: lambda: calls.append("floor")),
+               "contender": lambda: calls.append("contender")}
+        result = benchmark.time_interleaved(fns, torch.device("cpu"), warmup=0, repeats=2, measure_memory=measure_memory)
+    finally:
+        benchmark.bench_measure.CLOCK = benchmark.CLOCKS["wall"]
+    assert calls == ["floor", "contender", "floor", "contender", "contender", "floor"]
+    assert all(len(r["times_s"]) == 2 for r in result.values())
+
+
 def test_floor_buffers_are_made_untimed_before_each_call_and_freed_before_the_next_contender():
     """A FreshEachCall (the matmul floors) runs in the same rounds as the contenders, but its buffers exist only
     around its own call: made before it (not timed), gone before the next contender runs."""

@@ -123,7 +123,8 @@ def time_interleaved(
     fns: dict, device: torch.device, warmup: int, repeats: int, measure_memory: bool = True, keep_going: bool = False
 ) -> dict:
     """Time several callables side by side: each first runs once to measure its peak memory (unless not
-    `measure_memory`, or it is a FreshEachCall) and `warmup` more times untimed, then `repeats` rounds run every
+    `measure_memory`, or it is a FreshEachCall) and `warmup` more times untimed (at least once in all when it had no
+    memory call), then `repeats` rounds run every
     callable once, in turn, each round starting one callable later than the last (so that no callable always runs
     right after the same neighbour). A slow drift of the machine's load (other processes, thermal state) hits every
     contender alike instead of whichever ran last, and each round gives paired ratios. Per name: the median, the
@@ -138,11 +139,14 @@ def time_interleaved(
     for name, fn in fns.items():
         memory = PeakMemory(device)
         try:
-            if measure_memory and not isinstance(fn, FreshEachCall):
+            measured = measure_memory and not isinstance(fn, FreshEachCall)
+            if measured:
                 with memory:
                     out = fn()
                     del out
-            for _ in range(warmup):
+            # at least one untimed call before the rounds: a first call pays one-off costs (oneDNN/AMX kernel setup,
+            # first-touch pages) that, in a round, would read as a slow outlier of that callable
+            for _ in range(max(warmup, 0 if measured else 1)):
                 _timed_call(fn, device)
         except Exception as err:  # noqa: BLE001 - reported, not hidden
             if not keep_going:
