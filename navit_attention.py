@@ -48,6 +48,22 @@ def cpu_flags(cpuinfo: str) -> frozenset[str]:
     return frozenset()
 
 
+@functools.lru_cache(maxsize=None)
+def cpu_vendor() -> str:
+    """The CPU's vendor as /proc/cpuinfo spells it (`GenuineIntel`, `AuthenticAMD`, …), read once per process; "" where
+    that file does not exist or does not say."""
+    try:
+        with open(CPUINFO_PATH) as f:
+            cpuinfo = f.read()
+    except OSError:
+        return ""
+    for line in cpuinfo.splitlines():
+        name, _, value = line.partition(":")
+        if name.strip() == "vendor_id":
+            return value.strip()
+    return ""
+
+
 def _cpu_bf16_flags() -> frozenset[str]:
     """Which of `BF16_CPU_FLAGS` this machine's CPU has, from /proc/cpuinfo; where that file does not exist (macOS,
     Windows), from torch's own CPU feature probes."""
