@@ -3,9 +3,9 @@
 
 `flash_attention_2` runs flash-attn's varlen kernel; `sdpa` uses torch's varlen kernel on CUDA, chunked bf16
 matmuls on a CPU that multiplies bf16 natively without AMX (`cpu_has_bf16_matmul`, `cpu_has_amx_bf16`), else one
-`scaled_dot_product_attention` call per group of equal-length sequences; `eager` does matmul + softmax per sequence (and can return the attention
-maps); any function registered with transformers' `AttentionInterface` runs per sequence. Under torch.compile the
-built-in backends run inside one opaque custom op.
+`scaled_dot_product_attention` call per group of equal-length sequences; `eager` does matmul + softmax per sequence
+(and can return the attention maps); any function registered with transformers' `AttentionInterface` runs per
+sequence. Under torch.compile the built-in backends run inside one opaque custom op.
 
 Also here: which dtype runs fast on a device (`preferred_dtype`), the one place that reads the CPU's features.
 """
@@ -39,42 +39,46 @@ CPUINFO_PATH = "/proc/cpuinfo"
 BF16_CPU_FLAGS = ("avx512_bf16", "amx_bf16")
 
 
-def cpu_flags(cpuinfo: str) -> frozenset[str]:
-    """The feature flags of the first processor listed in a /proc/cpuinfo text (x86 `flags`, Arm `Features`)."""
+def _cpuinfo_field(cpuinfo: str, names: tuple[str, ...]) -> str:
+    """The value of the first `name : value` line of a /proc/cpuinfo text whose name is one of `names`, else ""."""
     for line in cpuinfo.splitlines():
         name, _, value = line.partition(":")
-        if name.strip() in ("flags", "Features"):
-            return frozenset(value.split())
-    return frozenset()
+        if name.strip() in names:
+            return value.strip()
+    return ""
+
+
+def _read_cpuinfo() -> Optional[str]:
+    """This machine's /proc/cpuinfo text, or None where that file does not exist (macOS, Windows)."""
+    try:
+        with open(CPUINFO_PATH) as f:
+            return f.read()
+    except OSError:
+        return None
+
+
+def cpu_flags(cpuinfo: str) -> frozenset[str]:
+    """The feature flags of the first processor listed in a /proc/cpuinfo text (x86 `flags`, Arm `Features`)."""
+    return frozenset(_cpuinfo_field(cpuinfo, ("flags", "Features")).split())
 
 
 @functools.lru_cache(maxsize=None)
 def cpu_vendor() -> str:
     """The CPU's vendor as /proc/cpuinfo spells it (`GenuineIntel`, `AuthenticAMD`, …), read once per process; "" where
     that file does not exist or does not say."""
-    try:
-        with open(CPUINFO_PATH) as f:
-            cpuinfo = f.read()
-    except OSError:
-        return ""
-    for line in cpuinfo.splitlines():
-        name, _, value = line.partition(":")
-        if name.strip() == "vendor_id":
-            return value.strip()
-    return ""
+    cpuinfo = _read_cpuinfo()
+    return "" if cpuinfo is None else _cpuinfo_field(cpuinfo, ("vendor_id",))
 
 
 def _cpu_bf16_flags() -> frozenset[str]:
     """Which of `BF16_CPU_FLAGS` this machine's CPU has, from /proc/cpuinfo; where that file does not exist (macOS,
     Windows), from torch's own CPU feature probes."""
-    try:
-        with open(CPUINFO_PATH) as f:
-            flags = cpu_flags(f.read())
-        return frozenset(flag for flag in BF16_CPU_FLAGS if flag in flags)
-    except OSError:
-        cpu = getattr(torch._C, "_cpu", None)
-        probes = {"avx512_bf16": "_is_avx512_bf16_supported", "amx_bf16": "_is_amx_tile_supported"}
-        return frozenset(flag for flag, probe in probes.items() if bool(getattr(cpu, probe, lambda: False)()))
+    cpuinfo = _read_cpuinfo()
+    if cpuinfo is not None:
+        return frozenset(flag for flag in BF16_CPU_FLAGS if flag in cpu_flags(cpuinfo))
+    cpu = getattr(torch._C, "_cpu", None)
+    probes = {"avx512_bf16": "_is_avx512_bf16_supported", "amx_bf16": "_is_amx_tile_supported"}
+    return frozenset(flag for flag, probe in probes.items() if bool(getattr(cpu, probe, lambda: False)()))
 
 
 @functools.lru_cache(maxsize=None)
@@ -272,8 +276,8 @@ def sdpa_packed_attention(
     dropout: float = 0.0,
     output_attentions: bool = False,
 ) -> tuple[torch.Tensor, None]:
-    """torch varlen kernel on CUDA half precision; chunked bf16 matmuls on a CPU with AVX512-BF16 and no AMX (inference);
-    else one SDPA call per group of equal-length sequences."""
+    """torch varlen kernel on CUDA half precision; chunked bf16 matmuls on a CPU with AVX512-BF16 and no AMX
+    (inference); else one SDPA call per group of equal-length sequences."""
     if _torch_varlen_usable(query, dropout):
         cu = partition.cu_seqlens
         out = _torch_varlen_attention()(

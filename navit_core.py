@@ -19,7 +19,7 @@ sequences, `eager` does matmul + softmax per sequence (and can return the attent
 
 import functools
 from dataclasses import dataclass
-from typing import Any, Callable, Optional, Sequence
+from typing import Callable, Optional, Sequence
 
 import torch
 import torch.nn.functional as F
@@ -160,11 +160,6 @@ def fused_linear(linear: nn.Linear, hidden_states: torch.Tensor, activation: Opt
     return kernel(hidden_states, linear.weight, linear.bias, algorithm, [], approximation)  # [n, out]
 
 
-# ----------------------------------------------------------------------------------------------------------------------
-# Modules every family builds on: self-attention over packed sequences, a residual block, the encoder loop
-# ----------------------------------------------------------------------------------------------------------------------
-
-
 # Bias-only projections: oneDNN with the bias in its epilogue spares the pass that writes the broadcast bias into the
 # output before the GEMM accumulates onto it, which cost AMD EPYC (Zen 4) ~140 ms of an fp32 so400m-width forward; on
 # Intel Xeon (AMX) torch's own `F.linear` is the faster one (2-layer so400m-width forward, 3,440 tokens, paired:
@@ -175,10 +170,14 @@ BIAS_EPILOGUE_SKIPPED_ON = ("GenuineIntel",)
 def linear(module: nn.Linear, hidden_states: torch.Tensor) -> torch.Tensor:
     """`module(hidden_states)`; in CPU inference, except on the CPUs of `BIAS_EPILOGUE_SKIPPED_ON`, one oneDNN GEMM
     with the bias in its epilogue (`fused_linear`)."""
-    if torch.compiler.is_compiling() or cpu_vendor() in BIAS_EPILOGUE_SKIPPED_ON:  # compile: no host-side Python
-        return module(hidden_states)
-    fused = fused_linear(module, hidden_states)
+    skipped = torch.compiler.is_compiling() or cpu_vendor() in BIAS_EPILOGUE_SKIPPED_ON  # compile: no host-side Python
+    fused = None if skipped else fused_linear(module, hidden_states)
     return module(hidden_states) if fused is None else fused
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# Modules every family builds on: self-attention over packed sequences, a residual block, the encoder loop
+# ----------------------------------------------------------------------------------------------------------------------
 
 
 class PackedPatchEmbedding(nn.Conv2d):

@@ -124,11 +124,10 @@ def time_interleaved(
 ) -> dict:
     """Time several callables side by side: each first runs once to measure its peak memory (unless not
     `measure_memory`, or it is a FreshEachCall) and `warmup` more times untimed (at least once in all when it had no
-    memory call), then `repeats` rounds run every
-    callable once, in turn, each round starting one callable later than the last (so that no callable always runs
-    right after the same neighbour). A slow drift of the machine's load (other processes, thermal state) hits every
-    contender alike instead of whichever ran last, and each round gives paired ratios. Per name: the median, the
-    individual times (round order) and the peak memory of the first call.
+    memory call), then `repeats` rounds run every callable once, in turn, each round starting one callable later than
+    the last (so that no callable always runs right after the same neighbour). A slow drift of the machine's load
+    (other processes, thermal state) hits every contender alike instead of whichever ran last, and each round gives
+    paired ratios. Per name: the median, the individual times (round order) and the peak memory of the first call.
 
     The clock is wall time, or with `--timer cpu` this process's CPU time (robust on a busy machine when run with
     `--threads 1`: time spent descheduled is not counted).
