@@ -195,20 +195,17 @@ def test_native_bf16_matmuls_are_read_from_cpuinfo_flags(cpuinfo, extra, has_bf1
     assert navit_attention.preferred_dtype(torch.device("cpu")) == navit_attention.preferred_dtype("cpu")
 
 
-def test_without_cpuinfo_torchs_cpu_probes_decide(cpuinfo, monkeypatch):
+@pytest.mark.parametrize(
+    "probes, has_bf16, has_amx",
+    [(("_is_avx512_bf16_supported",), True, False), (("_is_amx_tile_supported",), True, True), ((), False, False)],
+    ids=["avx512-bf16", "amx", "torch-without-probes"],
+)
+def test_without_cpuinfo_torchs_cpu_probes_decide(cpuinfo, monkeypatch, probes, has_bf16, has_amx):
     cpuinfo(None)
-    probes = type("Probes", (), {"_is_avx512_bf16_supported": staticmethod(lambda: True)})
-    monkeypatch.setattr(torch._C, "_cpu", probes, raising=False)
-    assert navit_attention.cpu_has_bf16_matmul() is True and navit_attention.cpu_has_amx_bf16() is False
-    navit_attention.cpu_has_bf16_matmul.cache_clear()
-    navit_attention.cpu_has_amx_bf16.cache_clear()
-    probes = type("Probes", (), {"_is_amx_tile_supported": staticmethod(lambda: True)})
-    monkeypatch.setattr(torch._C, "_cpu", probes, raising=False)
-    assert navit_attention.cpu_has_bf16_matmul() is True and navit_attention.cpu_has_amx_bf16() is True
-    navit_attention.cpu_has_bf16_matmul.cache_clear()
-    navit_attention.cpu_has_amx_bf16.cache_clear()
-    monkeypatch.setattr(torch._C, "_cpu", object(), raising=False)  # a torch without the probes
-    assert navit_attention.cpu_has_bf16_matmul() is False
+    fake = type("Probes", (), {probe: staticmethod(lambda: True) for probe in probes})
+    monkeypatch.setattr(torch._C, "_cpu", fake, raising=False)
+    assert navit_attention.cpu_has_bf16_matmul() is has_bf16
+    assert navit_attention.cpu_has_amx_bf16() is has_amx
 
 
 @pytest.mark.parametrize("extra, vendor", [("", "AuthenticAMD"), (None, "")])  # None: no /proc/cpuinfo (macOS, Windows)

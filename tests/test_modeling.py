@@ -13,7 +13,6 @@ from conftest import REPO_ROOT, cpu_flash_varlen, enable_checkpointing, packed_i
 from spec_reference import reference_forward
 from torch.utils._python_dispatch import TorchDispatchMode
 
-from siglip2_navit import modeling_siglip2_navit as modeling
 from siglip2_navit import navit_attention
 from siglip2_navit.configuration_siglip2_navit import Siglip2NavitConfig
 from siglip2_navit.modeling_siglip2_navit import Siglip2NavitModel

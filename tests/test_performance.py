@@ -2,10 +2,8 @@
 memory growing linearly with the packed tokens, and a smoke run of scripts/benchmark.py. Speed itself is measured by
 the benchmark only (docs/benchmarks.md), never asserted here."""
 
-import importlib.util
 import os
 import re
-import sys
 import weakref
 from collections import Counter
 from pathlib import Path
@@ -172,7 +170,6 @@ def test_compiled_model_matches_eager_and_encoder_is_one_graph():
 def test_compiled_inference_runs_the_varlen_kernels_inside_the_op(kernel, monkeypatch):
     """The CUDA kernels (flash-attn varlen; torch's varlen for sdpa) under torch.compile: called from inside the opaque
     op with the batch's cu_seqlens / max_seqlen, same output as eager, no recompiles (CPU stand-ins for the kernels)."""
-    from siglip2_navit import modeling_siglip2_navit as modeling
     from siglip2_navit import navit_attention
 
     max_lengths = []
