@@ -71,6 +71,7 @@ from ..configuration_siglip2_navit import Siglip2NavitConfig
 from ..image_processing_siglip2_navit import Siglip2NavitImageProcessor
 from ..modeling_siglip2_navit import Siglip2NavitModel
 from ..navit_batching import naflex_patch_order
+from .dtypes import DTYPES as TOOL_DTYPES
 from .dtypes import resolve_dtype
 from . import bench_measure, bench_report, bench_stats  # noqa: F401  (bench_report, bench_stats: for tests and users)
 from .bench_measure import (  # noqa: F401  (PeakMemory: part of this module's API, as before the split)
@@ -337,7 +338,7 @@ def naflex_agreement(model, naflex, pixel_values, grid_thws) -> float:
 # Main
 # ----------------------------------------------------------------------------------------------------------------------
 
-DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
+DTYPES = {name: TOOL_DTYPES[name] for name in ("fp32", "bf16")}  # the dtypes the benchmark compares
 DTYPE_ALIASES = {"float32": "fp32", "bfloat16": "bf16", "fp32": "fp32", "bf16": "bf16", "both": "both"}
 QUICK_CONTENDERS = ("packed-sdpa", "per-image-sdpa", "naflex-padded")
 QUICK_BF16_CONTENDERS = ("packed-sdpa", "per-image-sdpa")  # naflex-padded in bf16 only when asked for (--contenders)

@@ -34,8 +34,7 @@ import numpy as np
 import PIL.Image
 import torch
 
-from .dtypes import resolve_dtype
-from .encode import DTYPES
+from .dtypes import DTYPES, resolve_dtype
 
 
 ROOT = Path(__file__).resolve().parents[1]  # the package: a model folder with the SigLIP2 config
@@ -106,7 +105,7 @@ def model_alone(model_dir: Path, images: Path, args: argparse.Namespace) -> Tupl
 
     processor = AutoImageProcessor.from_pretrained(str(model_dir), trust_remote_code=True)
     model = AutoModel.from_pretrained(str(model_dir), trust_remote_code=True)
-    model = model.to(args.device, getattr(torch, DTYPES[args.dtype])).eval()  # the model casts its inputs
+    model = model.to(args.device, DTYPES[args.dtype]).eval()  # the model casts its inputs
     budget = dict(min_pixels=args.min_pixels, max_pixels=args.max_pixels)
     samples = [processor(images=str(p), return_tensors="pt", **budget) for p in sorted(images.iterdir())]
     counts = [int(s["grid_thws"].prod(-1).sum()) for s in samples]

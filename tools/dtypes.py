@@ -1,6 +1,6 @@
-"""`--dtype auto` of the tools: the dtype a forward runs fastest in on the device (the package's `preferred_dtype`:
-bf16 on a CUDA GPU with bf16 and on a CPU with native bf16 matmuls, fp32 elsewhere) and the line a run prints
-about the choice."""
+"""The tools' dtype names (`--dtype fp32|bf16|fp16`), and `--dtype auto`: the dtype a forward runs fastest in on the
+device (the package's `preferred_dtype`: bf16 on a CUDA GPU with bf16 and on a CPU with native bf16 matmuls, fp32
+elsewhere) with the line a run prints about the choice."""
 
 from typing import Union
 
@@ -9,7 +9,8 @@ import torch
 from ..navit_core import preferred_dtype, preferred_dtype_reason
 
 
-NAMES = {torch.float32: "fp32", torch.bfloat16: "bf16", torch.float16: "fp16"}
+DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}  # `--dtype` name -> torch dtype
+NAMES = {dtype: name for name, dtype in DTYPES.items()}
 
 
 def resolve_dtype(requested: str, device: Union[torch.device, str]) -> tuple[str, str]:

@@ -54,6 +54,7 @@ import time
 from pathlib import Path
 from typing import Any, Dict, List, Optional, Tuple
 
+from .dtypes import DTYPES, resolve_dtype
 from .encode_inputs import (  # noqa: F401  (glob_matches, expand_input, ...: this module's API, as before the cut)
     EncodeInputs,
     Item,
@@ -85,7 +86,6 @@ from .encode_output import (
 
 PACKAGE_DIR = Path(__file__).resolve().parents[1]  # a loadable model folder itself: its config.json, random weights
 WEIGHT_FILES = ("model.safetensors", "model.safetensors.index.json")
-DTYPES = {"fp32": "float32", "bf16": "bfloat16", "fp16": "float16"}
 SHOWN_ERRORS = 20  # bad inputs named in the summary (all of them are in DIR/errors.jsonl)
 
 
@@ -241,7 +241,7 @@ def load_model(args: argparse.Namespace, config: Any, device: str, announce: boo
     import transformers
     from transformers import AutoModel
 
-    dtype = getattr(torch, DTYPES[args.dtype])
+    dtype = DTYPES[args.dtype]
     major, minor = (int(x) for x in transformers.__version__.split(".")[:2])
     dtype_kw = "dtype" if (major, minor) >= (4, 56) else "torch_dtype"  # renamed in transformers 4.56
     if has_weights(args.model):
@@ -659,8 +659,6 @@ def check_first_batch(finite: List[bool], stats: Stats) -> None:
 
 def run(args: argparse.Namespace, dist: Dist) -> int:
     import torch
-
-    from .dtypes import resolve_dtype
 
     # the ray engine's driver only probes the model (pooling, refusals) on its CPU: the actors choose their devices
     device = "cpu" if args.engine == "ray" else choose_device(args.device, dist)

@@ -23,7 +23,6 @@ import warnings
 from typing import Any, Dict, List, Optional
 
 from .encode import (
-    DTYPES,
     NONFINITE,
     Dist,
     EncodeJob,
@@ -41,7 +40,7 @@ from .encode import (
 from .encode_inputs import Item, JobError, UsageError, collate, decode_image, open_dataset, open_image, preprocess
 from .encode_output import KILL_ENV, maybe_kill
 from .webdataset_source import item_as_dict, item_from_dict
-from .dtypes import resolve_dtype
+from .dtypes import DTYPES, resolve_dtype
 
 
 DECODE_BATCH_ROWS = 8  # images per decode task call
@@ -324,7 +323,6 @@ def build_dataset(ray: Any, args: argparse.Namespace, pending: List[Item], pool:
 
 def run_on_ray(job: EncodeJob, pending: List[Item]) -> None:
     """The job's pending items encoded on Ray; features and errors go to the job's sink (the driver writes DIR)."""
-    import torch
     from tqdm.auto import tqdm
 
     if not pending:
@@ -333,7 +331,7 @@ def run_on_ray(job: EncodeJob, pending: List[Item]) -> None:
     started = connect(ray)
     logging.getLogger("ray.data").setLevel(logging.WARNING)
     waiting = {item.id: item for item in pending}  # a row Ray delivers twice is stored once
-    dtype = getattr(torch, DTYPES[job.args.dtype])
+    dtype = DTYPES[job.args.dtype]
     progress = tqdm(total=len(pending), unit="img", file=sys.stderr, mininterval=1.0, desc="encoding (ray)")
     start = time.perf_counter()
     try:
