@@ -56,22 +56,25 @@ class PositionEmbeddingPlan(FamilyPlan):
 
     pe_index: torch.Tensor  # [K] row of the concatenated resized tables, working order, on device
     pe_sizes: tuple[tuple[int, int], ...]  # the (h, w) of each resized table, in concatenation order
-    pe_resize: tuple[tuple[torch.Tensor, torch.Tensor], ...]  # per table ([h, P], [w, P]); () = F.interpolate
+    pe_resize: tuple[Optional[tuple[torch.Tensor, torch.Tensor]], ...]  # per table: ([h, P], [w, P]); None: F.interpolate
 
 
 Siglip2Layout = PackedLayout[PositionEmbeddingPlan]  # a layout planned by Siglip2NavitModel.plan
 
 @functools.lru_cache(maxsize=512)
-def _resize_matrix(size: int, side: int, mode: str) -> torch.Tensor:
+def _resize_matrix(size: int, side: int, mode: str, antialias: bool) -> torch.Tensor:
     """[size, side] matrix of the 1-D resampling `F.interpolate` applies along one axis (align_corners=False).
 
-    Bilinear and bicubic resizing are separable and linear, so the resized PE table is `A_h @ table @ A_w.T`; the
-    matrices depend only on sizes, so they are cached while the weights stay live (and differentiable).
+    Bilinear and bicubic resizing, antialiased or not, are separable and linear, so the resized PE table is
+    `A_h @ table @ A_w.T`; the matrices depend only on sizes, so they are cached while the weights stay live (and
+    differentiable). They are read off `F.interpolate` itself: channel k of the basis is row k set to ones, resized to
+    `(size, side)`; its first column is `A[:, k]` (each row of the width resampling sums to 1). The basis keeps its
+    full width because PyTorch's antialiased kernel is not separable for a 1-wide output.
     """
     with torch.inference_mode(False):  # cached for the process: must stay usable by autograd after an inference call
-        basis = torch.eye(side, dtype=torch.float64).view(1, side, side, 1)  # channel k = unit impulse at row k
-        resized = F.interpolate(basis, size=(size, 1), mode=mode, align_corners=False)
-        return resized[0, :, :, 0].T.to(torch.float32).contiguous()
+        basis = torch.eye(side, dtype=torch.float64)[:, :, None].expand(side, side, side)  # [k, row, col]
+        resized = F.interpolate(basis[None], size=(size, side), mode=mode, align_corners=False, antialias=antialias)
+        return resized[0, :, :, 0].T.to(torch.float32).contiguous()  # [size, side]
 
 
 def plan_position_embeddings(
@@ -93,18 +96,18 @@ def plan_position_embeddings(
     frame_ids = layout.host_frame_ids
     pe_index = torch.tensor(frame_table_offset)[frame_ids] + rows * torch.tensor(frame_width)[frame_ids] + cols
 
-    # Without antialias, resizing is separable and linear: cache its per-axis matrices. PyTorch's antialiased kernels
-    # are not separable for a 1-wide output, so a downscale with antialias keeps F.interpolate on the live weight
-    # (exact naflex parity). Antialiasing only changes a downscale: a bilinear resize to at least the table's side is
-    # the same with or without it (to float rounding), and the matrices are ~7x faster than the antialiased kernel.
+    # Resizing is separable and linear: each table is two cached per-axis matrix products (~7x faster than the
+    # antialiased kernel). PyTorch's antialiased kernels are not separable for a 1-wide output, so such a table keeps
+    # F.interpolate on the live weight (exact naflex parity).
     side = config.image_size // config.patch_size
     device = layout.positions.device
-    pe_resize = ()
-    upscale_only = config.pe_interpolation == "bilinear" and all(min(h, w) >= side for h, w in pe_sizes)
-    if config.preserve_original_pe and (not config.pe_antialias or upscale_only):
-        pe_resize = tuple(
-            tuple(_resize_matrix(n, side, config.pe_interpolation).to(device) for n in (h, w)) for h, w in pe_sizes
-        )
+    mode, antialias = config.pe_interpolation, config.pe_antialias
+    pe_resize = tuple(
+        None
+        if antialias and 1 in (h, w)
+        else tuple(_resize_matrix(n, side, mode, antialias).to(device) for n in (h, w))
+        for h, w in pe_sizes
+    ) if config.preserve_original_pe else ()
     return PositionEmbeddingPlan(pe_index=pe_index.to(device), pe_sizes=tuple(pe_sizes), pe_resize=pe_resize)
 
 
@@ -144,15 +147,14 @@ class Siglip2NavitEmbeddings(nn.Module):
         weight = self.position_embedding.weight
         side = self.position_embedding_size
         table = weight.view(side, side, -1).to(torch.promote_types(weight.dtype, torch.float32))  # [P, P, hidden]
+        grid = table.permute(2, 0, 1).unsqueeze(0)  # [1, hidden, P, P]
         tables = []
-        if layout.family.pe_resize:
-            for resize_h, resize_w in layout.family.pe_resize:  # [h, P], [w, P]
-                resize_h, resize_w = resize_h.to(table.dtype), resize_w.to(table.dtype)
+        for (height, width), matrices in zip(layout.family.pe_sizes, layout.family.pe_resize):
+            if matrices is not None:
+                resize_h, resize_w = (m.to(table.dtype) for m in matrices)  # [h, P], [w, P]
                 resized = torch.einsum("wq,pqd->pwd", resize_w, table)  # [P, w, hidden]
                 tables.append(torch.einsum("hp,pwd->hwd", resize_h, resized).flatten(0, 1))  # [h·w, hidden]
-        else:
-            grid = table.permute(2, 0, 1).unsqueeze(0)  # [1, hidden, P, P]
-            for height, width in layout.family.pe_sizes:
+            else:
                 resized = F.interpolate(
                     grid,
                     size=(height, width),

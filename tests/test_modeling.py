@@ -15,6 +15,7 @@ from torch.utils._python_dispatch import TorchDispatchMode
 
 from siglip2_navit import navit_attention
 from siglip2_navit.configuration_siglip2_navit import Siglip2NavitConfig
+from siglip2_navit import modeling_siglip2_navit as modeling
 from siglip2_navit.modeling_siglip2_navit import Siglip2NavitModel
 
 
@@ -59,18 +60,33 @@ def test_one_patch_wide_and_tall_images_match_reference(antialias):
     torch.testing.assert_close(run(model, pixel_values, grids).last_hidden_state.double(), ref_last, atol=2e-5, rtol=2e-5)
 
 
-@pytest.mark.parametrize(
-    "grids, separable",
-    [([(1, 8, 10), (2, 10, 8), (1, 12, 12)], True), ([(1, 8, 10), (1, 6, 12)], False), ([(1, 16, 8)], True)],
-    ids=["upscale-only", "with-a-downscale", "table-size"],
-)
-def test_antialiased_bilinear_pe_takes_the_separable_resize_exactly_when_it_only_upscales(grids, separable):
-    """Antialiasing only changes a downscale: an antialiased bilinear PE resized to grids of at least the table's side
-    (8 here) takes the cached per-axis matrices, one with a smaller side keeps F.interpolate; either way the model
-    matches the reference, which resizes with F.interpolate(antialias=True)."""
-    model = tiny_model(pe_interpolation="bilinear", pe_antialias=True)
+@pytest.mark.parametrize("antialias", [True, False])
+@pytest.mark.parametrize("mode", ["bilinear", "bicubic"])
+def test_pe_resize_matrices_equal_f_interpolate(mode, antialias):
+    """The cached per-axis matrices reproduce F.interpolate in float64 for down- and upscales of either axis; the one
+    exception, an antialiased 1-wide output (PyTorch's kernel is not separable there), is exactly where the plan
+    keeps F.interpolate."""
+    side = 8
+    table = torch.randn(3, side, side, dtype=torch.float64, generator=torch.Generator().manual_seed(0))
+    for height in (1, 2, 3, 5, 8, 13, 40):
+        for width in (1, 2, 7, 8, 9, 31):
+            if antialias and 1 in (height, width):
+                continue
+            want = F.interpolate(table[None], size=(height, width), mode=mode, align_corners=False, antialias=antialias)[0]
+            resize_h, resize_w = (modeling._resize_matrix(n, side, mode, antialias).double() for n in (height, width))
+            got = torch.einsum("hp,cpq,wq->chw", resize_h, table, resize_w)
+            torch.testing.assert_close(got, want, atol=1e-6, rtol=0, msg=f"{mode} antialias={antialias} {height}x{width}")
+
+
+@pytest.mark.parametrize("mode", ["bilinear", "bicubic"])
+def test_antialiased_pe_takes_the_separable_resize_except_for_one_wide_tables(mode):
+    """Per table: down- and upscaled grids of one batch take the cached matrices, a 1-wide grid keeps F.interpolate;
+    the model matches the reference, which resizes every table with F.interpolate(antialias=True)."""
+    model = tiny_model(hidden_stride=1, pe_interpolation=mode, pe_antialias=True)  # PE table 8×8
+    grids = [(1, 6, 12), (1, 12, 12), (1, 5, 1), (1, 3, 4), (1, 1, 9)]
     pixel_values, grid = packed_inputs(model.config, grids)
-    assert bool(model.plan(pixel_values, grid).family.pe_resize) is separable
+    plan = model.plan(pixel_values, grid).family
+    assert [matrices is None for matrices in plan.pe_resize] == [False, False, True, False, True]
     ref_last, _ = reference_forward(model, pixel_values, grids)
     torch.testing.assert_close(run(model, pixel_values, grids).last_hidden_state.double(), ref_last, atol=2e-5, rtol=2e-5)
 
