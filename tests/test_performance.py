@@ -806,6 +806,27 @@ def test_flops_formula_counts_dense_and_attention_matmuls():
     assert benchmark.model_flops(grids, config) == expected
 
 
+def test_matmul_floor_runs_exactly_the_matmuls_the_flops_formula_counts():
+    """The floor is the forward's unavoidable matmuls and nothing else: counted by torch's FlopCounterMode, the bmm
+    floor does model_flops' FLOPs (the patch embedding once, then every layer's projections, MLP and attention); the
+    sdpa floor the same dense matmuls (the counter does not see CPU SDPA's own matmuls)."""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    from siglip2_navit.configuration_siglip2_navit import Siglip2NavitConfig
+
+    benchmark = _load_benchmark()
+    config = Siglip2NavitConfig(hidden_size=64, intermediate_size=96, num_attention_heads=4, num_hidden_layers=3, patch_size=4)
+    grids = [(1, 4, 6), (1, 4, 6), (2, 3, 5), (1, 8, 2)]  # two groups of 24, one of 15 (two frames) and one of 16
+    seq_lens = [h * w for t, h, w in grids for _ in range(t)]
+    attention = 3 * sum(4 * n * n * 64 for n in seq_lens)
+    for kind, expected in (("floor-bmm", benchmark.model_flops(grids, config)),
+                           ("floor-sdpa", benchmark.model_flops(grids, config) - attention)):
+        floor = benchmark.matmul_floor(seq_lens, config, torch.device("cpu"), torch.float32, kind)
+        with FlopCounterMode(display=False) as counter:
+            floor()
+        assert counter.get_total_flops() == expected, kind
+
+
 def test_inplace_gelu_matches_the_activation_and_spares_hooked_outputs(monkeypatch):
     """Where fc1 + GELU cannot be one oneDNN GEMM (see tests/test_cpu_kernels.py), inference runs GELU in place on
     fc1's output: same values as ACT2FN, and never when a hook or autograd sees it."""

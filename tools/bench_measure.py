@@ -196,11 +196,13 @@ def matmul_peak_run(device: torch.device, dtype: torch.dtype) -> tuple[Callable[
 def matmul_floor(
     seq_lens: list[int], config: Siglip2NavitConfig, device: torch.device, dtype: torch.dtype, kind: str
 ) -> Callable[[], None]:
-    """A callable that runs exactly the unavoidable matmuls of one forward, bare, into preallocated outputs.
+    """A callable that runs exactly the unavoidable matmuls of one forward, bare, into preallocated outputs: the
+    matmuls `model_flops` counts.
 
-    Per layer, on the K packed tokens: QKV (one fused [K, H] × [H, 3H]), out-proj, fc1, fc2 (no bias); and per group
-    of equal-length sequences QKᵀ and PV as batched matmuls (split into chunks of ≤ 256 MiB of scores so that long
-    sequences fit in memory). Nothing else: no bias, norm, activation, softmax, RoPE, PE, reordering.
+    Once, the patch embedding [K, C·T·p·p] × [C·T·p·p, H]; per layer, on the K packed tokens: QKV (one fused
+    [K, H] × [H, 3H]), out-proj, fc1, fc2 (no bias); and per group of equal-length sequences QKᵀ and PV as batched
+    matmuls (split into chunks of ≤ 256 MiB of scores so that long sequences fit in memory). Nothing else: no bias,
+    norm, activation, softmax, RoPE, PE, reordering.
 
     `kind` "floor-bmm" is that; "floor-sdpa" runs the same dense matmuls with the attention done by one bare
     `scaled_dot_product_attention` call per group instead. On CPU, torch's fused flash kernel can beat the bare
@@ -211,6 +213,8 @@ def matmul_floor(
     head_dim = hidden // heads
     tokens = sum(seq_lens)
     make = lambda *shape: torch.empty(*shape, device=device, dtype=dtype).normal_(0, 0.02)  # noqa: E731
+    patch_width = config.num_channels * config.temporal_patch_size * config.patch_size**2
+    patches, w_patch = make(tokens, patch_width), make(patch_width, hidden)
     x, w_qkv, w_o, w_1, w_2 = (
         make(tokens, hidden), make(hidden, 3 * hidden), make(hidden, hidden), make(hidden, inter), make(inter, hidden)
     )
@@ -245,6 +249,7 @@ def matmul_floor(
         torch.mm(h_out, w_2, out=o_out)
 
     def bmm_forward():
+        torch.mm(patches, w_patch, out=x)
         for _ in range(config.num_hidden_layers):
             dense()
             for q, kt, v, scores, out in bmm_jobs:
@@ -252,6 +257,7 @@ def matmul_floor(
                 torch.bmm(scores, v, out=out)
 
     def sdpa_forward():
+        torch.mm(patches, w_patch, out=x)
         for _ in range(config.num_hidden_layers):
             dense()
             for q, k, v in sdpa_jobs:
