@@ -645,13 +645,17 @@ def test_benchmark_refuses_bad_options_before_running(bad, capsys):
 
 
 def test_benchmark_subsets_of_contenders_and_names_are_checked(tmp_path, monkeypatch):
-    """Any subset of contenders writes a report (torch.compile, timed against eager in the same rounds, included);
-    misspelt contender or workload names are refused before anything runs."""
+    """Any subset of contenders writes a report (torch.compile, timed against eager in the same rounds, included;
+    `--cpu-allocator retain` said in it); misspelt contender or workload names are refused before anything runs."""
     benchmark = _tiny_benchmark(monkeypatch)
     compile_ = torch.compile
     monkeypatch.setattr(torch, "compile", lambda model, **kwargs: compile_(model, **kwargs, backend="eager"))
     args = ["--quick", "--repeats", "2", "--threads", "1", "--workloads", "mixed", "--out", str(tmp_path), "--dtype", "fp32"]
-    report = benchmark.main([*args, "--contenders", "per-image-sdpa", "--compile"])
+    from siglip2_navit.tools import cpu_allocator
+
+    monkeypatch.setattr(cpu_allocator, "retain_freed_memory", lambda: "allocator: kept (test)")
+    report = benchmark.main([*args, "--contenders", "per-image-sdpa", "--compile", "--cpu-allocator", "retain"])
+    assert report["cpu_allocator"] == "retain" and "allocator: kept (test)" in (tmp_path / "benchmark.md").read_text()
     assert [c["name"] for c in report["workloads"][0]["contenders"]] == ["per-image-sdpa"]
     assert "token_dropping" not in report  # it is paired with packed-sdpa, which did not run
     _assert_spread(report["compile"]["speedup_vs_eager"], 2)

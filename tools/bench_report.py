@@ -243,6 +243,7 @@ def render_markdown(report: dict) -> str:
         f"{report['wall_s']:.0f} s.",
         "",
         report.get("dtype_line", ""),
+        *([report["allocator_line"]] if report.get("allocator_line") else []),
         *(["", busy_note(report)] if machine_busy(report) else []),
         "",
         "Workloads: " + "; ".join(_workload_description(w) for w in report["workloads"]) + ".",

@@ -71,6 +71,7 @@ from ..configuration_siglip2_navit import Siglip2NavitConfig
 from ..image_processing_siglip2_navit import Siglip2NavitImageProcessor
 from ..modeling_siglip2_navit import Siglip2NavitModel
 from ..navit_batching import naflex_patch_order
+from .cpu_allocator import CPU_ALLOCATOR_CHOICES, apply_cpu_allocator
 from .dtypes import DTYPES as TOOL_DTYPES
 from .dtypes import resolve_dtype
 from . import bench_measure, bench_report, bench_stats  # noqa: F401  (bench_report, bench_stats: for tests and users)
@@ -356,6 +357,9 @@ def parse_args(argv: Optional[list[str]] = None) -> argparse.Namespace:
                              "else fp32; bf16: every contender in bf16 plus the fp32 packed-sdpa reference for the "
                              "bf16 speed-up and accuracy; fp32; both: every contender in each")
     parser.add_argument("--threads", type=int, default=None, help="torch.set_num_threads (default: torch's choice)")
+    parser.add_argument("--cpu-allocator", choices=CPU_ALLOCATOR_CHOICES, default="default",
+                        help="default (default): glibc's own malloc settings, as in any process that imports the "
+                             "model; retain: glibc keeps freed memory for reuse, as navit-encode runs on CPU")
     parser.add_argument("--timer", choices=sorted(CLOCKS), default="wall",
                         help="wall clock, or process CPU time (use with --threads 1 on a busy machine)")
     parser.add_argument("--warmup", type=int, default=None, help="untimed calls after the memory call (default 1, "
@@ -667,6 +671,9 @@ def main(argv: Optional[list[str]] = None) -> dict:
     if args.warmup is None:
         args.warmup = 0 if args.quick else 1
     device = torch.device(args.device)
+    allocator_line = apply_cpu_allocator(args.cpu_allocator, device.type)  # before any model or buffer exists
+    if allocator_line:
+        print(allocator_line, flush=True)
     dtypes, dtype_line = run_dtypes(args, device)
     do_compile = (not args.quick) if args.compile is None else args.compile
     chosen = selected_contenders(args, dtypes)
@@ -686,6 +693,8 @@ def main(argv: Optional[list[str]] = None) -> dict:
         "machine": machine_description(device),
         "dtypes": dtypes,
         "dtype_line": dtype_line,
+        "cpu_allocator": "retain" if allocator_line else "default",
+        "allocator_line": allocator_line,
         "device": device.type,
         "config_description": description,
         "config": {k: v for k, v in cfg.to_dict().items() if not k.startswith("_")},

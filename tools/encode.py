@@ -3,7 +3,7 @@
     navit-encode INPUT... [--out DIR] [--model M] [--format safetensors|parquet]
         [--features tokens|pooled] [--pool auto|head|mean] [--normalize] [--shard-size N] [--workers N]
         [--max-tokens N] [--min-pixels N] [--max-pixels N] [--dtype auto|fp32|bf16|fp16] [--attn sdpa|eager|...]
-        [--device cuda] [--dataset PATH [--image-column image] [--id-column NAME] [--split S]] [--meta]
+        [--device cuda] [--cpu-allocator retain|default] [--dataset PATH [--image-column image] [--id-column NAME] [--split S]] [--meta]
         [--strict] [--overwrite] [--retry-errors] [--config-overrides k=v,...] [--table | --no-table]
         [--engine local|ray [--ray-actors N] [--ray-gpus-per-actor G] [--ray-cpus-per-actor C]]
 
@@ -40,6 +40,10 @@ encodes in batches packed to `--max-tokens`, and this process writes DIR exactly
 shards, ids, manifest and errors.jsonl: either engine resumes the other's output). A killed actor is restarted and
 its batches retried. It connects to the cluster at RAY_ADDRESS when set, else starts a local one.
 
+On a CPU (each Ray actor on its own), glibc malloc is set to keep freed memory for the next forward
+(`--cpu-allocator retain`, the default; tools/cpu_allocator.py): a forward then page-faults nothing in again, at the
+cost of the process keeping its peak heap; `--cpu-allocator default` leaves glibc's settings alone.
+
 Loads the processor and model through the Auto API with `trust_remote_code=True`; a folder without safetensors
 weights runs randomly initialised weights (seeded, announced loudly).
 """
@@ -54,6 +58,7 @@ import time
 from pathlib import Path
 from typing import Any, Dict, List, Optional, Tuple
 
+from .cpu_allocator import CPU_ALLOCATOR_CHOICES, apply_cpu_allocator
 from .dtypes import DTYPES, resolve_dtype
 from .encode_inputs import (  # noqa: F401  (glob_matches, expand_input, ...: this module's API, as before the cut)
     EncodeInputs,
@@ -127,6 +132,9 @@ def build_parser() -> argparse.ArgumentParser:
         "fp32 elsewhere")
     add("--attn", default="sdpa", choices=["sdpa", "eager", "flash_attention_2"], help="attention backend")
     add("--device", default=None, help="device (default: cuda:<LOCAL_RANK> when CUDA is available, else cpu)")
+    add("--cpu-allocator", default="retain", choices=CPU_ALLOCATOR_CHOICES,
+        help="on CPU, retain (default): glibc malloc keeps freed memory for the next forward (no page faults; the "
+        "process keeps its peak heap); default: glibc's own settings")
     add("--strict", action="store_true", help="exit with status 1 when any input could not be encoded")
     add("--overwrite", action="store_true", help="delete this tool's files in --out first and start over")
     add("--retry-errors", action="store_true", help="forget DIR/errors.jsonl and try those inputs again")
@@ -665,6 +673,7 @@ def run(args: argparse.Namespace, dist: Dist) -> int:
     # concrete before the manifest records it; ray actors with GPUs run the dtype a CUDA device prefers
     gpu_actors = args.engine == "ray" and (args.ray_gpus_per_actor or 0) > 0
     args.dtype, dtype_line = resolve_dtype(args.dtype, "cuda" if gpu_actors else device)
+    allocator_line = apply_cpu_allocator(args.cpu_allocator, device) if args.engine == "local" else None
     items, dataset = collect_inputs(args)
     config = load_config(args)
     processor = load_processor(args.model)
@@ -711,7 +720,8 @@ def run(args: argparse.Namespace, dist: Dist) -> int:
     where = f"device={device}, processes={dist.world_size}" if args.engine == "local" else "engine=ray"
     header = (f"model: {args.model} ({source}), attn={args.attn}, dtype={args.dtype}, {where}, "
               f"features={args.features}" + (f", pool={pool}" if pool else ""))
-    print_summary(args, all_stats, all_rows, f"{header}\n{dtype_line}", skipped, total_errors, shards)
+    lines = [header, dtype_line, *([allocator_line] if allocator_line else [])]
+    print_summary(args, all_stats, all_rows, "\n".join(lines), skipped, total_errors, shards)
     return 1 if args.strict and total_errors else 0
 
 

@@ -1,0 +1,62 @@
+"""Keep freed memory in the process for reuse: glibc malloc settings for CPU inference jobs.
+
+A CPU forward allocates and frees many large tensors (each layer's q, k, v, attention output, MLP pieces: MiBs each).
+With glibc's default settings, malloc serves the larger ones with fresh `mmap`s and trims the heap once enough
+memory at its top is free, so the next allocation of the same size page-faults its memory in again (and the kernel
+zeroes every page): tens of thousands of minor faults per forward, ~5 % of a so400m-width CPU forward (measured in
+docs/benchmarks.md). Serving blocks of up to `MMAP_THRESHOLD_BYTES` from the heap and never trimming it keeps them
+mapped: the next forward reuses them without a fault. The cost: the process keeps its peak heap instead of giving
+freed memory back to the OS.
+
+This changes the whole process's allocator, so the library never does it on its own; `navit-encode` (and its Ray
+actors) do it for CPU runs unless `--cpu-allocator default`, and `navit-benchmark --cpu-allocator retain` measures
+it. In your own process, `retain_freed_memory()` before the first forward, or the environment variables
+`MALLOC_MMAP_THRESHOLD_=67108864 MALLOC_TRIM_THRESHOLD_=2147483647` (or a preloaded jemalloc/tcmalloc), do the same.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import ctypes.util
+import platform
+from typing import Optional
+
+# mallopt(3) parameters (malloc.h)
+M_TRIM_THRESHOLD = -1
+M_MMAP_THRESHOLD = -3
+
+MMAP_THRESHOLD_BYTES = 64 * 2**20  # blocks up to this size come from the heap (glibc's dynamic threshold stops at 32 MiB)
+FALLBACK_MMAP_THRESHOLD_BYTES = 32 * 2**20  # the largest value every 64-bit glibc accepts
+NEVER_TRIM_BYTES = 2**31 - 1  # mallopt takes an int: trim only when 2 GiB at the heap's top are free
+
+CPU_ALLOCATOR_CHOICES = ("retain", "default")
+
+
+def retain_freed_memory() -> Optional[str]:
+    """Set glibc malloc to keep freed memory mapped (heap blocks up to 64 MiB, no trimming); returns the line that
+    says what was set, or None where it does not apply (not glibc, e.g. macOS or musl; or mallopt refused)."""
+    if platform.system() != "Linux" or platform.libc_ver()[0] != "glibc":
+        return None
+    try:
+        libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
+        mallopt = libc.mallopt
+    except (OSError, AttributeError):
+        return None
+    mallopt.argtypes, mallopt.restype = [ctypes.c_int, ctypes.c_int], ctypes.c_int
+    threshold = next(
+        (size for size in (MMAP_THRESHOLD_BYTES, FALLBACK_MMAP_THRESHOLD_BYTES) if mallopt(M_MMAP_THRESHOLD, size) == 1),
+        None,
+    )
+    if threshold is None or mallopt(M_TRIM_THRESHOLD, NEVER_TRIM_BYTES) != 1:
+        return None
+    return (f"allocator: glibc keeps freed memory for reuse (heap blocks up to {threshold >> 20} MiB, no trimming; "
+            "--cpu-allocator default turns it off)")
+
+
+def apply_cpu_allocator(choice: str, device: str) -> Optional[str]:
+    """`retain_freed_memory()` for `choice` "retain" on a CPU device; the line saying so, or None."""
+    if choice not in CPU_ALLOCATOR_CHOICES:
+        raise ValueError(f"cpu allocator {choice!r}: expected one of {CPU_ALLOCATOR_CHOICES}")
+    if choice != "retain" or str(device).split(":")[0] != "cpu":
+        return None
+    return retain_freed_memory()
