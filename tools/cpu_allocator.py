@@ -11,7 +11,7 @@ freed memory back to the OS.
 This changes the whole process's allocator, so the library never does it on its own; `navit-encode` (and its Ray
 actors) do it for CPU runs unless `--cpu-allocator default`, and `navit-benchmark --cpu-allocator retain` measures
 it. In your own process, `retain_freed_memory()` before the first forward, or the environment variables
-`MALLOC_MMAP_THRESHOLD_=67108864 MALLOC_TRIM_THRESHOLD_=2147483647` (or a preloaded jemalloc/tcmalloc), do the same.
+`MALLOC_MMAP_THRESHOLD_=67108864 MALLOC_TRIM_THRESHOLD_=2147483647`, do the same.
 """
 
 from __future__ import annotations
