@@ -161,16 +161,20 @@ def fused_linear(linear: nn.Linear, hidden_states: torch.Tensor, activation: Opt
 
 
 # Bias-only projections: oneDNN with the bias in its epilogue spares the pass that writes the broadcast bias into the
-# output before the GEMM accumulates onto it, which cost AMD EPYC (Zen 4) ~140 ms of an fp32 so400m-width forward; on
-# Intel Xeon (AMX) torch's own `F.linear` is the faster one (2-layer so400m-width forward, 3,440 tokens, paired:
-# fp32 1,013 → 976 ms, bf16 233 → 222 ms), so Intel CPUs keep it. fc1 + GELU stays fused everywhere.
-BIAS_EPILOGUE_SKIPPED_ON = ("GenuineIntel",)
+# output before the GEMM accumulates onto it, which cost AMD EPYC (Zen 4) ~140 ms of an fp32 so400m-width forward. On
+# Intel Xeon (AMX) torch's own `F.linear` is the faster one in fp32 (2-layer so400m-width forward, 3,440 tokens,
+# paired: 1,013 → 976 ms; 1 layer with the retained-memory allocator: 506 → 493 ms), while bf16 gains from the
+# epilogue there too (1 layer 121 → 117 ms, 2 layers 228 → 217 ms with that allocator; a tie with glibc's defaults),
+# so fp32 on Intel CPUs keeps `F.linear`. fc1 + GELU stays fused everywhere.
+FP32_BIAS_EPILOGUE_SKIPPED_ON = ("GenuineIntel",)
 
 
 def linear(module: nn.Linear, hidden_states: torch.Tensor) -> torch.Tensor:
-    """`module(hidden_states)`; in CPU inference, except on the CPUs of `BIAS_EPILOGUE_SKIPPED_ON`, one oneDNN GEMM
-    with the bias in its epilogue (`fused_linear`)."""
-    skipped = torch.compiler.is_compiling() or cpu_vendor() in BIAS_EPILOGUE_SKIPPED_ON  # compile: no host-side Python
+    """`module(hidden_states)`; in CPU inference one oneDNN GEMM with the bias in its epilogue (`fused_linear`), except
+    in fp32 on the CPUs of `FP32_BIAS_EPILOGUE_SKIPPED_ON`."""
+    skipped = torch.compiler.is_compiling() or (  # compile: no host-side Python
+        hidden_states.dtype == torch.float32 and cpu_vendor() in FP32_BIAS_EPILOGUE_SKIPPED_ON
+    )
     fused = None if skipped else fused_linear(module, hidden_states)
     return module(hidden_states) if fused is None else fused
 
