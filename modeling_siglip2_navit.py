@@ -56,7 +56,7 @@ class PositionEmbeddingPlan(FamilyPlan):
 
     pe_index: torch.Tensor  # [K] row of the concatenated resized tables, working order, on device
     pe_sizes: tuple[tuple[int, int], ...]  # the (h, w) of each resized table, in concatenation order
-    pe_resize: tuple[Optional[tuple[torch.Tensor, torch.Tensor]], ...]  # per table: ([h, P], [w, P]); None: F.interpolate
+    pe_resize: tuple[Optional[tuple[torch.Tensor, torch.Tensor]], ...]  # per table ([h, P], [w, P]); None: interpolate
 
 
 Siglip2Layout = PackedLayout[PositionEmbeddingPlan]  # a layout planned by Siglip2NavitModel.plan
@@ -102,12 +102,14 @@ def plan_position_embeddings(
     side = config.image_size // config.patch_size
     device = layout.positions.device
     mode, antialias = config.pe_interpolation, config.pe_antialias
-    pe_resize = tuple(
-        None
-        if antialias and 1 in (h, w)
-        else tuple(_resize_matrix(n, side, mode, antialias).to(device) for n in (h, w))
-        for h, w in pe_sizes
-    ) if config.preserve_original_pe else ()
+    pe_resize: tuple = ()
+    if config.preserve_original_pe:
+        pe_resize = tuple(
+            None if antialias and 1 in (h, w) else (
+                _resize_matrix(h, side, mode, antialias).to(device), _resize_matrix(w, side, mode, antialias).to(device)
+            )
+            for h, w in pe_sizes
+        )
     return PositionEmbeddingPlan(pe_index=pe_index.to(device), pe_sizes=tuple(pe_sizes), pe_resize=pe_resize)
 
 

@@ -25,7 +25,7 @@ from typing import Optional
 M_TRIM_THRESHOLD = -1
 M_MMAP_THRESHOLD = -3
 
-MMAP_THRESHOLD_BYTES = 64 * 2**20  # blocks up to this size come from the heap (glibc's dynamic threshold stops at 32 MiB)
+MMAP_THRESHOLD_BYTES = 64 * 2**20  # blocks up to this size come from the heap (glibc's own threshold: at most 32 MiB)
 FALLBACK_MMAP_THRESHOLD_BYTES = 32 * 2**20  # the largest value every 64-bit glibc accepts
 NEVER_TRIM_BYTES = 2**31 - 1  # mallopt takes an int: trim only when 2 GiB at the heap's top are free
 
@@ -43,10 +43,8 @@ def retain_freed_memory() -> Optional[str]:
     except (OSError, AttributeError):
         return None
     mallopt.argtypes, mallopt.restype = [ctypes.c_int, ctypes.c_int], ctypes.c_int
-    threshold = next(
-        (size for size in (MMAP_THRESHOLD_BYTES, FALLBACK_MMAP_THRESHOLD_BYTES) if mallopt(M_MMAP_THRESHOLD, size) == 1),
-        None,
-    )
+    sizes = (MMAP_THRESHOLD_BYTES, FALLBACK_MMAP_THRESHOLD_BYTES)
+    threshold = next((size for size in sizes if mallopt(M_MMAP_THRESHOLD, size) == 1), None)
     if threshold is None or mallopt(M_TRIM_THRESHOLD, NEVER_TRIM_BYTES) != 1:
         return None
     return (f"allocator: glibc keeps freed memory for reuse (heap blocks up to {threshold >> 20} MiB, no trimming; "

@@ -125,7 +125,9 @@ class NavitBatchEncoder:
     [rows, 3], `size` int32 [rows, 2] (width, height after EXIF orientation) and `error` (text, "" when the row was
     encoded; an undecodable image or NaN/Inf features: its embedding is zeros). Each call packs its rows into
     forwards of at most `max_tokens` patches. Settings are navit-encode's options (model, features="pooled", pool,
-    normalize, dtype, attn, device, min_pixels, max_pixels, max_tokens, ...); the model loads once per actor.
+    normalize, dtype, attn, device, min_pixels, max_pixels, max_tokens, ...); the model loads once per actor. On a
+    CPU, the actor's process keeps freed memory for reuse (`cpu_allocator="retain"`, the default, as navit-encode;
+    `"default"` leaves glibc's malloc settings alone).
     """
 
     def __init__(self, model: str, features: str = "pooled", image_column: str = "image", id_column: str = "id",
