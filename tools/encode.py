@@ -3,7 +3,8 @@
     navit-encode INPUT... [--out DIR] [--model M] [--format safetensors|parquet]
         [--features tokens|pooled] [--pool auto|head|mean] [--normalize] [--shard-size N] [--workers N]
         [--max-tokens N] [--min-pixels N] [--max-pixels N] [--dtype auto|fp32|bf16|fp16] [--attn sdpa|eager|...]
-        [--device cuda] [--cpu-allocator retain|default] [--dataset PATH [--image-column image] [--id-column NAME] [--split S]] [--meta]
+        [--device cuda] [--cpu-allocator retain|default]
+        [--dataset PATH [--image-column image] [--id-column NAME] [--split S]] [--meta]
         [--strict] [--overwrite] [--retry-errors] [--config-overrides k=v,...] [--table | --no-table]
         [--engine local|ray [--ray-actors N] [--ray-gpus-per-actor G] [--ray-cpus-per-actor C]]
 
