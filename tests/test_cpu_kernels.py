@@ -3,11 +3,13 @@ attention vs float64 softmax attention, oneDNN-fused fc1 + GELU vs the module ch
 matmuls (`/proc/cpuinfo` mocked) that decides where the bf16 paths and `--dtype auto` apply."""
 
 import copy
+import subprocess
+import sys
 
 import pytest
 import torch
 import torch.nn.functional as F
-from conftest import packed_inputs, tiny_model
+from conftest import REPO_ROOT, packed_inputs, tiny_model
 
 from siglip2_navit import navit_attention, navit_core
 from siglip2_navit.modeling_siglip2_navit import Siglip2NavitMLP
@@ -94,6 +96,98 @@ def test_chunked_and_sdpa_paths_agree_on_a_packed_bf16_batch(monkeypatch):
         with torch.inference_mode():
             outputs[has_bf16] = model(pixel_values, grid).last_hidden_state.float()
     assert F.cosine_similarity(outputs[True], outputs[False], dim=-1).min() >= 0.999
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# torch's fused CPU attention on lengths padded to a multiple of 64 (half precision inference)
+# ---------------------------------------------------------------------------------------------------------------------
+
+
+def _sdpa_lengths(monkeypatch) -> list:
+    """The sequence lengths (query, key) each `F.scaled_dot_product_attention` call gets, with whether it had a mask."""
+    calls, real = [], F.scaled_dot_product_attention
+
+    def spy(q, k, v, attn_mask=None, **kwargs):
+        calls.append((q.shape[-2], k.shape[-2], attn_mask is not None))
+        return real(q, k, v, attn_mask=attn_mask, **kwargs)
+
+    monkeypatch.setattr(navit_attention.F, "scaled_dot_product_attention", spy)
+    return calls
+
+
+@pytest.mark.parametrize("length", [1, 37, 64, 65, 130])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+def test_padded_cpu_sdpa_is_softmax_attention(length, dtype, monkeypatch):
+    """Padded keys masked out and padded query rows dropped: softmax attention over the real length (fp32 to 1e-5,
+    half precision within its rounding), computed on a multiple of 64 rows."""
+    calls = _sdpa_lengths(monkeypatch)
+    q, k, v = strided_qkv(n=2, heads=3, length=length, head_dim=8, dtype=dtype, seed=length)
+    out = navit_attention.padded_cpu_sdpa(q, k, v, 0.3)
+    assert out.shape == q.shape and out.dtype == dtype
+    expected = reference_attention(q, k, v, 0.3)
+    tolerance = 1e-5 if dtype == torch.float32 else 2e-2
+    torch.testing.assert_close(out.double(), expected, atol=tolerance, rtol=tolerance)
+    padded = -(-length // 64) * 64
+    assert calls == [(padded, padded, padded != length)]
+
+
+@pytest.mark.parametrize("dtype, grad", [(torch.bfloat16, False), (torch.float32, False), (torch.bfloat16, True)],
+                         ids=["bf16-inference", "fp32", "bf16-autograd"])
+def test_sdpa_backend_pads_lengths_in_cpu_half_precision_inference_only(dtype, grad, monkeypatch):
+    """On an AMX CPU (where bf16 keeps torch's fused kernel) every bf16 inference call gets a multiple of 64 rows;
+    fp32 and autograd get the real lengths; the packed output matches fp32 either way."""
+    monkeypatch.setattr(navit_attention, "cpu_has_bf16_matmul", lambda: True)
+    monkeypatch.setattr(navit_attention, "cpu_has_amx_bf16", lambda: True)
+    model = tiny_model(num_hidden_layers=2)
+    pixel_values, grid = packed_inputs(model.config, GRIDS)
+    with torch.inference_mode():
+        fp32 = model(pixel_values, grid).last_hidden_state
+    calls = _sdpa_lengths(monkeypatch)
+    with torch.inference_mode(not grad):
+        out = model.to(dtype)(pixel_values, grid).last_hidden_state.float()
+    lengths = sorted({h * w for _, h, w in GRIDS})
+    seen = sorted({q for q, _, _ in calls})
+    if dtype == torch.bfloat16 and not grad:
+        assert seen == sorted({-(-length // 64) * 64 for length in lengths}) and all(q % 64 == 0 for q in seen)
+    else:
+        assert seen == lengths and not any(masked for _, _, masked in calls)
+    assert F.cosine_similarity(out, fp32, dim=-1).min() >= (0.999 if dtype == torch.bfloat16 else 0.99999)
+
+
+SDPA_GROWTH = """
+import random, sys, torch
+import torch.nn.functional as F
+from siglip2_navit.navit_attention import padded_cpu_sdpa
+def rss_mib():
+    return int(open("/proc/self/statm").read().split()[1]) * 4096 >> 20
+attend = padded_cpu_sdpa if sys.argv[1] == "padded" else (lambda q, k, v, s: F.scaled_dot_product_attention(q, k, v, scale=s))
+random.seed(0)
+q = torch.randn(1, 2, 1600, 72, dtype=torch.bfloat16)
+with torch.inference_mode():
+    for length in (64, 128, 1000):
+        attend(q[:, :, :length], q[:, :, :length], q[:, :, :length], 0.1)
+    before = rss_mib()
+    for _ in range(60):
+        length = random.randint(100, 1600)
+        attend(q[:, :, :length], q[:, :, :length], q[:, :, :length], 0.1)
+print(rss_mib() - before)
+"""
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="reads /proc/self/statm")
+def test_padded_lengths_keep_the_fused_cpu_kernels_from_piling_up():
+    """60 random bf16 sequence lengths: where torch compiles and keeps fused-attention kernels per length (this
+    project's AMX machines: ~100 MiB for these 60), padding keeps the process within a third of that growth."""
+    def growth(mode: str) -> int:
+        result = subprocess.run([sys.executable, "-c", SDPA_GROWTH, mode], capture_output=True, text=True, check=True,
+                                cwd=REPO_ROOT, timeout=300)
+        return int(result.stdout.split()[-1])
+
+    plain = growth("plain")
+    if plain < 40:
+        pytest.skip(f"torch's fused CPU attention grew this process by {plain} MiB over 60 lengths: it keeps no "
+                    "per-length kernels here, so there is nothing to compare")
+    assert growth("padded") < plain / 3
 
 
 # ---------------------------------------------------------------------------------------------------------------------

@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import ctypes
 import ctypes.util
+import os
 import platform
 from typing import Optional
 
@@ -58,3 +59,23 @@ def apply_cpu_allocator(choice: str, device: str) -> Optional[str]:
     if choice != "retain" or str(device).split(":")[0] != "cpu":
         return None
     return retain_freed_memory()
+
+
+# torch's CPU matmuls cache what they compile per GEMM shape: oneDNN a primitive (up to 1,024 by default, each with
+# its own buffers: 1-18 MiB measured at so400m widths in bf16) and ideep its parameters (up to 1,024). A job over
+# images of many sizes meets new token counts with every batch, so with the defaults the process grows towards GiBs
+# of cached kernels it will rarely use again. A forward of one batch uses a few dozen shapes (each block size × q/k/v,
+# out, fc1, fc2): 128 entries keep one batch's kernels across its layers. Measured in docs/benchmarks.md.
+KERNEL_CACHE_CAPACITY = 128
+KERNEL_CACHE_VARIABLES = ("ONEDNN_PRIMITIVE_CACHE_CAPACITY", "LRU_CACHE_CAPACITY")
+
+
+def bound_kernel_caches(capacity: int = KERNEL_CACHE_CAPACITY) -> tuple[str, ...]:
+    """Cap torch's CPU kernel caches (oneDNN primitives, ideep's LRU) at `capacity` entries through their environment
+    variables, each only where the environment does not set it already; returns the variables set. oneDNN and ideep
+    read them at the process's first oneDNN matmul, so this acts only before that (navit-encode calls it before
+    loading the model)."""
+    unset = tuple(name for name in KERNEL_CACHE_VARIABLES if name not in os.environ)
+    for name in unset:
+        os.environ[name] = str(capacity)
+    return unset
