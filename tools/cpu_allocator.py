@@ -1,4 +1,5 @@
-"""Keep freed memory in the process for reuse: glibc malloc settings for CPU inference jobs.
+"""Memory settings of CPU inference jobs: glibc malloc keeps freed memory for reuse (`retain_freed_memory`), and
+torch's CPU matmul kernel caches stay bounded (`bound_kernel_caches`).
 
 A CPU forward allocates and frees many large tensors (each layer's q, k, v, attention output, MLP pieces: MiBs each).
 With glibc's default settings, malloc serves the larger ones with fresh `mmap`s and trims the heap once enough
