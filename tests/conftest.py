@@ -2,6 +2,8 @@
 
 import os
 import shutil
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -43,6 +45,14 @@ SIGLIP2_TINY = dict(  # a few-thousand-parameter SigLIP2: same code paths as so4
     hidden_stride=2,
     window_size=12,  # 12 px // 2 // 2 = 3 blocks per window side
 )
+
+
+def fresh_python_lines(script: str, *args: str, timeout: int = 300) -> list[str]:
+    """The output lines of `python -c script args...` in a fresh process, run from the repository root (for what
+    only a new process shows: allocator settings, memory growth, kernel caches)."""
+    result = subprocess.run([sys.executable, "-c", script, *args], capture_output=True, text=True, cwd=REPO_ROOT,
+                            timeout=timeout, check=True)
+    return result.stdout.strip().splitlines()
 
 
 def tiny_config(**overrides):

@@ -3,13 +3,12 @@ attention vs float64 softmax attention, oneDNN-fused fc1 + GELU vs the module ch
 matmuls (`/proc/cpuinfo` mocked) that decides where the bf16 paths and `--dtype auto` apply."""
 
 import copy
-import subprocess
 import sys
 
 import pytest
 import torch
 import torch.nn.functional as F
-from conftest import REPO_ROOT, packed_inputs, tiny_model
+from conftest import fresh_python_lines, packed_inputs, tiny_model
 
 from siglip2_navit import navit_attention, navit_core
 from siglip2_navit.modeling_siglip2_navit import Siglip2NavitMLP
@@ -179,9 +178,7 @@ def test_padded_lengths_keep_the_fused_cpu_kernels_from_piling_up():
     """60 random bf16 sequence lengths: where torch compiles and keeps fused-attention kernels per length (this
     project's AMX machines: ~100 MiB for these 60), padding keeps the process within a third of that growth."""
     def growth(mode: str) -> int:
-        result = subprocess.run([sys.executable, "-c", SDPA_GROWTH, mode], capture_output=True, text=True, check=True,
-                                cwd=REPO_ROOT, timeout=300)
-        return int(result.stdout.split()[-1])
+        return int(fresh_python_lines(SDPA_GROWTH, mode)[-1])
 
     plain = growth("plain")
     if plain < 40:
