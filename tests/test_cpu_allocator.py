@@ -6,13 +6,11 @@ import ctypes
 import json
 import os
 import platform
-import subprocess
-import sys
 import textwrap
 
 import pytest
 import torch
-from conftest import REPO_ROOT
+from conftest import REPO_ROOT, fresh_python_lines
 
 from siglip2_navit.tools import cpu_allocator
 
@@ -61,9 +59,7 @@ ROUNDS = textwrap.dedent(
 
 
 def _rounds(mode: str) -> tuple[str, list[dict]]:
-    result = subprocess.run([sys.executable, "-c", ROUNDS, mode], capture_output=True, text=True, cwd=REPO_ROOT,
-                            timeout=120, check=True)
-    line, rounds = result.stdout.strip().splitlines()[-2:]
+    line, rounds = fresh_python_lines(ROUNDS, mode, timeout=120)[-2:]
     return line, json.loads(rounds)
 
 
@@ -158,7 +154,7 @@ def test_navit_encode_sets_it_on_cpu_by_default_and_says_so(choice, monkeypatch,
 
     applied, bounded = [], []
     monkeypatch.setattr(cpu_allocator, "retain_freed_memory", lambda: applied.append(1) or "allocator: kept (test)")
-    monkeypatch.setattr(encode, "bound_kernel_caches", lambda: bounded.append(1) or ())
+    monkeypatch.setattr(cpu_allocator, "bound_kernel_caches", lambda: bounded.append(1) or ())
     tiny = "num_hidden_layers=1,hidden_size=32,intermediate_size=64,num_attention_heads=2"
     argv = [str(REPO_ROOT / "examples" / "camera.png"), "--config-overrides", tiny, "--min-pixels", "12544", "--max-pixels", "50176",
             "--dtype", "fp32", "--device", "cpu"]
@@ -214,9 +210,7 @@ def test_bounded_kernel_caches_stop_the_growth_over_many_token_counts(monkeypatc
         monkeypatch.delenv(name, raising=False)  # the subprocesses inherit the test's environment
 
     def growth(mode: str) -> int:
-        result = subprocess.run([sys.executable, "-c", KERNEL_CACHE_GROWTH, mode], capture_output=True, text=True,
-                                cwd=REPO_ROOT, timeout=300, check=True)
-        return int(result.stdout.split()[-1])
+        return int(fresh_python_lines(KERNEL_CACHE_GROWTH, mode)[-1])
 
     default = growth("default")
     if default < 30:

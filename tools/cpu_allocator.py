@@ -53,11 +53,15 @@ def retain_freed_memory() -> Optional[str]:
             "--cpu-allocator default turns it off)")
 
 
+def _is_cpu(device: str) -> bool:
+    return str(device).split(":")[0] == "cpu"
+
+
 def apply_cpu_allocator(choice: str, device: str) -> Optional[str]:
     """`retain_freed_memory()` for `choice` "retain" on a CPU device; the line saying so, or None."""
     if choice not in CPU_ALLOCATOR_CHOICES:
         raise ValueError(f"cpu allocator {choice!r}: expected one of {CPU_ALLOCATOR_CHOICES}")
-    if choice != "retain" or str(device).split(":")[0] != "cpu":
+    if choice != "retain" or not _is_cpu(device):
         return None
     return retain_freed_memory()
 
@@ -80,3 +84,11 @@ def bound_kernel_caches(capacity: int = KERNEL_CACHE_CAPACITY) -> tuple[str, ...
     for name in unset:
         os.environ[name] = str(capacity)
     return unset
+
+
+def apply_cpu_job_memory_settings(allocator: str, device: str) -> Optional[str]:
+    """An encode job's memory settings for its process, before the model loads: on a CPU device the kernel caches
+    bounded (`bound_kernel_caches`) and the `allocator` choice applied (`apply_cpu_allocator`); its line, or None."""
+    if _is_cpu(device):
+        bound_kernel_caches()
+    return apply_cpu_allocator(allocator, device)

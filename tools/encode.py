@@ -59,7 +59,7 @@ import time
 from pathlib import Path
 from typing import Any, Dict, List, Optional, Tuple
 
-from .cpu_allocator import CPU_ALLOCATOR_CHOICES, apply_cpu_allocator, bound_kernel_caches
+from .cpu_allocator import CPU_ALLOCATOR_CHOICES, apply_cpu_job_memory_settings
 from .dtypes import DTYPES, resolve_dtype
 from .encode_inputs import (  # noqa: F401  (glob_matches, expand_input, ...: this module's API, as before the cut)
     EncodeInputs,
@@ -674,9 +674,8 @@ def run(args: argparse.Namespace, dist: Dist) -> int:
     # concrete before the manifest records it; ray actors with GPUs run the dtype a CUDA device prefers
     gpu_actors = args.engine == "ray" and (args.ray_gpus_per_actor or 0) > 0
     args.dtype, dtype_line = resolve_dtype(args.dtype, "cuda" if gpu_actors else device)
-    allocator_line = apply_cpu_allocator(args.cpu_allocator, device) if args.engine == "local" else None
-    if args.engine == "local" and device == "cpu":
-        bound_kernel_caches()  # before the first oneDNN matmul (the model's load runs none)
+    # before the first oneDNN matmul (the model's load runs none); the ray engine's actors set their own
+    allocator_line = apply_cpu_job_memory_settings(args.cpu_allocator, device) if args.engine == "local" else None
     items, dataset = collect_inputs(args)
     config = load_config(args)
     processor = load_processor(args.model)

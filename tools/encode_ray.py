@@ -39,7 +39,7 @@ from .encode import (
 )
 from .encode_inputs import Item, JobError, UsageError, collate, decode_image, open_dataset, open_image, preprocess
 from .encode_output import KILL_ENV, maybe_kill
-from .cpu_allocator import apply_cpu_allocator, bound_kernel_caches
+from .cpu_allocator import apply_cpu_job_memory_settings
 from .dtypes import DTYPES, resolve_dtype
 from .webdataset_source import item_as_dict, item_from_dict
 
@@ -142,9 +142,7 @@ class NavitBatchEncoder:
         check_budget(self.args, self.processor)
         self.device = choose_device(self.args.device, Dist())
         self.args.dtype, _ = resolve_dtype(self.args.dtype, self.device)  # `auto`: what this actor's device prefers
-        apply_cpu_allocator(self.args.cpu_allocator, self.device)  # an actor is its own process
-        if self.device == "cpu":
-            bound_kernel_caches()
+        apply_cpu_job_memory_settings(self.args.cpu_allocator, self.device)  # an actor is its own process
         self.model, _ = load_model(self.args, load_config(self.args), self.device, announce=True)
         self.pool = resolve_pool(self.args, self.model, self.processor, self.device)
         self.calls = 0
