@@ -224,15 +224,22 @@ def _torch_varlen_usable(query: torch.Tensor, dropout: float) -> bool:
 _CPU_ATTENTION_CHUNK_BYTES = 8 * 2**20  # scores of one chunk: (sequence, head) pairs × query rows × keys
 
 
+def _cpu_inference(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, dropout: float) -> bool:
+    """Attention on the CPU with nothing that needs gradients, no dropout, not traced by torch.compile."""
+    return (
+        query.device.type == "cpu"
+        and dropout == 0.0
+        and not (torch.is_grad_enabled() and (query.requires_grad or key.requires_grad or value.requires_grad))
+        and not torch.compiler.is_compiling()
+    )
+
+
 def _cpu_matmul_attention_usable(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, dropout: float) -> bool:
     """Chunked bf16 matmul attention: CPU bf16 inference (it writes into reused buffers, so nothing may need
     gradients), no dropout, not traced, on a CPU that multiplies bf16 natively without AMX (with AMX, SDPA wins)."""
     return (
-        query.device.type == "cpu"
-        and query.dtype == torch.bfloat16
-        and dropout == 0.0
-        and not (torch.is_grad_enabled() and (query.requires_grad or key.requires_grad or value.requires_grad))
-        and not torch.compiler.is_compiling()
+        query.dtype == torch.bfloat16
+        and _cpu_inference(query, key, value, dropout)
         and cpu_has_bf16_matmul()
         and not cpu_has_amx_bf16()
     )
@@ -280,13 +287,7 @@ _CPU_SDPA_LENGTH_MULTIPLE = 64
 def _cpu_sdpa_lengths_padded(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, dropout: float) -> bool:
     """Pad sequence lengths for torch's fused CPU attention: bf16/fp16 on the CPU, inference (no autograd), no
     dropout, not traced by torch.compile."""
-    return (
-        query.device.type == "cpu"
-        and query.dtype in (torch.bfloat16, torch.float16)
-        and dropout == 0.0
-        and not (torch.is_grad_enabled() and (query.requires_grad or key.requires_grad or value.requires_grad))
-        and not torch.compiler.is_compiling()
-    )
+    return query.dtype in (torch.bfloat16, torch.float16) and _cpu_inference(query, key, value, dropout)
 
 
 def padded_cpu_sdpa(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, scaling: float) -> torch.Tensor:
