@@ -105,9 +105,9 @@ def plan_position_embeddings(
     pe_resize: tuple = ()
     if config.preserve_original_pe:
         pe_resize = tuple(
-            None if antialias and 1 in (h, w) else (
-                _resize_matrix(h, side, mode, antialias).to(device), _resize_matrix(w, side, mode, antialias).to(device)
-            )
+            None
+            if antialias and 1 in (h, w)
+            else tuple(_resize_matrix(n, side, mode, antialias).to(device) for n in (h, w))
             for h, w in pe_sizes
         )
     return PositionEmbeddingPlan(pe_index=pe_index.to(device), pe_sizes=tuple(pe_sizes), pe_resize=pe_resize)
