@@ -6,11 +6,14 @@ import ctypes
 import json
 import os
 import platform
+import random
 import textwrap
 
 import pytest
 import torch
-from conftest import REPO_ROOT, fresh_python_lines
+from conftest import REPO_ROOT, fresh_python_lines, packed_inputs, record_blocked_calls
+from test_family_contract import FAMILIES, build
+from torch.utils._python_dispatch import TorchDispatchMode
 
 from siglip2_navit.tools import cpu_allocator
 
@@ -154,14 +157,15 @@ def test_navit_encode_sets_it_on_cpu_by_default_and_says_so(choice, monkeypatch,
 
     applied, bounded = [], []
     monkeypatch.setattr(cpu_allocator, "retain_freed_memory", lambda: applied.append(1) or "allocator: kept (test)")
-    monkeypatch.setattr(cpu_allocator, "bound_kernel_caches", lambda: bounded.append(1) or ())
-    tiny = "num_hidden_layers=1,hidden_size=32,intermediate_size=64,num_attention_heads=2"
+    monkeypatch.setattr(cpu_allocator, "bound_kernel_caches", lambda capacity: bounded.append(capacity) or ())
+    tiny = "num_hidden_layers=1,hidden_size=32,intermediate_size=64,num_attention_heads=2,cpu_block_tokens=1000"
     argv = [str(REPO_ROOT / "examples" / "camera.png"), "--config-overrides", tiny, "--min-pixels", "12544", "--max-pixels", "50176",
-            "--dtype", "fp32", "--device", "cpu"]
+            "--dtype", "fp32", "--device", "cpu", "--max-tokens", "9000"]
     assert encode.main(argv + ([] if choice == "retain" else ["--cpu-allocator", "default"])) == 0
     out = capsys.readouterr().out
     assert applied == ([1] if choice == "retain" else [])
-    assert bounded == [1]  # kernel caches are bounded on CPU whichever allocator
+    # kernel caches are bounded on CPU whichever allocator, sized by the job's budget and the model's CPU blocks
+    assert bounded == [cpu_allocator.kernel_cache_capacity(9000, 1000)] == [16 * 9]
     assert ("allocator: kept (test)" in out) is (choice == "retain")
 
 
@@ -169,12 +173,76 @@ def test_kernel_caches_are_bounded_where_the_environment_does_not_say(monkeypatc
     """Both variables set to the capacity when unset; a value the user set is kept."""
     for name in cpu_allocator.KERNEL_CACHE_VARIABLES:
         monkeypatch.delenv(name, raising=False)
-    assert cpu_allocator.bound_kernel_caches() == cpu_allocator.KERNEL_CACHE_VARIABLES
-    assert all(os.environ[name] == "128" for name in cpu_allocator.KERNEL_CACHE_VARIABLES)
+    assert cpu_allocator.bound_kernel_caches(64) == cpu_allocator.KERNEL_CACHE_VARIABLES
+    assert all(os.environ[name] == "64" for name in cpu_allocator.KERNEL_CACHE_VARIABLES)
     monkeypatch.setenv("ONEDNN_PRIMITIVE_CACHE_CAPACITY", "7")
     monkeypatch.delenv("LRU_CACHE_CAPACITY")
     assert cpu_allocator.bound_kernel_caches(32) == ("LRU_CACHE_CAPACITY",)
     assert os.environ["ONEDNN_PRIMITIVE_CACHE_CAPACITY"] == "7" and os.environ["LRU_CACHE_CAPACITY"] == "32"
+
+
+def test_kernel_cache_capacity_follows_the_budget_in_cpu_blocks():
+    """16 entries per CPU block of a batch's token budget, at least 4 blocks' worth; nonsense refused."""
+    assert cpu_allocator.kernel_cache_capacity(16384, 4096) == 64  # navit-encode's default budget, the configs' blocks
+    assert cpu_allocator.kernel_cache_capacity(16385, 4096) == 80
+    assert cpu_allocator.kernel_cache_capacity(65536, 4096) == 256
+    assert cpu_allocator.kernel_cache_capacity(2048, 4096) == cpu_allocator.kernel_cache_capacity(2048, None) == 64
+    for budget, block in ((0, 4096), (16384, 0)):
+        with pytest.raises(ValueError, match="must be >= 1"):
+            cpu_allocator.kernel_cache_capacity(budget, block)
+
+
+class GemmShapes(TorchDispatchMode):
+    """The distinct GEMMs dispatched while active, keyed as torch's CPU kernel caches key them: the op, its operands'
+    shapes and its post-op."""
+
+    OPS = {"mm", "addmm", "bmm", "baddbmm", "linear", "_linear_pointwise"}
+
+    def __init__(self):
+        super().__init__()
+        self.keys: set = set()
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        if func.__name__.split(".")[0] in self.OPS:
+            self.keys.add((func.__name__, *(tuple(a.shape) if isinstance(a, torch.Tensor) else a for a in args
+                                            if not isinstance(a, list))))
+        return func(*args, **(kwargs or {}))
+
+
+@pytest.mark.parametrize("family", ["siglip2", "siglip2-windowed", "aimv2", "dinov3"])
+def test_one_batch_of_layer_gemms_fits_the_bounded_kernel_caches_with_margin(family, monkeypatch):
+    """Every layer of a forward meets the same GEMM shapes in the same order, so a bounded LRU cache must hold all of
+    them or it misses on every layer. At the proportions of navit-encode's defaults (a budget of 4 CPU blocks, images
+    of up to a block, MLP pieces of half a block), the encoder layers' distinct GEMMs over random batches stay within
+    2/3 of `kernel_cache_capacity` (here 15-29 against 64; so400m widths, whole forward: 21-36)."""
+    from siglip2_navit import navit_core
+    from siglip2_navit.navit_batching import pack_by_token_budget
+
+    block, budget = 1024, 4096
+    model = build(family, cpu_block_tokens=block)
+    config, encoder = model.config, FAMILIES[family].encoder(model)
+    monkeypatch.setattr(navit_core, "_MLP_PIECE_BYTES", block // 2 * encoder.layers[0].mlp_width * 4)  # fp32 rows
+    blocked = record_blocked_calls(monkeypatch, type(encoder.layers[0]))
+    recorder, run_encoder = GemmShapes(), encoder.forward
+
+    def recorded(*args, **kwargs):
+        with recorder:
+            return run_encoder(*args, **kwargs)
+
+    monkeypatch.setattr(encoder, "forward", recorded)  # not a hook: hooks would turn the block schedule off
+    side = 2 * config.hidden_stride  # image sides from 4 to 32 patches: up to 1,024 patches, one block
+    rng = random.Random(0)
+    grids = [(1, side * rng.randint(1, 32 // side), side * rng.randint(1, 32 // side)) for _ in range(200)]
+    batches = pack_by_token_budget([h * w for _, h, w in grids], budget)
+    largest = 0
+    for indices in batches[:8]:
+        recorder.keys.clear()
+        pixel_values, grid_thws = packed_inputs(config, [grids[i] for i in indices])
+        with torch.inference_mode():
+            model(pixel_values, grid_thws)
+        largest = max(largest, len(recorder.keys))
+    assert max(len(sizes) for sizes in blocked) >= 4  # the block schedule ran, over several blocks
+    assert 10 <= largest <= cpu_allocator.kernel_cache_capacity(budget, block) * 2 / 3, largest
 
 
 # 150 oneDNN GEMMs with as many token counts (fp32, fc1 + GELU fused as navit-encode runs it), after the caches were

@@ -69,26 +69,44 @@ def apply_cpu_allocator(choice: str, device: str) -> Optional[str]:
 # torch's CPU matmuls cache what they compile per GEMM shape: oneDNN a primitive (up to 1,024 by default, each with
 # its own buffers: 1-18 MiB measured at so400m widths in bf16) and ideep its parameters (up to 1,024). A job over
 # images of many sizes meets new token counts with every batch, so with the defaults the process grows towards GiBs
-# of cached kernels it will rarely use again. A forward of one batch uses a few dozen shapes (each block size × q/k/v,
-# out, fc1, fc2): 128 entries keep one batch's kernels across its layers. Measured in docs/benchmarks.md.
-KERNEL_CACHE_CAPACITY = 128
+# of cached kernels it will rarely use again. What a cache must hold is one batch's shapes: every layer of a forward
+# meets the same ones in the same order, so an LRU cache smaller than that set misses on every layer (16 entries:
+# 9.6 % slower on a 4-layer job), while a larger one only keeps kernels of past batches, whose token counts rarely
+# come back. One batch's shapes, per CPU block (`cpu_block_tokens`): the attention projections and the last, shorter
+# MLP piece of each MLP linear; shared by the blocks: the full MLP pieces and the patch embedding. Measured at
+# 16,384 tokens in blocks of 4,096, over random image sizes: at most 21 shapes (SigLIP2 so400m), 29 (AIMv2-L), 33
+# (DINOv3-L), 36 (SigLIP2 with windowed layers). `KERNEL_CACHE_ENTRIES_PER_BLOCK` entries per block of the budget
+# keep ~1.8x that. Measured in docs/benchmarks.md.
+KERNEL_CACHE_ENTRIES_PER_BLOCK = 16
+KERNEL_CACHE_MIN_BLOCKS = 4  # a whole-batch forward (no block schedule) still meets a few dozen shapes
 KERNEL_CACHE_VARIABLES = ("ONEDNN_PRIMITIVE_CACHE_CAPACITY", "LRU_CACHE_CAPACITY")
 
 
-def bound_kernel_caches(capacity: int = KERNEL_CACHE_CAPACITY) -> tuple[str, ...]:
-    """Cap torch's CPU kernel caches (oneDNN primitives, ideep's LRU) at `capacity` entries through their environment
-    variables, each only where the environment does not set it already; returns the variables set. oneDNN and ideep
-    read them at the process's first oneDNN matmul, so this acts only before that (navit-encode calls it before
-    loading the model)."""
+def kernel_cache_capacity(max_tokens: int, block_tokens: Optional[int]) -> int:
+    """Kernel cache entries for a job whose batches hold up to `max_tokens` tokens and whose model runs CPU blocks of
+    `block_tokens` (None: no block schedule): `KERNEL_CACHE_ENTRIES_PER_BLOCK` per block of the budget, at least
+    `KERNEL_CACHE_MIN_BLOCKS` blocks' worth (64 entries at navit-encode's defaults)."""
+    if max_tokens < 1 or (block_tokens is not None and block_tokens < 1):
+        raise ValueError(f"kernel_cache_capacity: max_tokens {max_tokens} and block_tokens {block_tokens} must be >= 1")
+    blocks = 1 if block_tokens is None else -(-max_tokens // block_tokens)
+    return KERNEL_CACHE_ENTRIES_PER_BLOCK * max(blocks, KERNEL_CACHE_MIN_BLOCKS)
+
+
+def bound_kernel_caches(capacity: int) -> tuple[str, ...]:
+    """Cap torch's CPU kernel caches (oneDNN primitives, ideep's LRU) at `capacity` entries (`kernel_cache_capacity`)
+    through their environment variables, each only where the environment does not set it already; returns the
+    variables set. oneDNN and ideep read them at the process's first oneDNN matmul, so this acts only before that
+    (navit-encode calls it before loading the model)."""
     unset = tuple(name for name in KERNEL_CACHE_VARIABLES if name not in os.environ)
     for name in unset:
         os.environ[name] = str(capacity)
     return unset
 
 
-def apply_cpu_job_memory_settings(allocator: str, device: str) -> Optional[str]:
+def apply_cpu_job_memory_settings(allocator: str, device: str, max_tokens: int, block_tokens: Optional[int]) -> Optional[str]:
     """An encode job's memory settings for its process, before the model loads: on a CPU device the kernel caches
-    bounded (`bound_kernel_caches`) and the `allocator` choice applied (`apply_cpu_allocator`); its line, or None."""
+    bounded to the job's batches of `max_tokens` tokens and the model's `block_tokens` (`bound_kernel_caches`) and the
+    `allocator` choice applied (`apply_cpu_allocator`); its line, or None."""
     if _is_cpu(device):
-        bound_kernel_caches()
+        bound_kernel_caches(kernel_cache_capacity(max_tokens, block_tokens))
     return apply_cpu_allocator(allocator, device)

@@ -674,10 +674,13 @@ def run(args: argparse.Namespace, dist: Dist) -> int:
     # concrete before the manifest records it; ray actors with GPUs run the dtype a CUDA device prefers
     gpu_actors = args.engine == "ray" and (args.ray_gpus_per_actor or 0) > 0
     args.dtype, dtype_line = resolve_dtype(args.dtype, "cuda" if gpu_actors else device)
-    # before the first oneDNN matmul (the model's load runs none); the ray engine's actors set their own
-    allocator_line = apply_cpu_job_memory_settings(args.cpu_allocator, device) if args.engine == "local" else None
     items, dataset = collect_inputs(args)
     config = load_config(args)
+    # before the first oneDNN matmul (the model's load runs none); the ray engine's actors set their own
+    allocator_line = (
+        apply_cpu_job_memory_settings(args.cpu_allocator, device, args.max_tokens, config.cpu_block_tokens)
+        if args.engine == "local" else None
+    )
     processor = load_processor(args.model)
     check_budget(args, processor)
     # Everything that can still refuse the command (model, attention backend, pooling) comes before DIR is touched.

@@ -142,8 +142,11 @@ class NavitBatchEncoder:
         check_budget(self.args, self.processor)
         self.device = choose_device(self.args.device, Dist())
         self.args.dtype, _ = resolve_dtype(self.args.dtype, self.device)  # `auto`: what this actor's device prefers
-        apply_cpu_job_memory_settings(self.args.cpu_allocator, self.device)  # an actor is its own process
-        self.model, _ = load_model(self.args, load_config(self.args), self.device, announce=True)
+        config = load_config(self.args)
+        apply_cpu_job_memory_settings(  # an actor is its own process
+            self.args.cpu_allocator, self.device, self.args.max_tokens, config.cpu_block_tokens
+        )
+        self.model, _ = load_model(self.args, config, self.device, announce=True)
         self.pool = resolve_pool(self.args, self.model, self.processor, self.device)
         self.calls = 0
 
