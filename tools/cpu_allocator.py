@@ -78,7 +78,9 @@ def apply_cpu_allocator(choice: str, device: str) -> Optional[str]:
 # (DINOv3-L), 36 (SigLIP2 with windowed layers). `KERNEL_CACHE_ENTRIES_PER_BLOCK` entries per block of the budget
 # keep ~1.8x that. Measured in docs/benchmarks.md.
 KERNEL_CACHE_ENTRIES_PER_BLOCK = 16
-KERNEL_CACHE_MIN_BLOCKS = 4  # a whole-batch forward (no block schedule) still meets a few dozen shapes
+# a floor for small budgets: the shapes every block shares (full MLP pieces, patch embedding, a pooling head's)
+# do not shrink with the budget
+KERNEL_CACHE_MIN_BLOCKS = 4
 KERNEL_CACHE_VARIABLES = ("ONEDNN_PRIMITIVE_CACHE_CAPACITY", "LRU_CACHE_CAPACITY")
 
 
